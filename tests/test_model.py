@@ -1,0 +1,213 @@
+"""Tests for model.py: parity with transformers/PEFT on tiny random checkpoints, generation, LoRA, loaders, errors.
+
+    python -m pytest -q -x tests/test_model.py
+"""
+import json
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+
+import model as M
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 16}
+CASES = {  # name -> (LlamaConfig overrides, save kwargs)
+    "mha": dict(num_key_value_heads=4),
+    "gqa_sharded": dict(max_shard_size="30KB"),
+    "mqa_head_dim": dict(num_key_value_heads=1, head_dim=32),
+    "llama3_rope": dict(rope_scaling=LLAMA3, rope_theta=500000.0),
+    "linear_rope": dict(rope_scaling={"rope_type": "linear", "factor": 4.0}),
+    "tied": dict(tie_word_embeddings=True),
+    "bias": dict(attention_bias=True, mlp_bias=True),
+}
+
+
+def hf_model(d):
+    from transformers import LlamaForCausalLM
+    return LlamaForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_logits_parity_with_transformers(tmp_path, case):
+    d = make_tiny_llama(tmp_path, tokenizer=False, **CASES[case])
+    if case == "gqa_sharded":
+        assert (d / "model.safetensors.index.json").exists() and not (d / "model.safetensors").exists()
+    ours, ref = M.load_checkpoint(d), hf_model(d)
+    x = torch.randint(0, 400, (2, 40))  # 40 > original_max_position_embeddings: llama3 scaling matters
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x).logits, rtol=1e-4, atol=1e-4)
+    assert set(ours.state_dict()) == set(ref.state_dict()) - ({"lm_head.weight"} if case == "tied" else set())
+
+
+def test_dtypes_and_meta_free(tiny_llama):
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        m, _ = M.load_model(str(tiny_llama), dtype=dt)
+        assert {p.dtype for p in m.parameters()} == {dt}
+        assert not any(t.is_meta for t in [*m.parameters(), *m.buffers()])
+    ref = M.load_checkpoint(tiny_llama)
+    x = torch.randint(0, 400, (1, 12))
+    torch.testing.assert_close(m(x).float(), ref(x), atol=0.1, rtol=0.05)
+
+
+def test_kv_cache_decode_equals_full_forward(tiny_llama):
+    m = M.load_checkpoint(tiny_llama)
+    x = torch.randint(0, 400, (2, 16))
+    with torch.no_grad():
+        full = m(x)
+        cache = m.new_cache(2, 16)
+        steps = [m.head(m.hidden(x[:, :10], cache=cache))]   # prefill 10, then chunk of 3, then 1 at a time
+        steps.append(m.head(m.hidden(x[:, 10:13], cache=cache)))
+        steps += [m.head(m.hidden(x[:, t:t + 1], cache=cache)) for t in range(13, 16)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-4)
+
+
+def test_greedy_generate_equals_transformers(tiny_llama):
+    m, tok = M.load_model(str(tiny_llama))
+    ref = hf_model(tiny_llama)
+    for prompt in ["Question: What is the capital", "Hello"]:
+        ids = tok.encode(prompt)
+        out = ref.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False, eos_token_id=2, pad_token_id=0)
+        new = out[0, len(ids):].tolist()
+        expected = tok.decode([t for t in new if t != 2][: (new + [2]).index(2)])
+        assert M.generate(m, tok, [prompt], max_new_tokens=20) == [expected]
+        assert M.generate(m, tok, [ids], max_new_tokens=20) == [expected]  # token-id prompts used as-is
+
+
+def test_batched_equals_one_at_a_time(tiny_llama):
+    m, tok = M.load_model(str(tiny_llama))
+    prompts = ["Question: What is the capital of France? Thought:", "Hi", "The quick brown fox jumps", "123"]
+    for kw in [dict(), dict(stop=["e"]), dict(stop=["Action", "d"])]:
+        single = [M.generate(m, tok, [p], max_new_tokens=15, **kw)[0] for p in prompts]
+        assert M.generate(m, tok, prompts, max_new_tokens=15, **kw) == single
+    assert len({*single}) > 1
+
+
+def test_stop_strings_across_token_boundaries_and_stop_at(tiny_llama):
+    m, tok = M.load_model(str(tiny_llama))
+    full = M.generate(m, tok, ["Hello"], max_new_tokens=30)[0]
+    ids = tok.encode(full)
+    first = tok.decode(ids[:3])
+    stop = full[len(first) - 1: len(first) + 2]  # spans the boundary between token 3 and token 4
+    assert len(tok.decode(ids[:3])) < len(first) + 2 and full.find(stop) >= 0
+    assert M.generate(m, tok, ["Hello"], max_new_tokens=30, stop=[stop]) == [full[:full.find(stop)]]
+    seen = []
+    cut = M.generate(m, tok, ["Hello"], max_new_tokens=30, stop_at=lambda t: seen.append(t) or (3 if len(t) >= 5 else None))
+    assert cut == [full[:3]] and len(seen) < 30 and full.startswith(seen[-1])
+
+
+def test_sampling_is_seeded(tiny_llama):
+    m, tok = M.load_model(str(tiny_llama))
+    a = M.generate(m, tok, ["Hello"] * 3, max_new_tokens=20, temperature=1.5, seed=1)
+    assert a == M.generate(m, tok, ["Hello"] * 3, max_new_tokens=20, temperature=1.5, seed=1)
+    assert len(set(a)) > 1
+    greedy = M.generate(m, tok, ["Hello"], max_new_tokens=20)
+    assert M.generate(m, tok, ["Hello"], max_new_tokens=20, temperature=1.0, top_p=1e-6, seed=3) == greedy
+
+
+def test_bpe_tokenizer_parity_with_transformers(tiny_llama):
+    from transformers import AutoTokenizer
+    tok, ref = M.load_tokenizer(tiny_llama), AutoTokenizer.from_pretrained(tiny_llama)
+    text = "<|im_start|>user\nWhat is 12345 + 6? Thought: search[Paris]<|im_end|>\n"
+    ids = tok.encode(text)
+    assert ids == ref(text, add_special_tokens=False)["input_ids"]
+    assert ids[0] == 1 and ids.count(2) == 1 and tok.decode(ids) == text
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.add_bos) == (0, 2, 0, False)
+    assert tok.encode("hi", bos=True)[0] == 0
+
+
+def test_sentencepiece_tokenizer(tmp_path):
+    import sentencepiece as spm
+    from conftest import CORPUS
+    (tmp_path / "corpus.txt").write_text("\n".join([CORPUS] * 30))
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "tokenizer"),
+                                   vocab_size=120, model_type="bpe", bos_id=1, eos_id=2, unk_id=0, minloglevel=2)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "added_tokens_decoder": {"120": {"content": "<|im_end|>"}}}))
+    tok, sp = M.load_tokenizer(tmp_path), spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
+    text = "Thought: search France then finish Paris"
+    assert tok.encode(text) == sp.encode(text) and tok.decode(tok.encode(text)) == text
+    assert (tok.bos_id, tok.eos_id, tok.add_bos, tok.vocab_size) == (1, 2, True, 121)
+    assert tok.encode(text, bos=True) == [1] + sp.encode(text)
+    ids = tok.encode("Paris</s>done<|im_end|>")
+    assert ids == sp.encode("Paris") + [2] + sp.encode("done") + [120]
+    assert tok.decode(ids) == "Paris</s>done<|im_end|>" and tok.decode(ids, skip_special=True) == "Parisdone"
+
+
+def test_lora_merge_and_peft_parity(tiny_llama, tmp_path):
+    from peft import PeftModel
+    m, tok = M.load_model(str(tiny_llama))
+    x = torch.randint(0, 400, (2, 10))
+    base = m(x).detach()
+    names = M.apply_lora(m, targets=("q_proj", "v_proj", "down_proj"), r=4, alpha=8, dropout=0.0)
+    assert len(names) == 6 and all(p.requires_grad == (".lora_" in n) for n, p in m.named_parameters())
+    torch.testing.assert_close(m(x), base)  # B = 0 at init
+    for _, l in M.lora_layers(m):
+        torch.nn.init.normal_(l.lora_B, std=0.5)
+    with torch.no_grad():
+        lora = m(x)
+        assert (lora - base).abs().max() > 1e-2
+        M.merge_lora(m), M.merge_lora(m)  # twice is a no-op
+        torch.testing.assert_close(m(x), lora, rtol=1e-4, atol=1e-4)
+        M.unmerge_lora(m), M.unmerge_lora(m)
+        torch.testing.assert_close(m(x), lora, rtol=1e-4, atol=1e-4)
+    M.save_adapter(m, tmp_path / "adapter", base_model=str(tiny_llama))
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["target_modules"] == \
+        ["down_proj", "q_proj", "v_proj"]
+    peft = PeftModel.from_pretrained(hf_model(tiny_llama), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(peft(x).logits, lora, rtol=1e-4, atol=1e-4)
+    m2 = M.load_adapter(M.load_checkpoint(tiny_llama), tmp_path / "adapter")
+    torch.testing.assert_close(m2(x), lora, rtol=1e-5, atol=1e-5)
+    out = M.save_checkpoint(m, tok, tmp_path / "merged")  # merged into plain weights, loadable everywhere
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(out)(x).logits, lora, rtol=1e-4, atol=1e-4)
+    m3, tok3 = M.load_model(str(out))
+    torch.testing.assert_close(m3(x), lora, rtol=1e-4, atol=1e-4)
+    assert tok3.encode("hello <|im_end|>") == tok.encode("hello <|im_end|>")
+
+
+def test_lora_trains_only_adapters(tiny_llama):
+    m = M.load_checkpoint(tiny_llama)
+    M.apply_lora(m, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+    m.train()
+    m.grad_checkpointing = True
+    before = {n: p.clone() for n, p in m.named_parameters()}
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+    x = torch.randint(0, 400, (2, 12))
+    for _ in range(2):
+        loss = torch.nn.functional.cross_entropy(m(x)[:, :-1].flatten(0, 1), x[:, 1:].flatten())
+        loss.backward(), opt.step(), opt.zero_grad()
+    changed = {n for n, p in m.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(".lora_" in n for n in changed) and len(M.lora_layers(m)) == 14
+
+
+def test_loader_errors(tmp_path):
+    from safetensors.torch import load_file, save_file
+    d = make_tiny_llama(tmp_path / "m", tokenizer=False)
+    sd = load_file(d / "model.safetensors")
+    cfg = json.loads((d / "config.json").read_text())
+
+    def expect(msg, sd=sd, cfg=cfg):
+        save_file(sd, d / "model.safetensors")
+        (d / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(ValueError, match=msg):
+            M.load_checkpoint(d)
+    expect("unexpected key model.extra", {**sd, "model.extra": torch.zeros(1)})
+    expect("missing key model.norm.weight", {k: v for k, v in sd.items() if k != "model.norm.weight"})
+    expect(r"model.norm.weight has shape \[3\]", {**sd, "model.norm.weight": torch.zeros(3)})
+    expect("unsupported model_type 'gpt2'", cfg={**cfg, "model_type": "gpt2"})
+    expect("unsupported rope_scaling type 'yarn'", cfg={**cfg, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}})
+    save_file(sd, d / "model.safetensors")
+    (d / "config.json").write_text(json.dumps(cfg))
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[:-100])
+    with pytest.raises(ValueError, match="model.safetensors: truncated safetensors file"):
+        M.load_checkpoint(d)
+    (d / "model.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(ValueError, match="not a safetensors file or truncated"):
+        M.load_checkpoint(d)
+    (d / "model.safetensors").unlink()
+    (d / "pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(ValueError, match="never unpickle"):
+        M.load_checkpoint(d)
