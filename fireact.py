@@ -394,7 +394,7 @@ def advance(ep: Episode, out, forced: bool, reflexion):
     if isinstance(out, Exception):
         ep.error, ep.done = repr(out), True
         return
-    text = FORCE + out.split("]")[0] + "]" if forced else ep.prefill + out
+    text = FORCE + out.split("]")[0].strip() + "]" if forced else ep.prefill + out
     ep.prefill = ""
     thought, action = split_step(text)
     # No action even after re-sampling: the raw text goes to the tool, whose observation says it is invalid.
@@ -555,12 +555,12 @@ def parse_config(cls, argv):
 
 
 # ---------------------------------------------------------------------------------------------------- commands
-def make_teacher(name, base_url="", api_key_env="OPENAI_API_KEY", **kw):
-    if name == "oracle":
+def make_teacher(name, base_url="", api_key_env="OPENAI_API_KEY", method=None):
+    if name == "oracle":  # the toy world's scripted teacher, same interface as tools.Teacher
         import toyworld
-        return toyworld.OracleTeacher()
+        return toyworld.OracleTeacher(method=method)
     import tools
-    return tools.Teacher(name, base_url=base_url or None, api_key_env=api_key_env, cache_dir=CACHE / "teacher", **kw)
+    return tools.Teacher(name, base_url=base_url or None, api_key_env=api_key_env, cache_dir=CACHE / "teacher")
 
 
 def method_setup(task: Task, method: str, max_steps: int, reflect_at: int):
@@ -592,7 +592,7 @@ def generate(cfg: GenerateConfig, teacher=None) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     done = {r["id"] for r in read_jsonl_resumable(out)}
     todo = [q for q in load_questions(cfg.task, cfg.split, cfg.n) if q["id"] not in done]
-    teacher = teacher or make_teacher(cfg.teacher_model, cfg.base_url, cfg.api_key_env)
+    teacher = teacher or make_teacher(cfg.teacher_model, cfg.base_url, cfg.api_key_env, cfg.method)
     llm = TeacherLLM(teacher, max_tokens=cfg.max_tokens, temperature=cfg.temperature)
     prompt_fn, max_steps, reflexion = method_setup(task, cfg.method, cfg.max_steps, cfg.reflect_at)
     base_tool = make_tool(cfg.task, cfg.tool, seed=cfg.seed)
@@ -602,6 +602,8 @@ def generate(cfg: GenerateConfig, teacher=None) -> Path:
     stats, t0 = Counter(), time.time()
     with open(out, "a") as f, tqdm(total=len(todo), unit="q", dynamic_ncols=True) as bar:
         for q, ep in tools.run_concurrently(episode, todo, workers=cfg.workers, rpm=cfg.rpm or None):
+            if isinstance(ep, BaseException) and not isinstance(ep, Exception):
+                raise ep  # Ctrl-C / exit inside a worker: stop; what is written stays valid
             if isinstance(ep, Exception) or ep.error:
                 stats["errors"] += 1  # not written: a rerun tries it again
             else:

@@ -1,0 +1,298 @@
+"""fireact.py: metrics, loaders, the agent loop (invalid actions, re-sampling, step limit, reflexion, batching),
+resumable generation after a crash, scoring FireAct's released runs, download over loopback.
+
+    python -m pytest -q tests/test_fireact.py
+"""
+import functools
+import http.server
+import io
+import json
+import re
+import tarfile
+import threading
+from pathlib import Path
+
+import pytest
+
+import fireact
+import tools
+
+DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+needs_data = pytest.mark.skipif(not DATA.exists(), reason="../shared/data is absent")
+
+PAGES = [
+    {"title": "Atacama Desert", "sentences": ["The Atacama Desert is a desert plateau in the north of Chile."]},
+    {"title": "Santiago", "sentences": ["Santiago is the capital of Chile.", "The Mapocho River crosses the city."]},
+    {"title": "Gustav Holst", "sentences": ["Gustav Holst (born 1874) was an English composer."]},
+]
+
+
+@pytest.fixture
+def wiki(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in PAGES))
+    return tools.LocalWiki(path)
+
+
+class ScriptLLM:
+    """Replies from a script {question: [reply for turn 0, turn 1, ...]}; the turn is the number of Observation
+    lines after the question. Records every call (prompts, temperature) to check batching and re-sampling."""
+
+    def __init__(self, script):
+        self.script, self.calls = script, []
+
+    def complete_batch(self, prompts, stop=None, stop_at=None, temperature=None):
+        self.calls.append(dict(n=len(prompts), stop=stop, temperature=temperature, prompts=prompts))
+        outs = []
+        for p in prompts:
+            q = re.findall(r"^Question: (.*)$", p, re.M)[-1]
+            turn = p.split(f"Question: {q}")[-1].count("Observation:")
+            reply = self.script[q][min(turn, len(self.script[q]) - 1)]
+            reply = reply(p) if callable(reply) else reply
+            k = stop_at(reply) if stop_at else None
+            outs.append(reply if k is None else reply[:k])
+        return outs
+
+    def extend(self, prompt, text):
+        return prompt + text
+
+
+def run(llm, wiki, questions, **kw):
+    qs = [dict(id=str(i), question=q, answer=a) for i, (q, a) in enumerate(questions)]
+    return fireact.run_agent(llm, [wiki.fork() for _ in qs], qs, fireact.few_shot("react", "hotpotqa"), **kw)
+
+
+# ------------------------------------------------------------------------------------------------------ metrics
+def test_metrics_edge_cases():
+    n = fireact.normalize_answer
+    assert n("The  Beatles!") == "beatles" and n("An apple, a day") == "apple day"
+    assert n("théâtre") == "théâtre" and n("Ünïcode’s") == "ünïcode’s"  # SQuAD keeps non-ASCII as is
+    assert fireact.score_answer("qa", "the Mapocho river.", "Mapocho River") == (1.0, 1.0)
+    em, f1 = fireact.score_answer("qa", "Mapocho", "Mapocho River")
+    assert em == 0.0 and abs(f1 - 2 / 3) < 1e-9
+    assert fireact.score_answer("qa", "yes", "no") == (0.0, 0.0)
+    assert fireact.f1_score("no way", "no") == 0.0  # HotpotQA: a yes/no gold needs an exact match for F1
+    assert fireact.score_answer("qa", None, "x") == (0.0, 0.0) and fireact.score_answer("qa", "", "x") == (0.0, 0.0)
+    assert fireact.score_answer("yesno", "Yes, because it floats.", "yes") == (1.0, 1.0)
+    assert fireact.score_answer("yesno", "True", "yes")[0] == 1.0
+    assert fireact.score_answer("yesno", "nope", "no")[0] == 0.0
+    assert fireact.score_answer("yesno", "maybe", "no")[0] == 0.0
+    for pred in ("B", "b", "(B)", "B. kitchen", "B) kitchen", "The answer is B."):
+        assert fireact.score_answer("mc", pred, "B")[0] == 1.0, pred
+    for pred in ("Bob", "kitchen", "", "C"):
+        assert fireact.score_answer("mc", pred, "B")[0] == 0.0, pred
+
+
+@needs_data
+def test_loaders_and_subsets():
+    ids = fireact.fireact_eval_ids()
+    assert len(ids) == 500 and ids[:3] == [3687, 6238, 5388]
+    hp = fireact.load_questions("hotpotqa")
+    assert [q["id"] for q in hp[:2]] == ["3687", "6238"] and len(hp) == 500
+    assert len(fireact.load_questions("hotpotqa_offline")) == 957
+    assert len(fireact.load_questions("bamboogle")) == 125
+    sq = fireact.load_questions("strategyqa")
+    assert len(sq) == 229 and {q["answer"] for q in sq} == {"yes", "no"}
+    mm = fireact.load_questions("mmlu", "dev")
+    assert len(mm) == 285 and "\nD. " in mm[0]["question"] and {q["answer"] for q in mm} <= set("ABCD")
+    assert len(fireact.load_questions("hotpotqa", "dev", n=7)) == 7
+    with pytest.raises(SystemExit, match="unknown task"):
+        fireact.load_questions("nope")
+
+
+def test_prompt_files_cover_every_task_and_method():
+    for task in fireact.TASKS.values():
+        for method in ("react", "cot", "reflexion"):
+            text = fireact.few_shot(method, task.family)("Q?", [])
+            assert text.endswith("Question: Q?\n" + ("Reflection:" if method == "reflexion" else ""))
+    assert "finish[yes]" in fireact.few_shot("react", "strategyqa")("Q", []) or "finish[no]" in \
+        fireact.few_shot("react", "strategyqa")("Q", [])
+    assert re.search(r"^D\. ", fireact.few_shot("react", "mmlu")("Q", []), re.M)
+
+
+# --------------------------------------------------------------------------------------------------- agent loop
+def test_cut_and_split():
+    text = "Thought: go\nAction: search[Santiago]\nObservation: invented\nThought: x\nAction: finish[y]"
+    assert text[:fireact.cut_after_action(text)] == "Thought: go\nAction: search[Santiago]"
+    assert fireact.cut_after_action("Thought: still thinking") is None
+    assert fireact.cut_after_action("Thought: t\nAction: search[San") is None  # incomplete: keep generating
+    assert fireact.cut_after_action("Thought: t\nAnswer: Paris\n") == len("Thought: t\nAnswer: Paris")
+    assert fireact.split_step(" a\nb\nAction 2: Search[x] junk") == ("a b", "Search[x] junk")
+    assert fireact.split_step("Thought: so\nAnswer: Paris") == ("so", "finish[Paris]")
+    assert fireact.split_step("I am lost") == ("I am lost", None)
+
+
+def test_agent_solves_and_batches(wiki):
+    llm = ScriptLLM({
+        "Q1": [" I need the desert.\nAction: search[Atacama Desert]\nObservation: made up\nThought: more",
+               "Thought: Chile's capital is Santiago.\nAction: search[Santiago]",
+               "Thought: found it.\nAction: lookup[river]",
+               "Thought: done\nAction: finish[Mapocho River]"],
+        "Q2": ["Thought: easy\nAction: finish[Gustav Holst]"],
+    })
+    eps = run(llm, wiki, [("Q1", "Mapocho River"), ("Q2", "Gustav Holst")], max_steps=11)
+    a, b = eps
+    assert [s["action"] for s in a.steps] == ["search[Atacama Desert]", "search[Santiago]", "lookup[river]",
+                                              "finish[Mapocho River]"]
+    assert a.steps[0]["thought"] == "I need the desert." and "north of Chile" in a.steps[0]["observation"]
+    assert "Mapocho River crosses" in a.steps[2]["observation"]  # the real observation, not the made-up one
+    assert a.pred == "Mapocho River" and not a.forced and b.pred == "Gustav Holst"
+    assert [c["n"] for c in llm.calls] == [2, 1, 1, 1]  # both live episodes share one call per step
+    assert all(c["stop"] == ["\nObservation:"] for c in llm.calls)
+    rec = fireact.episode_record(a, "hotpotqa", "react", "script")
+    assert rec["em"] == 1.0 and rec["finished"] and set(rec) >= {"id", "task", "method", "question", "answer",
+                                                                 "steps", "pred", "em", "source"}
+    # batch_size bounds the live episodes per call; the queue refills as episodes end
+    llm2 = ScriptLLM(llm.script)
+    run(llm2, wiki, [("Q2", "x"), ("Q1", "y"), ("Q2", "z")], batch_size=2)
+    assert max(c["n"] for c in llm2.calls) == 2 and sum(c["n"] for c in llm2.calls) == 6
+
+
+def test_invalid_actions_and_resampling(wiki):
+    llm = ScriptLLM({"Q": ["Thought: hmm\nAction: fly[to the moon]", "Thought: I wonder", "Action: finish[x]"]})
+    (ep,) = run(llm, wiki, [("Q", "x")], max_steps=5, retries=2)
+    assert ep.steps[0]["observation"].startswith("Invalid action")  # an invalid action is an observation
+    # turn 1 wrote no action: re-sampled twice at temperature 0.7, then handed to the tool as invalid
+    assert [c["temperature"] for c in llm.calls[1:4]] == [None, 0.7, 0.7]
+    assert ep.steps[1]["action"] == "" and ep.steps[1]["observation"].startswith("Invalid action")
+    assert ep.pred == "x" and len(ep.steps) == 3
+    assert re.search(r"Action: fly\[to the moon\]\nObservation: Invalid action", llm.calls[1]["prompts"][0])
+
+
+def test_step_limit_forces_a_finish(wiki):
+    llm = ScriptLLM({"Q": ["Thought: again\nAction: search[Santiago]"] * 3 + [" Santiago"]})
+    (ep,) = run(llm, wiki, [("Q", "Santiago")], max_steps=3)
+    assert len(ep.steps) == 4 and ep.forced and ep.pred == "Santiago"
+    assert ep.steps[-1]["action"] == "finish[Santiago]"
+    assert llm.calls[-1]["prompts"][0].endswith("Action: finish[") and llm.calls[-1]["stop"] == ["]", "\n"]
+    rec = fireact.episode_record(ep, "hotpotqa", "react", "s")
+    assert rec["em"] == 1.0 and not rec["finished"]  # right, but not finished by the agent itself
+    llm = ScriptLLM({"Q": ["Action: search[Santiago]"] * 2 + [""]})
+    (ep,) = run(llm, wiki, [("Q", "Santiago")], max_steps=2)
+    assert ep.done and ep.forced and ep.pred == ""
+
+
+def test_reflexion_after_wrong_answer(wiki):
+    llm = ScriptLLM({"Q": ["Thought: guess\nAction: finish[Lima]",
+                           lambda p: " I guessed." if p.endswith("Reflection:") else
+                           "Thought: check\nAction: search[Santiago]",
+                           "Thought: yes\nAction: finish[Santiago]"]})
+    task = fireact.TASKS["hotpotqa"]
+    prompt_fn, max_steps, reflexion = fireact.method_setup(task, "reflexion", 11, 5)
+    qs = [dict(id="0", question="Q", answer="Santiago")]
+    (ep,) = fireact.run_agent(llm, [wiki.fork()], qs, prompt_fn, max_steps, reflexion=reflexion)
+    assert ep.steps[0]["observation"] == "Answer is incorrect." and ep.reflections == 1
+    assert ep.steps[1]["thought"] == f"{fireact.REFLECT_INTRO} I guessed. check"
+    assert ep.pred == "Santiago" and len(ep.steps) == 3
+    assert llm.calls[1]["prompts"][0].endswith("Observation: Answer is incorrect.\nReflection:")
+
+
+def test_cot_is_one_react_step(wiki):
+    llm = ScriptLLM({"Q": ["Thought: Holst wrote it.\nAnswer: Gustav Holst\nQuestion: next"]})
+    prompt_fn, max_steps, _ = fireact.method_setup(fireact.TASKS["hotpotqa"], "cot", 11, 5)
+    qs = [dict(id="0", question="Q", answer="Gustav Holst")]
+    (ep,) = fireact.run_agent(llm, [wiki.fork()], qs, prompt_fn, max_steps)
+    assert ep.steps == [dict(thought="Holst wrote it.", action="finish[Gustav Holst]", observation="Episode finished.")]
+
+
+# ------------------------------------------------------------------------------------------------ resumable I/O
+class ChatTeacher:
+    """Teacher-like: .chat over ScriptLLM replies; raises KeyboardInterrupt on call number `crash_at`."""
+
+    def __init__(self, crash_at=None):
+        self.n, self.crash_at, self.usage = 0, crash_at, {"prompt_tokens": 3, "completion_tokens": 2, "requests": 1}
+        self.lock = threading.Lock()
+
+    def chat(self, messages, **kw):
+        with self.lock:
+            self.n += 1
+            if self.n == self.crash_at:
+                raise KeyboardInterrupt
+        q = re.findall(r"^Question: (.*)$", messages[-1]["content"], re.M)[-1]
+        return f"Thought: easy\nAction: finish[{q.upper()}]"
+
+
+def test_generate_resumes_after_crash(tmp_path, wiki, monkeypatch):
+    qs = [dict(id=f"q{i}", question=f"question {i}", answer=f"QUESTION {i}" if i % 2 else "other") for i in range(12)]
+    monkeypatch.setattr(fireact, "load_questions", lambda task, split="", n=0: qs[:n or None])
+    monkeypatch.setattr(fireact, "make_tool", lambda *a, **k: wiki)
+    cfg = fireact.GenerateConfig(task="hotpotqa", out=str(tmp_path / "t.jsonl"), workers=3)
+    with pytest.raises(KeyboardInterrupt):
+        fireact.generate(cfg, teacher=ChatTeacher(crash_at=6))
+    written = fireact.read_jsonl_resumable(Path(cfg.out))
+    assert 0 < len(written) < 12
+    with open(cfg.out, "a") as f:  # the crash also tore the record being written
+        f.write('{"id": "q11", "task": "hotp')
+    fireact.generate(cfg, teacher=ChatTeacher())
+    recs = [json.loads(line) for line in Path(cfg.out).read_text().splitlines()]
+    assert sorted(r["id"] for r in recs) == sorted(q["id"] for q in qs)  # no duplicate, no loss
+    assert recs[:len(written)] == written  # append-only: earlier records untouched
+    assert sum(r["em"] for r in recs) == 6
+    kept = fireact.filter_records(fireact.FilterConfig(files=[cfg.out], out=str(tmp_path / "ok.jsonl")))
+    assert kept == 6
+
+
+def test_parse_config_flags():
+    cfg = fireact.parse_config(fireact.EvalConfig, ["--task", "bamboogle", "--max-steps", "7", "--compare",
+                                                     "--noise", "0.5"])
+    assert (cfg.task, cfg.max_steps, cfg.compare, cfg.noise) == ("bamboogle", 7, True, 0.5)
+    cfg = fireact.parse_config(fireact.MixConfig, ["a.jsonl", "b.jsonl", "--tasks", "toy", "--per-group", "3"])
+    assert cfg.files == ["a.jsonl", "b.jsonl"] and cfg.tasks == ["toy"] and cfg.per_group == 3
+
+
+# ---------------------------------------------------------------------------------------------------- scoring
+@needs_data
+def test_score_reproduces_fireact_paper(capsys):
+    res = fireact.score(fireact.ScoreConfig(files=[str(DATA / "fireact" / "trajs")]))
+    out = capsys.readouterr().out
+    ems = {r["file"].split("_models_")[-1].split("-d_")[0] if "llama" in r["file"] else "gpt-3.5": round(r["em"], 1)
+           for r in res}
+    assert ems == {"lora_llama-2-7b": 26.2, "lora_llama-2-13b": 34.4, "gpt-3.5": 40.0}
+    assert all(r["n"] == 500 for r in res) and {r["entries"] for r in res} == {465, 499, 500}
+    for em in ("26.2", "34.4", "40.0"):
+        assert f"EM  {em}" in out
+
+
+def test_score_our_results_with_summary_denominator(tmp_path, capsys):
+    res = {"1": dict(pred="Paris", gt="paris", task="hotpotqa"), "2": dict(pred="B.", gt="B", task="mmlu")}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(res))
+    path.with_suffix(".summary.json").write_text(json.dumps({"n": 4}))
+    (r,) = fireact.score(fireact.ScoreConfig(files=[str(path)]))
+    assert r["em"] == 50.0 and r["n"] == 4
+
+
+# ---------------------------------------------------------------------------------------------------- download
+def test_download_over_loopback(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "bamboogle.csv").write_text('Question,Answer\n"Who, really?",Ann\nWhen?,1999\n')
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, text in (("data/dev/x_dev.csv", 'q,"a\nb",c,d,e,A\n'), ("data/test/x_test.csv", "q,a,b,c,d,D\n")):
+            info = tarfile.TarInfo(name)
+            info.size = len(text.encode())
+            tar.addfile(info, io.BytesIO(text.encode()))
+    (src / "data.tar").write_bytes(buf.getvalue())
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(src))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_port}"
+        monkeypatch.setattr(fireact, "SOURCES", {"bamboogle/test.csv": f"{base}/bamboogle.csv",
+                                                 "mmlu/data.tar": f"{base}/data.tar",
+                                                 "missing/x.json": f"{base}/nope.json"})
+        dest = tmp_path / "data"
+        fireact.download(fireact.DownloadConfig(dest=str(dest), only=["bamboogle", "mmlu"]))
+        assert json.loads((dest / "bamboogle" / "test.json").read_text())[0] == {"question": "Who, really?",
+                                                                                 "answer": "Ann"}
+        monkeypatch.setenv("FIREACT_DATA", str(dest))
+        assert len(fireact.load_questions("bamboogle")) == 2
+        (q,) = fireact.load_questions("mmlu", "dev")
+        assert q["question"] == "q\nA. a\nb\nB. c\nC. d\nD. e" and q["answer"] == "A"
+        with pytest.raises(Exception, match="404"):
+            fireact.download(fireact.DownloadConfig(dest=str(dest), only=["missing"]))
+        assert not (dest / "missing" / "x.json").exists()
+    finally:
+        server.shutdown()
