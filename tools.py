@@ -489,7 +489,7 @@ class Wikipedia(Tool):
         self.client = Client({"User-Agent": user_agent}, timeout, retries, sleep=sleep)
         self.cache = Cache(cache_dir, memory=True)
 
-    def _search(self, query):
+    def _search(self, query, follow=True):
         params = {"action": "query", "format": "json", "formatversion": "2", "redirects": "1", "titles": query,
                   "prop": "extracts|pageprops", "explaintext": "1", "ppprop": "disambiguation",
                   "list": "search", "srsearch": query, "srlimit": "5", "srprop": ""}
@@ -501,6 +501,8 @@ class Wikipedia(Tool):
         if page.get("missing") or page.get("invalid") or "disambiguation" in (page.get("pageprops") or {}) \
                 or not sentences:
             similar = [h["title"] for h in q.get("search", []) if h.get("title") != page.get("title")]
+            if follow and page.get("missing") and similar and normalize_title(similar[0]) == normalize_title(query):
+                return self._search(similar[0], follow=False)  # titles are case-sensitive: 'ed wood' -> 'Ed Wood'
             return _not_found(query, similar[:5]), None
         return " ".join(sentences[:5]), sentences
 
