@@ -325,18 +325,12 @@ def run_concurrently(fn, items, workers=8, rpm=None, sleep=time.sleep):
 # The teacher: any OpenAI-compatible endpoint (OpenAI, vLLM, llama.cpp server, Ollama's /v1)
 
 
-def _chat_texts(data):
+def _choice_texts(data):
+    """OpenAI reply -> texts in choice order: chat choices hold message.content, completion choices hold text."""
     choices = sorted(data["choices"], key=lambda c: c.get("index", 0))
     if not choices:
         raise ValueError("no choices")
-    return [c["message"]["content"] or "" for c in choices]
-
-
-def _completion_texts(data):
-    choices = sorted(data["choices"], key=lambda c: c.get("index", 0))
-    if not choices:
-        raise ValueError("no choices")
-    return [c["text"] for c in choices]
+    return [(c["message"]["content"] if "message" in c else c["text"]) or "" for c in choices]
 
 
 class Teacher:
@@ -364,8 +358,10 @@ class Teacher:
                 "requests": s["requests"], "cached": self._tokens["cached"], "retries": s["retries"],
                 "failures": s["failures"]}
 
-    def _post(self, path, body, texts_of, n):
-        data, cached = self.client.request("POST", f"{self.base_url}/{path}", json_body=body, check=texts_of,
+    def _post(self, path, params, temperature, max_tokens, stop, n, extra):
+        body = {"model": self.model, **params, "temperature": temperature, "max_tokens": max_tokens, **extra,
+                **({"n": n} if n != 1 else {}), **({"stop": stop} if stop else {})}
+        data, cached = self.client.request("POST", f"{self.base_url}/{path}", json_body=body, check=_choice_texts,
                                            cache=self.cache)
         with self._lock:
             if cached:
@@ -374,26 +370,16 @@ class Teacher:
                 u = data.get("usage") or {}
                 self._tokens.update(prompt_tokens=u.get("prompt_tokens") or 0,
                                     completion_tokens=u.get("completion_tokens") or 0)
-        texts = texts_of(data)
+        texts = _choice_texts(data)
         return texts if n > 1 else texts[0]
-
-    def _body(self, temperature, max_tokens, stop, n, extra):
-        body = {"model": self.model, "temperature": temperature, "max_tokens": max_tokens, **extra}
-        if n != 1:
-            body["n"] = n
-        if stop:
-            body["stop"] = stop
-        return body
 
     def chat(self, messages, temperature=0.0, max_tokens=256, stop=None, n=1, **extra):
         """-> the reply text (a list of n texts when n > 1)."""
-        body = {"messages": messages, **self._body(temperature, max_tokens, stop, n, extra)}
-        return self._post("chat/completions", body, _chat_texts, n)
+        return self._post("chat/completions", {"messages": messages}, temperature, max_tokens, stop, n, extra)
 
     def complete(self, prompt, temperature=0.0, max_tokens=256, stop=None, n=1, **extra):
         """Legacy `/completions` (vLLM, llama.cpp): raw prompt in, continuation out."""
-        body = {"prompt": prompt, **self._body(temperature, max_tokens, stop, n, extra)}
-        return self._post("completions", body, _completion_texts, n)
+        return self._post("completions", {"prompt": prompt}, temperature, max_tokens, stop, n, extra)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -376,7 +376,7 @@ def test_timeout_drop_and_malformed_are_transient():
     (("slow", 1.0), "last error: timeout after 0.25s"),
     (("drop",), "last error: connection error: ChunkedEncodingError"),
     (("malformed",), "last error: malformed response body (JSONDecodeError: Expecting value: line 1 column 15"),
-    (("status", 200, {}, {"choices": [{"text_missing": 1}]}), "last error: malformed response body (KeyError: 'message'"),
+    (("status", 200, {}, {"choices": [{"text_missing": 1}]}), "last error: malformed response body (KeyError: 'text'"),
 ])
 def test_persistent_faults_are_reported_clearly(fault, expect):
     with serve(openai_app, faults=[fault] * 3) as srv:
