@@ -333,10 +333,12 @@ def loss_sum(model, x, y):
 
 
 def lr_at(step, total, cfg):
-    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * min_lr_frac at the last step."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    t = (step - cfg.warmup) / max(1, total - cfg.warmup - 1)
+    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * min_lr_frac at the last step. Warmup is capped
+    at a fifth of the run so that short runs still reach the peak."""
+    warmup = min(cfg.warmup, total // 5)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup - 1)
     return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
