@@ -322,9 +322,12 @@ def cache_root() -> Path:
     return Path(os.environ.get("FIREACT_CACHE") or Path.home() / ".cache" / "fireact")
 
 def load_model(name_or_path=None, device=None, dtype=None):
-    """None -> embedded SmolLM2-135M-Instruct; a local dir -> HF checkpoint; `org/name` -> Hugging Face Hub."""
+    """None -> embedded SmolLM2-135M-Instruct; a dir -> HF checkpoint; x.gguf -> converted; org/name -> the Hub."""
     if name_or_path is None:
         d = embedded_model_dir()
+    elif str(name_or_path).endswith(".gguf") and Path(name_or_path).is_file():
+        p = Path(name_or_path)
+        d = converted_gguf_dir(p, cache_root() / "gguf" / f"{p.stem}-{p.stat().st_size}")
     elif Path(name_or_path).expanduser().is_dir():
         d = Path(name_or_path).expanduser()
     elif re.fullmatch(r"[\w.-]+/[\w.-]+", str(name_or_path)):
@@ -711,8 +714,83 @@ def converted_gguf_dir(gguf_path: Path, out: Path) -> Path:
         os.replace(tmp, out)
     return out
 
-def hub_download(repo: str) -> Path:
-    raise NotImplementedError
+HUB_FILES = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+             "special_tokens_map.json", "model.safetensors.index.json"}
+
+def _hub_check(r, url):
+    if r.status_code in (401, 403):
+        raise ValueError(f"{url}: HTTP {r.status_code} (private or gated repo? set HF_TOKEN)")
+    if r.status_code >= 400:
+        raise ValueError(f"{url}: HTTP {r.status_code}")
+
+def _hub_file(session, url, dest: Path, retries: int):
+    """Download url -> dest via dest.incomplete, resuming with Range; verify size and sha256 (LFS etag) if given."""
+    import requests
+    h = session.head(url, allow_redirects=False, timeout=30)  # LFS: 302 + X-Linked-Size / X-Linked-Etag (sha256)
+    _hub_check(h, url)
+    size = int(h.headers.get("x-linked-size") or h.headers.get("content-length") or -1)
+    etag = (h.headers.get("x-linked-etag") or h.headers.get("etag") or "").removeprefix("W/").strip('"')
+    sha = etag if re.fullmatch(r"[0-9a-f]{64}", etag) else None  # plain git files carry a sha1 etag: size only
+    part = dest.with_name(dest.name + ".incomplete")
+    part.parent.mkdir(parents=True, exist_ok=True)
+    part.touch()
+    for attempt in range(retries):
+        have = part.stat().st_size
+        if 0 <= size <= have:
+            break
+        try:
+            with session.get(url, stream=True, timeout=60, headers={"Range": f"bytes={have}-"} if have else {}) as r:
+                _hub_check(r, url)
+                with open(part, "ab" if r.status_code == 206 else "wb") as f:  # 200 = server ignored Range
+                    for chunk in r.iter_content(1 << 16):  # small chunks: a dropped connection loses < 64 KiB
+                        f.write(chunk)
+            if size < 0:
+                break
+        except requests.RequestException as e:
+            if attempt == retries - 1:
+                raise ValueError(f"{url}: download failed after {retries} attempts ({type(e).__name__})") from None
+    got = part.stat().st_size
+    if size >= 0 and got != size:
+        part.unlink()
+        raise ValueError(f"{url}: size mismatch ({got} bytes, expected {size}); partial file deleted")
+    if sha:
+        digest = hashlib.sha256()
+        with open(part, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+        if digest.hexdigest() != sha:
+            part.unlink()
+            raise ValueError(f"{url}: sha256 mismatch (got {digest.hexdigest()}, expected {sha}); partial file deleted")
+    os.replace(part, dest)
+
+def hub_download(repo: str, revision="main", cache_dir=None, endpoint=None, token=None, retries=5) -> Path:
+    """Config, tokenizer and safetensors files of `org/name` -> <cache>/hub/org--name/<revision>. Offline once cached."""
+    import requests
+    out = Path(cache_dir or cache_root() / "hub") / repo.replace("/", "--") / revision
+    if (out / ".complete").exists():
+        return out
+    endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+    session = requests.Session()
+    if token or os.environ.get("HF_TOKEN"):
+        session.headers["Authorization"] = f"Bearer {token or os.environ['HF_TOKEN']}"
+    api = f"{endpoint}/api/models/{repo}" + (f"/revision/{revision}" if revision != "main" else "")
+    try:
+        r = session.get(api, timeout=30)
+    except requests.RequestException as e:
+        raise ValueError(f"{api}: cannot reach the hub and {repo} is not cached ({type(e).__name__})") from None
+    _hub_check(r, api)
+    names = [x["rfilename"] for x in r.json().get("siblings", [])]
+    for n in names:  # a hostile listing must not write outside the cache dir
+        if n.startswith(("/", "\\")) or ".." in re.split(r"[/\\]", n) or not (out / n).resolve().is_relative_to(out.resolve()):
+            raise ValueError(f"{api}: refusing remote file name {n!r} (escapes the cache directory)")
+    wanted = [n for n in names if n in HUB_FILES or re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors", n)]
+    if not any(n.endswith(".safetensors") for n in wanted):
+        raise ValueError(f"{repo}: no model*.safetensors on the hub (we never load pickled .bin weights)")
+    for n in wanted:
+        if not (out / n).exists():
+            _hub_file(session, f"{endpoint}/{repo}/resolve/{revision}/{n}", out / n, retries)
+    (out / ".complete").touch()
+    return out
 
 # ----------------------------------------------------------------------------------------------------------------
 # CLI

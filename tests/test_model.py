@@ -289,3 +289,111 @@ def test_embedded_default_answers_paris():
     prompt = "<|im_start|>user\nWhat is the capital of France? Answer in one word.<|im_end|>\n<|im_start|>assistant\n"
     assert "Paris" in M.generate(m, tok, [prompt], max_new_tokens=12)[0]
     assert tok.encode("<|im_start|>user\n") == [1, 4093, 198]
+
+
+def hub_server(files, lfs=(), bad_sha=(), cut_first_get=()):
+    """A loopback imitation of the hub: /api/models/{repo} and /{repo}/resolve/{rev}/{file}, with Range support.
+    lfs files advertise their sha256 in X-Linked-Etag (a wrong one for bad_sha); cut_first_get files drop the
+    connection halfway through the first GET."""
+    import hashlib
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    log, cut = [], set(cut_first_get)
+
+    class Hub(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_HEAD(self):
+            self.do_GET(body=False)
+
+        def do_GET(self, body=True):
+            log.append((self.command, self.path, dict(self.headers)))
+            if self.path.startswith("/api/models/"):
+                data = json.dumps({"siblings": [{"rfilename": n} for n in files]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                return self.wfile.write(data)
+            name = self.path.split("/resolve/main/", 1)[-1]
+            if name not in files:
+                self.send_response(404)
+                return self.end_headers()
+            data = files[name]
+            start = int(self.headers.get("Range", "bytes=0-")[6:].split("-")[0])
+            self.send_response(206 if start else 200)
+            if name in lfs:
+                sha = hashlib.sha256(data + b"x" * (name in bad_sha)).hexdigest()
+                self.send_header("X-Linked-Etag", f'"{sha}"')
+                self.send_header("X-Linked-Size", str(len(data)))
+            self.send_header("ETag", '"0123abc"')
+            self.send_header("Content-Length", str(len(data) - start))
+            self.end_headers()
+            if not body:
+                return
+            if name in cut:  # send half, then drop the connection
+                cut.discard(name)
+                self.wfile.write(data[start:start + (len(data) - start) // 2])
+                self.wfile.flush()
+                self.close_connection = True
+                return
+            self.wfile.write(data[start:])
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv, f"http://127.0.0.1:{srv.server_port}", log
+
+
+def test_hub_download_resume_checksum_offline(tiny_llama, tmp_path, monkeypatch):
+    files = {f.name: f.read_bytes() for f in tiny_llama.iterdir()}
+    files["pytorch_model.bin"] = b"never fetched"
+    srv, url, log = hub_server(files, lfs={"model.safetensors"}, cut_first_get={"model.safetensors"})
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    monkeypatch.setenv("HF_ENDPOINT", url)
+    monkeypatch.setenv("FIREACT_CACHE", str(tmp_path / "cache"))
+    try:
+        m, tok = M.load_model("org/tiny")
+    finally:
+        srv.shutdown()
+    d = tmp_path / "cache" / "hub" / "org--tiny" / "main"
+    assert (d / "model.safetensors").read_bytes() == files["model.safetensors"]
+    assert not (d / "pytorch_model.bin").exists() and not list(d.glob("*.incomplete"))
+    gets = [h.get("Range") for c, p, h in log if c == "GET" and p.endswith("/model.safetensors")]
+    assert len(gets) == 2 and gets[0] is None and int(gets[1][6:-1]) > 0  # resumed with Range, not restarted
+    assert all(h.get("Authorization") == "Bearer hf_secret" for _, _, h in log)
+    x = torch.randint(0, 400, (1, 8))
+    torch.testing.assert_close(m(x), M.load_checkpoint(tiny_llama)(x))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # offline now: served from the cache
+    assert M.load_model("org/tiny")[0].source_dir == d
+
+
+def test_hub_bad_checksum_and_hostile_names(tiny_llama, tmp_path):
+    files = {f.name: f.read_bytes() for f in tiny_llama.iterdir()}
+    srv, url, _ = hub_server(files, lfs={"model.safetensors"}, bad_sha={"model.safetensors"})
+    try:
+        with pytest.raises(ValueError, match="model.safetensors: sha256 mismatch"):
+            M.hub_download("org/tiny", cache_dir=tmp_path, endpoint=url)
+        assert not list(tmp_path.rglob("model.safetensors*")) and not list(tmp_path.rglob(".complete"))
+    finally:
+        srv.shutdown()
+    srv, url, _ = hub_server({**files, "../../escape.json": b"{}"})
+    try:
+        with pytest.raises(ValueError, match="refusing remote file name '../../escape.json'"):
+            M.hub_download("org/tiny", cache_dir=tmp_path, endpoint=url)
+        with pytest.raises(ValueError, match="HTTP 404"):
+            M.hub_download("org/tiny", cache_dir=tmp_path, endpoint=url.replace("127.0.0.1", "localhost") + "/nope")
+    finally:
+        srv.shutdown()
+    assert not (tmp_path.parent / "escape.json").exists()
+
+
+def test_cli_prints_continuation_or_one_line_error(tiny_llama, tmp_path, capsys):
+    M.main(["--model", str(tiny_llama), "--prompt", "Hello", "--max-new-tokens", "8"])
+    m, tok = M.load_model(str(tiny_llama))
+    assert capsys.readouterr().out == M.generate(m, tok, ["Hello"], max_new_tokens=8)[0] + "\n"
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in tiny_llama.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes()[:-7] if f.name == "model.safetensors" else f.read_bytes())
+    with pytest.raises(SystemExit, match=r"^error: .*model.safetensors: truncated safetensors file \(\d+ bytes"):
+        M.main(["--model", str(bad), "--prompt", "Hello"])
