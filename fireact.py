@@ -16,7 +16,7 @@ The LLM writes `Thought: ...\nAction: ...`; we cut after the first complete Acti
 `Thought: ...\nAnswer: X`, read as the one step `finish[X]`. A reflection prompt uses data/prompts/reflexion_*.txt
 and ends with `Reflection:`; the reflection then opens the next Thought.
 """
-import csv, json, os, random, re, string, sys, time
+import csv, hashlib, json, os, random, re, string, sys, time
 from collections import Counter, deque
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -189,10 +189,11 @@ def make_tool(task: str, kind: str = "", noise: float = 0.0, noise_mode: str = "
         if task == "toy":
             corpus = REPO / "data" / "toy" / "corpus.jsonl"
         elif task.startswith("hotpotqa"):  # offline corpus: the 9,366 paragraphs of the 957 distractor questions
-            corpus = CACHE / "corpus_dev_distractor.jsonl"
+            src = data_dir() / "hotpotqa" / "dev_distractor.jsonl"
+            key = hashlib.sha1(f"{src.resolve()}:{src.stat().st_mtime_ns}".encode()).hexdigest()[:12]
+            corpus = CACHE / "corpus" / f"dev_distractor_{key}.jsonl"  # rebuilt when the source changes
             if not corpus.exists():
-                corpus.parent.mkdir(parents=True, exist_ok=True)
-                tools.build_corpus([data_dir() / "hotpotqa" / "dev_distractor.jsonl"], corpus)
+                tools.build_corpus([src], corpus)
         else:
             raise SystemExit(f"--tool local: no offline corpus for task {task!r}")
         tool = tools.LocalWiki(corpus)

@@ -1,0 +1,154 @@
+"""The whole pipeline, offline: a loopback OpenAI-style server with canned teacher replies and the offline corpus
+tool -> generate (ReAct + CoT) -> filter -> mix -> train a tiny model a few steps -> eval (+ --compare) -> score.
+Also: batched local evaluation gives the same episodes as one at a time; the toy oracle runs through generate.
+
+    python -m pytest -q tests/test_e2e.py
+"""
+import json
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+import fireact
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Four HotpotQA-format questions with their context paragraphs (the offline subset's layout).
+CONTEXT = [["Atacama Desert", ["The Atacama Desert is a desert plateau in the north of Chile."]],
+           ["Santiago", ["Santiago is the capital of Chile.", "The Mapocho River crosses the city."]],
+           ["Gustav Holst", ["Gustav Holst (born 1874) was an English composer of The Planets."]],
+           ["Estadio Centenario", ["The Estadio Centenario is a stadium in Montevideo.", "It seats 60,235."]]]
+QUESTIONS = [("Which river crosses the capital of the country of the Atacama Desert?", "Mapocho River"),
+             ("In which year was the composer of The Planets born?", "1874"),
+             ("How many seats does the Estadio Centenario have?", "60,235"),
+             ("Who composed The Planets?", "Gustav Holst")]
+REACT = {  # question -> teacher reply per turn (turn = Observation lines so far)
+    QUESTIONS[0][0]: ["Thought: I need the country of the desert.\nAction: search[Atacama Desert]",
+                      "Thought: Chile; its capital is Santiago.\nAction: search[Santiago]",
+                      "Thought: Find the river.\nAction: lookup[river]\nObservation: invented",
+                      "Thought: The Mapocho.\nAction: finish[Mapocho River]"],
+    QUESTIONS[1][0]: ["Thought: Holst wrote The Planets.\nAction: search[Gustav Holst]",
+                      "Thought: Born 1874.\nAction: finish[1874]"],
+    QUESTIONS[2][0]: ["Thought: Search the stadium.\nAction: search[Estadio Centenario]",
+                      "Thought: I only see the city.\nAction: finish[Montevideo]"],  # wrong: filtered out
+    QUESTIONS[3][0]: ["Thought: I know this.\nAction: finish[Gustav Holst]"],
+}
+COT = {q: [f"Thought: Let me think.\nAnswer: {a if i % 2 else 'unknown'}"] for i, (q, a) in enumerate(QUESTIONS)}
+
+
+class CannedOpenAI(BaseHTTPRequestHandler):
+    """POST /v1/chat/completions: the reply for the prompt's question and turn; the model name picks the script."""
+    requests = []
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        prompt = body["messages"][-1]["content"]
+        q = re.findall(r"^Question: (.*)$", prompt, re.M)[-1]
+        turn = prompt.split(f"Question: {q}")[-1].count("\nObservation:")
+        script = (COT if body["model"] == "canned-cot" else REACT)[q]
+        CannedOpenAI.requests.append(dict(path=self.path, stop=body.get("stop"), auth=self.headers.get("Authorization")))
+        text = script[min(turn, len(script) - 1)]
+        out = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                       "finish_reason": "stop"}],
+                          "usage": {"prompt_tokens": len(prompt) // 4, "completion_tokens": len(text) // 4}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+    def log_message(self, *a):
+        pass
+
+
+@pytest.fixture
+def world(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    (data / "hotpotqa").mkdir(parents=True)
+    rows = [dict(question=q, answer=a, dev_index=i, context=CONTEXT) for i, (q, a) in enumerate(QUESTIONS)]
+    (data / "hotpotqa" / "dev_distractor.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setenv("FIREACT_DATA", str(data))
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-never-written")
+    monkeypatch.setattr(fireact, "CACHE", tmp_path / "cache")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), CannedOpenAI)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield tmp_path, f"http://127.0.0.1:{server.server_port}/v1"
+    server.shutdown()
+
+
+def test_pipeline_generate_filter_mix_train_eval(world, tiny_llama, capsys):
+    import train
+    tmp, url = world
+    runs = tmp / "runs"
+    for method, model in (("react", "canned-react"), ("cot", "canned-cot")):
+        fireact.main(["generate", "--task", "hotpotqa_offline", "--method", method, "--teacher-model", model,
+                      "--base-url", url, "--out", str(runs / f"{method}.jsonl"), "--workers", "2"])
+    react = [json.loads(line) for line in (runs / "react.jsonl").read_text().splitlines()]
+    assert len(react) == 4 and sum(r["em"] for r in react) == 3
+    (a,) = [r for r in react if r["answer"] == "Mapocho River"]
+    assert [s["action"] for s in a["steps"]] == ["search[Atacama Desert]", "search[Santiago]", "lookup[river]",
+                                                "finish[Mapocho River]"]
+    assert a["steps"][2]["observation"] == "(Result 1 / 1) The Mapocho River crosses the city."
+    assert all(r["stop"] == ["\nObservation:"] and r["path"] == "/v1/chat/completions" for r in CannedOpenAI.requests)
+    assert CannedOpenAI.requests[0]["auth"] == "Bearer sk-test-never-written"
+    out = capsys.readouterr().out
+    assert "tokens:" in out and "sk-test" not in out
+    assert not any("sk-test" in p.read_text() for p in tmp.rglob("*") if p.is_file() and p.suffix != ".sqlite")
+
+    # filter keeps right answers; mix takes K tasks x M methods
+    for method in ("react", "cot"):
+        fireact.main(["filter", str(runs / f"{method}.jsonl"), "--out", str(runs / f"{method}_ok.jsonl")])
+    counts = fireact.mix(fireact.MixConfig(files=[str(runs / "react_ok.jsonl"), str(runs / "cot_ok.jsonl")],
+                                           out=str(runs / "train.jsonl")))
+    assert dict(counts) == {("hotpotqa_offline", "react"): 3, ("hotpotqa_offline", "cot"): 2}
+    mixed = train.read_records(str(runs / "train.jsonl"))
+    assert len(mixed) == 5 and all(r["steps"][-1]["action"].startswith("finish[") for r in mixed)
+
+    # train a tiny model a few steps, then evaluate prompted vs fine-tuned on the offline corpus tool
+    lora = train.train(train.TrainConfig(model=str(tiny_llama), data=[str(runs / "train.jsonl")], out=str(tmp / "lora"),
+                                         max_steps=2, batch_size=2, micro_batch=2, val_frac=0.0,
+                                         progress=False, lora_r=4, lora_alpha=8))
+    assert (Path(lora) / "adapter_config.json").exists()
+    fireact.main(["eval", "--task", "hotpotqa_offline", "--model", str(tiny_llama), "--adapter", str(lora),
+                  "--n", "3", "--max-steps", "2", "--max-new-tokens", "6", "--out", str(runs / "eval.json"),
+                  "--compare"])
+    table = capsys.readouterr().out
+    assert re.search(r"^prompted\s+3\s", table, re.M) and re.search(r"^fine-tuned\s+3\s", table, re.M)
+    for label in ("prompted", "fine-tuned"):
+        res = json.loads((runs / f"eval_{label}.json").read_text())
+        summary = json.loads((runs / f"eval_{label}.summary.json").read_text())
+        assert sorted(res) == ["0", "1", "2"]
+        assert set(res["0"]) >= {"reward", "em", "f1", "gt", "pred", "prompt", "traj"}
+        assert res["0"]["traj"].startswith(f"Question: {QUESTIONS[0][0]}\n")
+        assert set(summary) >= {"em", "f1", "mean_steps", "finish_rate", "wall_s", "tokens"} and summary["n"] == 3
+        assert 1 <= summary["mean_steps"] <= 3 and summary["tokens"]["completion_tokens"] > 0
+        (scored,) = fireact.score(fireact.ScoreConfig(files=[str(runs / f"eval_{label}.json")]))
+        assert scored["n"] == 3 and abs(scored["em"] - summary["em"]) < 1e-9
+
+
+def test_batched_local_eval_equals_one_at_a_time(world, tiny_llama):
+    import model as M
+    net, tok = M.load_model(str(tiny_llama))
+    qs = fireact.load_questions("hotpotqa_offline")
+    tool = fireact.make_tool("hotpotqa_offline")
+    prompt_fn = fireact.zero_shot(tok)  # (the few-shot path runs in the pipeline test's --compare)
+    run = lambda batch: fireact.run_agent(fireact.LocalLLM(net, tok, max_new_tokens=10), [tool.fork() for _ in batch],
+                                          batch, prompt_fn, max_steps=2, retries=0)  # greedy only
+    batched = run(qs)
+    single = [run([q])[0] for q in qs]
+    assert [(e.steps, e.pred) for e in batched] == [(e.steps, e.pred) for e in single]
+    assert all(len(e.steps) >= 1 for e in batched)
+
+
+@pytest.mark.skipif(not (REPO / "data" / "toy" / "train.jsonl").exists(), reason="data/toy not generated")
+def test_toy_oracle_generates_through_the_same_path(tmp_path, monkeypatch):
+    monkeypatch.setattr(fireact, "CACHE", tmp_path / "cache")
+    out = tmp_path / "toy.jsonl"
+    fireact.main(["generate", "--task", "toy", "--split", "train", "--teacher-model", "oracle", "--n", "6",
+                  "--out", str(out), "--workers", "2"])
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(recs) == 6 and sum(r["em"] for r in recs) >= 5
+    assert all(r["steps"][-1]["action"].startswith("finish[") for r in recs)
