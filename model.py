@@ -121,6 +121,12 @@ class KVCache:
         self.v[i][:, :, self.pos:end] = v
         return self.k[i][:, :, :end], self.v[i][:, :, :end]
 
+    def row(self, i: int, start: int) -> "KVCache":
+        """A batch-1 cache writing into row i from position `start` on (views: no copy)."""
+        r = KVCache.__new__(KVCache)
+        r.k, r.v, r.pos = [k[i:i + 1, :, start:] for k in self.k], [v[i:i + 1, :, start:] for v in self.v], 0
+        return r
+
     def keep(self, rows: torch.Tensor):  # drop finished batch rows (rows: LongTensor of rows to keep)
         self.k = [k[rows] for k in self.k]
         self.v = [v[rows] for v in self.v]
@@ -449,24 +455,26 @@ def sample(logits, temperature, top_p, gen):
 @torch.no_grad()
 def generate(model, tokenizer, prompts, max_new_tokens=128, temperature=0.0, top_p=1.0, stop=None,
              stop_at=None, seed=None) -> list[str]:
-    """Batched KV-cache generation with left padding. Returns only each prompt's continuation, cut at its stop."""
+    """KV-cache generation: prompts prefilled one by one into a left-padded cache, then decoded as one batch.
+    Returns only each prompt's continuation, cut before its stop string (or at stop_at's index)."""
     ids = [tokenizer.encode(p, bos=tokenizer.add_bos) if isinstance(p, str) else list(p) for p in prompts]
     B, L, dev = len(ids), max(map(len, ids)), model.device
     if B == 0 or max_new_tokens <= 0:
         return [""] * B
-    inp = torch.full((B, L), tokenizer.pad_id or 0, dtype=torch.long)
-    mask = torch.zeros(B, L + max_new_tokens, dtype=torch.bool)               # [B, S_max] real-token keys
-    for i, x in enumerate(ids):
-        inp[i, L - len(x):] = torch.tensor(x, dtype=torch.long)
-        mask[i, L - len(x):L] = True
-    inp, mask = inp.to(dev), mask.to(dev)
-    pos = (mask[:, :L].long().cumsum(1) - 1).clamp(min=0)                       # [B, L] positions skip the pads
+    if min(map(len, ids)) == 0:
+        raise ValueError("generate: empty prompt (no tokens)")
+    mask = torch.zeros(B, L + max_new_tokens, dtype=torch.bool, device=dev)  # [B, S_max] real-token keys
     gen = torch.Generator(dev).manual_seed(seed) if seed is not None else None
     cache = model.new_cache(B, L + max_new_tokens)
-    logits = model.head(model.hidden(inp, pos, mask[:, :L], cache)[:, -1])     # prefill -> [B, V]
-    nxt = pos[:, -1:] + 1                                                        # [B, 1]
+    last = []
+    for i, x in enumerate(ids):  # prefill each prompt alone, left-padded into the shared cache: no FLOPs on pads
+        mask[i, L - len(x):L] = True
+        last.append(model.hidden(torch.tensor([x], device=dev), cache=cache.row(i, L - len(x)))[:, -1])
+    cache.pos = L
+    logits = model.head(torch.cat(last))                                      # [B, V]
+    nxt = torch.tensor([[len(x)] for x in ids], device=dev)                   # [B, 1] next position per row
     rows = list(range(B))                          # rows[j] = original prompt index of live batch row j
-    out, texts = [[] for _ in range(B)], [""] * B
+    out, texts = [[] for _ in range(B)], [None] * B  # texts[r] is set when row r is cut by a stop
     stop = [s for s in (stop or []) if s]
     for step in range(max_new_tokens):
         toks = sample(logits, temperature, top_p, gen)                          # [B_live]
@@ -475,7 +483,8 @@ def generate(model, tokenizer, prompts, max_new_tokens=128, temperature=0.0, top
             r, done = rows[j], t in tokenizer.eos_ids
             if not done:
                 out[r].append(t)
-                texts[r] = text = tokenizer.decode(out[r])
+            if not done and (stop or stop_at):  # re-decode the whole row: stops may span token boundaries
+                text = tokenizer.decode(out[r])
                 cut = min((k for k in (text.find(s) for s in stop) if k >= 0), default=None)
                 if cut is None and stop_at is not None:
                     cut = stop_at(text)
@@ -493,7 +502,7 @@ def generate(model, tokenizer, prompts, max_new_tokens=128, temperature=0.0, top
         mask[:, S - 1] = True
         logits = model.head(model.hidden(toks[:, None], nxt, mask[:, :S], cache)[:, -1])
         nxt = nxt + 1
-    return texts
+    return [t if t is not None else tokenizer.decode(o) for t, o in zip(texts, out)]
 
 # ----------------------------------------------------------------------------------------------------------------
 # LoRA

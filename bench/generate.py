@@ -1,0 +1,141 @@
+"""
+Generation speed (ours vs transformers `generate`) and checkpoint-loading peak memory, on the SmolLM2-135M shape
+with random weights. Same prompts, same greedy token count, same process, float32 on CPU.
+
+    python bench/generate.py                          # batch 1 and 8, 64 new tokens
+    python bench/generate.py --new-tokens 32 --repeats 1 --layers 30
+
+The last line reads `generate speedup vs transformers: X.XXx` (batch 8).
+"""
+import json, os, resource, subprocess, sys, tempfile, time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import model as M  # noqa: E402
+
+
+@dataclass
+class BenchConfig:
+    new_tokens: int = 64      # tokens generated per prompt (eos disabled so both generate exactly this many)
+    prompt_min: int = 48      # prompt lengths vary in [prompt_min, prompt_max] so batch 8 exercises left padding
+    prompt_max: int = 128
+    repeats: int = 2          # best of N timed runs per setting (the CPU is shared: take the least disturbed)
+    layers: int = 30
+    threads: int = 1          # torch threads for both (0 = torch default). 1: on a shared 2-core CPU, 2 threads
+                              # per process oversubscribe the cores and both sides mostly spin-wait
+    memory: int = 1           # also measure peak RSS while loading the checkpoint (subprocesses)
+
+
+class NoEosTokenizer:
+    """Just what generate() needs; no eos so every row runs the full budget, like transformers with min_new_tokens."""
+    eos_ids, pad_id, add_bos = set(), 0, False
+
+    def decode(self, ids):
+        return " ".join(map(str, ids))
+
+
+def smollm2_checkpoint(d: Path, layers: int) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers,
+                      num_attention_heads=9, num_key_value_heads=3, rope_theta=100000.0, rms_norm_eps=1e-5,
+                      max_position_embeddings=8192, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    return d
+
+
+def timed(fn, repeats):
+    fn()  # warm-up (allocator, thread pool)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+def bench_batch(ours, ref, prompts, c: BenchConfig):
+    from transformers import GenerationConfig
+    B, L = len(prompts), max(map(len, prompts))
+    ids = torch.zeros(B, L, dtype=torch.long)
+    mask = torch.zeros(B, L, dtype=torch.long)
+    for i, p in enumerate(prompts):  # left padding for transformers too
+        ids[i, L - len(p):], mask[i, L - len(p):] = torch.tensor(p), 1
+    gc = GenerationConfig(max_new_tokens=c.new_tokens, min_new_tokens=c.new_tokens, do_sample=False,
+                          pad_token_id=0, eos_token_id=None, bos_token_id=None)
+
+    def run_ref():
+        with torch.no_grad():
+            return ref.generate(input_ids=ids, attention_mask=mask, generation_config=gc)[:, L:].tolist()
+
+    def run_ours():
+        return M.generate(ours, NoEosTokenizer(), prompts, max_new_tokens=c.new_tokens)
+
+    t_ref, out_ref = timed(run_ref, c.repeats)
+    t_ours, out_ours = timed(run_ours, c.repeats)
+    same = sum(a == " ".join(map(str, b)) for a, b in zip(out_ours, out_ref))
+    n = B * c.new_tokens
+    print(f"batch {B}: ours {n / t_ours:7.1f} tok/s  transformers {n / t_ref:7.1f} tok/s  "
+          f"speedup {t_ref / t_ours:.2f}x  (identical greedy rows: {same}/{B})", flush=True)
+    return t_ref / t_ours
+
+
+LOAD_SNIPPET = """
+import resource, sys, torch
+sys.path.insert(0, {root!r})
+def rss(): return int(open("/proc/self/statm").read().split()[1]) * 4096
+before = rss()
+if {hf}:
+    from transformers import LlamaForCausalLM
+    m = LlamaForCausalLM.from_pretrained({d!r}, dtype=torch.float32)
+else:
+    import model as M
+    m = M.load_checkpoint({d!r})
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(before, peak)
+"""
+
+
+def load_memory(d: Path, hf: bool):
+    """Peak RSS of a fresh process loading the checkpoint: (RSS before the load, peak RSS), bytes."""
+    root = str(Path(__file__).resolve().parent.parent)
+    code = LOAD_SNIPPET.format(root=root, hf=hf, d=str(d))
+    if hf:  # import transformers before measuring `before`, as `model` is imported before for ours
+        code = code.replace("before = rss()", "import transformers.models.llama.modeling_llama\nbefore = rss()")
+    else:
+        code = code.replace("before = rss()", "import model as M\nbefore = rss()")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    return int(out[0]), int(out[1])
+
+
+def main(argv=None):
+    c = M.parse_args(BenchConfig, argv)
+    if c.threads:
+        torch.set_num_threads(c.threads)
+    from transformers import LlamaForCausalLM
+    with tempfile.TemporaryDirectory() as tmp:
+        d = smollm2_checkpoint(Path(tmp), c.layers)
+        weights = (d / "model.safetensors").stat().st_size
+        print(f"SmolLM2-135M shape ({c.layers} layers), random weights, {weights / 2**20:.0f} MiB float32, "
+              f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+        if c.memory:
+            for name, hf in (("ours", False), ("transformers", True)):
+                before, peak = load_memory(d, hf)
+                print(f"load peak RSS ({name}): {peak / 2**20:.0f} MiB total, +{(peak - before) / 2**20:.0f} MiB "
+                      f"for the load = {(peak - before) / weights:.2f}x the weights ({peak / weights:.2f}x incl. "
+                      f"the {before / 2**20:.0f} MiB interpreter+torch baseline)", flush=True)
+        ours = M.load_checkpoint(d)
+        ref = LlamaForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(c.prompt_min, c.prompt_max + 1, (8,), generator=g).tolist()
+    prompts = [torch.randint(3, 49152, (n,), generator=g).tolist() for n in lengths]
+    bench_batch(ours, ref, prompts[:1], c)
+    speedup = bench_batch(ours, ref, prompts, c)
+    print(f"generate speedup vs transformers: {speedup:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
