@@ -171,9 +171,10 @@ def load_questions(task: str, split: str = "", n: int = 0) -> list[dict]:
                         raise ValueError(f"{f}:{i + 1}: expected 6 columns, got {len(row)}")
                     q = row[0] + "".join(f"\n{l}. {o}" for l, o in zip("ABCD", row[1:5]))
                     qs.append(dict(id=f"{f.stem}-{i}", question=q, answer=row[5].strip()))
-    else:  # toy: made by toyworld.py inside the repo
+    else:  # toy: made by toyworld.py inside the repo (data/toy/train.jsonl holds trajectories, not questions)
+        name = "train_questions" if split == "train" else split
         qs = [dict(id=str(r["id"]), question=r["question"], answer=r["answer"])
-              for r in read_json(REPO / "data" / "toy" / f"{split}.jsonl")]
+              for r in read_json(REPO / "data" / "toy" / f"{name}.jsonl")]
     return qs[:n] if n else qs
 
 

@@ -143,7 +143,7 @@ def test_batched_local_eval_equals_one_at_a_time(world, tiny_llama):
     assert all(len(e.steps) >= 1 for e in batched)
 
 
-@pytest.mark.skipif(not (REPO / "data" / "toy" / "train.jsonl").exists(), reason="data/toy not generated")
+@pytest.mark.skipif(not (REPO / "data" / "toy" / "train_questions.jsonl").exists(), reason="data/toy not generated")
 def test_toy_oracle_generates_through_the_same_path(tmp_path, monkeypatch):
     monkeypatch.setattr(fireact, "CACHE", tmp_path / "cache")
     out = tmp_path / "toy.jsonl"
