@@ -457,8 +457,15 @@ def generate(model, tokenizer, prompts, max_new_tokens=128, temperature=0.0, top
              stop_at=None, seed=None) -> list[str]:
     """KV-cache generation: prompts prefilled one by one into a left-padded cache, then decoded as one batch.
     Returns only each prompt's continuation, cut before its stop string (or at stop_at's index)."""
+    was_training = model.training
+    try:  # eval mode (no LoRA dropout) even when called mid-training
+        return _generate(model.eval(), tokenizer, prompts, max_new_tokens, temperature, top_p, stop, stop_at, seed)
+    finally:
+        model.train(was_training)
+
+def _generate(model, tokenizer, prompts, max_new_tokens, temperature, top_p, stop, stop_at, seed):
     ids = [tokenizer.encode(p, bos=tokenizer.add_bos) if isinstance(p, str) else list(p) for p in prompts]
-    B, L, dev = len(ids), max(map(len, ids)), model.device
+    B, L, dev = len(ids), max(map(len, ids), default=0), model.device
     if B == 0 or max_new_tokens <= 0:
         return [""] * B
     if min(map(len, ids)) == 0:

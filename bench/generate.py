@@ -7,7 +7,7 @@ with random weights. Same prompts, same greedy token count, same process, float3
 
 The last line reads `generate speedup vs transformers: X.XXx` (batch 8).
 """
-import json, os, resource, subprocess, sys, tempfile, time
+import subprocess, sys, tempfile, time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,11 +22,12 @@ class BenchConfig:
     new_tokens: int = 64      # tokens generated per prompt (eos disabled so both generate exactly this many)
     prompt_min: int = 48      # prompt lengths vary in [prompt_min, prompt_max] so batch 8 exercises left padding
     prompt_max: int = 128
-    repeats: int = 2          # best of N timed runs per setting (the CPU is shared: take the least disturbed)
+    repeats: int = 3          # best of N interleaved timed runs (the CPU is shared: take the least disturbed)
     layers: int = 30
     threads: int = 1          # torch threads for both (0 = torch default). 1: on a shared 2-core CPU, 2 threads
                               # per process oversubscribe the cores and both sides mostly spin-wait
-    memory: int = 1           # also measure peak RSS while loading the checkpoint (subprocesses)
+    memory: int = 1           # measure peak RSS while loading the checkpoint (fresh subprocesses)
+    speed: int = 1            # measure generation speed
 
 
 class NoEosTokenizer:
@@ -47,14 +48,15 @@ def smollm2_checkpoint(d: Path, layers: int) -> Path:
     return d
 
 
-def timed(fn, repeats):
-    fn()  # warm-up (allocator, thread pool)
-    best = float("inf")
+def timed(fns, repeats):
+    """Best-of-`repeats` seconds for each fn, interleaved so both see the same (shared, noisy) CPU."""
+    best, outs = [float("inf")] * len(fns), [None] * len(fns)
     for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, out
+        for i, fn in enumerate(fns):
+            t = time.perf_counter()
+            outs[i] = fn()
+            best[i] = min(best[i], time.perf_counter() - t)
+    return best, outs
 
 
 def bench_batch(ours, ref, prompts, c: BenchConfig):
@@ -64,18 +66,17 @@ def bench_batch(ours, ref, prompts, c: BenchConfig):
     mask = torch.zeros(B, L, dtype=torch.long)
     for i, p in enumerate(prompts):  # left padding for transformers too
         ids[i, L - len(p):], mask[i, L - len(p):] = torch.tensor(p), 1
-    gc = GenerationConfig(max_new_tokens=c.new_tokens, min_new_tokens=c.new_tokens, do_sample=False,
-                          pad_token_id=0, eos_token_id=None, bos_token_id=None)
 
-    def run_ref():
+    def run_ref(n=c.new_tokens):
+        g = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None)
         with torch.no_grad():
-            return ref.generate(input_ids=ids, attention_mask=mask, generation_config=gc)[:, L:].tolist()
+            return ref.generate(input_ids=ids, attention_mask=mask, generation_config=g)[:, L:].tolist()
 
-    def run_ours():
-        return M.generate(ours, NoEosTokenizer(), prompts, max_new_tokens=c.new_tokens)
+    def run_ours(n=c.new_tokens):
+        return M.generate(ours, NoEosTokenizer(), prompts, max_new_tokens=n)
 
-    t_ref, out_ref = timed(run_ref, c.repeats)
-    t_ours, out_ours = timed(run_ours, c.repeats)
+    run_ref(2), run_ours(2)  # warm-up (allocator, thread pool)
+    (t_ref, t_ours), (out_ref, out_ours) = timed([run_ref, run_ours], c.repeats)
     same = sum(a == " ".join(map(str, b)) for a, b in zip(out_ours, out_ref))
     n = B * c.new_tokens
     print(f"batch {B}: ours {n / t_ours:7.1f} tok/s  transformers {n / t_ref:7.1f} tok/s  "
@@ -84,9 +85,11 @@ def bench_batch(ours, ref, prompts, c: BenchConfig):
 
 
 LOAD_SNIPPET = """
-import resource, sys, torch
+import re, sys, torch
 sys.path.insert(0, {root!r})
-def rss(): return int(open("/proc/self/statm").read().split()[1]) * 4096
+def status(key):  # VmHWM, not ru_maxrss: ru_maxrss survives exec and would report the parent's peak
+    return int(re.search(key + r":\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+def rss(): return status("VmRSS")
 before = rss()
 if {hf}:
     from transformers import LlamaForCausalLM
@@ -94,7 +97,7 @@ if {hf}:
 else:
     import model as M
     m = M.load_checkpoint({d!r})
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = status("VmHWM")
 print(before, peak)
 """
 
@@ -127,6 +130,8 @@ def main(argv=None):
                 print(f"load peak RSS ({name}): {peak / 2**20:.0f} MiB total, +{(peak - before) / 2**20:.0f} MiB "
                       f"for the load = {(peak - before) / weights:.2f}x the weights ({peak / weights:.2f}x incl. "
                       f"the {before / 2**20:.0f} MiB interpreter+torch baseline)", flush=True)
+        if not c.speed:
+            return
         ours = M.load_checkpoint(d)
         ref = LlamaForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
     g = torch.Generator().manual_seed(0)
