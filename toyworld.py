@@ -65,7 +65,7 @@ OCC = {"film director": "director", "novelist": "novelist", "painter": "painter"
 WORK_ROLE = {"film": "film director", "novel": "novelist", "painting": "painter"}
 FILM_GENRES = "drama comedy thriller western musical documentary".split()
 BAND_GENRES = "folk rock jazz punk".split()
-LATE = 7  # index of the late band fact: beyond the first sentences that search shows, so it needs lookup
+LATE = 6  # index of the late band fact: beyond the first sentences that search shows, so it needs lookup
 
 
 def an(noun):
@@ -142,7 +142,7 @@ class World:
                 t, c = self.town()
                 self.pages[name] = [f"{name} is {an(occ)} who was born in {t}, {c}, in {self.year(1900, 1995)}.",
                                     f"For the {ent['occ']} of the same name, see {ent['title']}.",
-                                    f"{r.choice(['He', 'She'])} has lived in {self.town()[0]} since {self.year(1990, 2020)}."]
+                                    f"{r.choice(['He', 'She'])} lives in {self.town()[0]}."]
             else:
                 self.pages[name] = [f"{name} is a {self.year(1950, 2020)} song by {self.rname()}.",
                                     f"For the {ent['qual']}, see {ent['title']}.",
@@ -195,17 +195,14 @@ class World:
                     else f"{pr} later moved to {self.town()[0]}.")
             return [f"{n} is {an(e['occ'])} who was born in {e['town']}, {e['country']}, in {y}.",
                     f"{pr} studied at the University of {t2}.", best,
-                    f"In {min(2024, y + r.randrange(30, 60))}, {pr.lower()} received the {self.namer.surname()} Prize.",
-                    f"{pr} has lived in {self.town()[0]} since {min(2024, y + r.randrange(20, 50))}."]
+                    f"In {min(2024, y + r.randrange(30, 60))}, {pr.lower()} received the {self.namer.surname()} Prize."]
         if e["kind"] == "film":
             return [f"{n} is a {y} {r.choice(FILM_GENRES)} film directed by {e['by']['name']}.",
                     f"It was produced by {self.rname()} and filmed in {t2}.",
-                    f"The film stars {self.rname()} and {self.rname()}.",
                     f"It premiered at the {self.town()[0]} Film Festival in {y + 1}."]
         if e["kind"] == "novel":
             return [f"{n} is a {y} novel by {e['by']['name']}.",
                     f"It was published by {self.namer.surname()} Press in {t2}.",
-                    f"The book was translated into {r.randrange(3, 30)} languages.",
                     f"It won the {self.namer.surname()} Prize in {y + 1}."]
         if e["kind"] == "painting":
             return [f"{n} is a {y} painting by {e['by']['name']}.",
@@ -218,15 +215,13 @@ class World:
         if e["kind"] == "band":  # long page: the split-up year sits at LATE, past what search shows
             s = [f"{n} is a {e['genre']} band formed in {e['town']}, {e['country']}, in {y} by {e['by']['name']}.",
                  f"The band signed with {self.namer.surname()} Records in {y + 2}.",
-                 f"Its members included {self.rname()} and {self.rname()}.",
                  f"They toured {r.choice(COUNTRIES)} in {y + r.randrange(1, 5)}.",
                  f"Their first concert was held in {t2}.",
                  f"The band won the {self.namer.surname()} Award in {y + r.randrange(2, 6)}.",
-                 f"Critics compared them to {self.rname()}."]
+                 f"Its members included {self.rname()} and {self.rname()}."]
             return s[:LATE] + [f"The band split up in {e['end']}."]
         return [f"{n} is {an(e['what'])} founded in {y} by {e['by']['name']} in {e['town']}, {e['country']}.",
                 f"Its headquarters moved to {t2} in {min(2024, y + r.randrange(5, 30))}.",
-                f"It employs about {r.randrange(2, 60) * 10} people.",
                 f"{self.rname()} has led it since {min(2024, y + r.randrange(31, 60))}."]
 
     # ------------------------------------------------------------------------- questions
@@ -478,8 +473,9 @@ class OracleTeacher:
             thought, ans = self._cot(rec, v)
             text = f"Thought: {thought}\nAnswer: {ans}"
         else:
-            prefilled = bool(steps) and steps[-1]["action"] is None  # the loop prefilled a Thought (a reflection)
-            steps = steps[:-1] if prefilled else steps
+            open_ = bool(steps) and steps[-1]["action"] is None  # the prompt ends inside a Thought
+            prefilled = open_ and bool(steps[-1]["thought"])  # the loop prefilled one (a reflection)
+            steps = steps[:-1] if open_ else steps
             thought, action = self._next_step(rec, steps, v, sloppy=method == "reflexion")
             k = f" {len(steps) + 1}" if numbered else ""
             text = f"Action{k}: {action}" if prefilled else f"Thought{k}: {thought}\nAction{k}: {action}"
