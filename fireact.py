@@ -29,6 +29,7 @@ FIREACT_RAW = "https://raw.githubusercontent.com/anchen1011/FireAct/main/"
 # Every public source in one table: path under the data dir -> URL. `download` converts the three marked formats.
 SOURCES = {
     "hotpotqa/dev.json": "https://raw.githubusercontent.com/ysymyth/ReAct/master/data/hotpot_dev_v1_simplified.json",
+    "hotpotqa/train.json": "https://raw.githubusercontent.com/ysymyth/ReAct/master/data/hotpot_train_v1.1_simplified.json",
     "hotpotqa/hotpot_dev_distractor_v1.json": "http://curtis.ml.cmu.edu/datasets/hotpot/hotpot_dev_distractor_v1.json",
     "bamboogle/test.csv": FIREACT_RAW + "data/bamboogle/test.csv",
     "strategyqa/dev.json": "https://raw.githubusercontent.com/eladsegal/strategyqa/main/data/strategyqa/dev.json",
@@ -250,10 +251,9 @@ class TeacherLLM:
             except Exception as e:  # a dead request ends this episode only; it is not written, so a rerun retries it
                 outs = [e]
         else:
-            outs = [None] * len(prompts)
-            for i, r in tools.run_concurrently(lambda i: self._one(prompts[i], stop, t), range(len(prompts)),
-                                               workers=self.workers, rpm=self.rpm):
-                outs[i] = r
+            done = dict(tools.run_concurrently(lambda i: self._one(prompts[i], stop, t), range(len(prompts)),
+                                               workers=self.workers, rpm=self.rpm))
+            outs = [done[i] for i in range(len(prompts))]
         cut = lambda o: o[:k] if stop_at and (k := stop_at(o)) is not None else o
         return [o if isinstance(o, Exception) else cut(o) for o in outs]
 
@@ -443,15 +443,14 @@ def append_jsonl(f, record: dict):
     os.fsync(f.fileno())  # a record is either wholly on disk or torn at the end, which the next run cuts
 
 
-def read_results(path: Path):
-    """Any results file -> (rows [{"id", "pred", "gold", "task", "steps"?, ...}], kind). Reads our eval JSON and
-    FireAct's trajs/*.json (dict id -> {pred, gt, ...}) and our trajectory JSONL (generate output)."""
+def read_results(path: Path) -> list[dict]:
+    """Our eval JSON / FireAct's trajs/*.json (dict id -> {pred, gt, ...}) or our trajectory JSONL -> rows."""
     if path.suffix == ".jsonl":
-        return [dict(r, gold=r["answer"]) for r in read_json(path)], "records"
+        return [dict(r, gold=r["answer"]) for r in read_json(path)]
     d = read_json(path)
     if not isinstance(d, dict):
         raise SystemExit(f"{path}: expected a dict id -> result (FireAct trajs schema)")
-    return [dict(v, id=k, gold=v.get("answer", v.get("gt", ""))) for k, v in d.items()], "trajs"
+    return [dict(v, id=k, gold=v.get("gt", "")) for k, v in d.items()]
 
 
 def denominator(path: Path, rows: list) -> int:
@@ -679,7 +678,7 @@ def score(cfg: ScoreConfig) -> list[dict]:
     for path in paths:
         if path.name.endswith(".summary.json"):
             continue
-        rows, _ = read_results(path)
+        rows = read_results(path)
         n = cfg.n or denominator(path, rows)
         em = f1 = 0.0
         for r in rows:

@@ -98,6 +98,13 @@ def test_pipeline_generate_filter_mix_train_eval(world, tiny_llama, capsys):
     assert "tokens:" in out and "sk-test" not in out
     assert not any("sk-test" in p.read_text() for p in tmp.rglob("*") if p.is_file() and p.suffix != ".sqlite")
 
+    # the same loop evaluates an API model (few-shot, concurrent requests)
+    fireact.main(["eval", "--task", "hotpotqa_offline", "--teacher-model", "canned-react", "--base-url", url,
+                  "--out", str(runs / "teacher_eval.json")])
+    summary = json.loads((runs / "teacher_eval.summary.json").read_text())
+    assert (summary["n"], summary["em"], summary["finish_rate"]) == (4, 75.0, 100.0)
+    assert summary["mean_steps"] == (4 + 2 + 2 + 1) / 4
+
     # filter keeps right answers; mix takes K tasks x M methods
     for method in ("react", "cot"):
         fireact.main(["filter", str(runs / f"{method}.jsonl"), "--out", str(runs / f"{method}_ok.jsonl")])
