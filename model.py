@@ -9,8 +9,8 @@ converted once into an HF-layout cache dir (~/.cache/fireact, or $FIREACT_CACHE)
 the Hugging Face Hub ($HF_ENDPOINT, $HF_TOKEN) into the same cache. Module names mirror HF exactly, so
 `state_dict()` keys are HF keys and checkpoints load with a strict 1:1 key map.
 """
-import dataclasses, hashlib, json, math, os, re, shutil, struct, sys
-from dataclasses import dataclass, field
+import dataclasses, hashlib, json, math, os, re, shutil, struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -636,7 +636,7 @@ def save_checkpoint(model, tokenizer, out_dir):
     return out_dir
 
 # ----------------------------------------------------------------------------------------------------------------
-# the embedded default and the hub (filled in below)
+# the embedded default (GGUF -> HF layout) and the Hugging Face Hub
 
 GGUF_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
               "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
