@@ -465,46 +465,42 @@ def denominator(path: Path, rows: list) -> int:
 
 # ----------------------------------------------------------------------------------------------------- configs
 @dataclass
-class GenerateConfig:
+class RunConfig:  # what generate and eval share
     task: str = "toy"
     split: str = ""               # "" = the task's default (toy: dev; pass train for training data)
-    method: str = "react"         # react | cot | reflexion
-    teacher_model: str = "gpt-4"  # an OpenAI-style model name, or "oracle" (toyworld.OracleTeacher)
+    n: int = 0                    # first n questions (0 = all)
+    tool: str = ""                # wikipedia | local | search; "" = the task's default
+    max_steps: int = 11           # FireAct 11, ReAct 7
+    teacher_model: str = ""       # an OpenAI-style model name, or "oracle" (toyworld.OracleTeacher)
     base_url: str = ""            # "" = OpenAI; any OpenAI-compatible server otherwise
     api_key_env: str = "OPENAI_API_KEY"  # the NAME of the variable holding the key; the key is never written
-    n: int = 0                    # first n questions (0 = all)
-    out: str = "runs/trajectories.jsonl"
-    tool: str = ""                # "" = the task's default
-    max_steps: int = 11           # FireAct 11, ReAct 7
-    reflect_at: int = 5
-    workers: int = 8
-    rpm: int = 0                  # requests per minute (0 = unlimited)
-    temperature: float = 0.0
-    max_tokens: int = 256
     seed: int = 0
 
 
 @dataclass
-class EvalConfig:
-    task: str = "toy"
-    split: str = ""
+class GenerateConfig(RunConfig):
+    teacher_model: str = "gpt-4"
+    method: str = "react"         # react | cot | reflexion
+    out: str = "runs/trajectories.jsonl"
+    reflect_at: int = 5           # Reflexion: reflect after this many unsolved steps (and after a wrong finish)
+    workers: int = 8              # concurrent episodes
+    rpm: int = 0                  # requests per minute (0 = unlimited)
+    temperature: float = 0.0
+    max_tokens: int = 256
+
+
+@dataclass
+class EvalConfig(RunConfig):
     model: str = ""               # local checkpoint dir / hub name; "" = the embedded SmolLM2-135M-Instruct
     adapter: str = ""             # LoRA adapter dir: fine-tuned, zero-shot prompt
-    teacher_model: str = ""       # evaluate an API model instead of a local one (few-shot ReAct)
-    base_url: str = ""
-    api_key_env: str = "OPENAI_API_KEY"
-    tool: str = ""
     noise: float = 0.0            # probability that an observation is replaced (NoisyTool)
     noise_mode: str = "none"      # none | random
-    n: int = 0
     out: str = "runs/eval.json"
-    max_steps: int = 11
     max_new_tokens: int = 128
     batch_size: int = 32          # live episodes per batched generate call
     zero_shot: bool = False       # use the zero-shot (render) prompt even without an adapter
     compare: bool = False         # prompted (few-shot, no adapter) vs fine-tuned (adapter, zero-shot), side by side
     device: str = ""
-    seed: int = 0
 
 
 @dataclass
