@@ -276,10 +276,11 @@ class LocalLLM:
         import model as M
         t = self.temperature if temperature is None else temperature
         self.seed += 1  # a re-sample must not repeat the same draw
-        outs = M.generate(self.model, self.tok, prompts, max_new_tokens=self.max_new_tokens, temperature=t,
+        ids = [p if isinstance(p, list) else self.tok.encode(p, bos=self.tok.add_bos) for p in prompts]  # as generate
+        outs = M.generate(self.model, self.tok, ids, max_new_tokens=self.max_new_tokens, temperature=t,
                           stop=stop, stop_at=stop_at, seed=self.seed)
         self._usage["requests"] += len(prompts)
-        self._usage["prompt_tokens"] += sum(len(p) if isinstance(p, list) else len(self.tok.encode(p)) for p in prompts)
+        self._usage["prompt_tokens"] += sum(map(len, ids))
         self._usage["completion_tokens"] += sum(len(self.tok.encode(o)) for o in outs)
         return outs
 

@@ -297,3 +297,12 @@ def test_download_over_loopback(tmp_path, monkeypatch):
         assert not (dest / "missing" / "x.json").exists()
     finally:
         server.shutdown()
+
+
+@pytest.mark.skipif(not (fireact.REPO / "data" / "toy" / "corpus.jsonl").exists(), reason="data/toy not generated")
+def test_noisy_tool_wiring():
+    tool = fireact.make_tool("toy", noise=1.0).fork()
+    title = json.loads((fireact.REPO / "data" / "toy" / "corpus.jsonl").read_text().splitlines()[0])["title"]
+    assert tool.step(f"search[{title}]") == "None"  # p = 1: every observation is replaced
+    assert tool.step("finish[x]") == "Episode finished." and tool.done and tool.answer == "x"
+    assert fireact.make_tool("toy").fork().step(f"search[{title}]") != "None"
