@@ -23,6 +23,15 @@ CASES = {  # name -> (LlamaConfig overrides, save kwargs)
 }
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from 2 threads, and on a shared 2-core CPU oversubscribed threads spin (10x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def hf_model(d):
     from transformers import LlamaForCausalLM
     return LlamaForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
