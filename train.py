@@ -52,10 +52,12 @@ class TrainConfig:
     train_on: str = "actions"           # "actions" (Thought/Action only) | "all" (FireAct's own behaviour)
     max_len: int = 1024                 # tokens per example
     overlong: str = "truncate"          # "truncate" | "skip"
-    # Defaults, chosen so `python train.py` finishes in <= 15 min on a 2-core CPU with a falling loss:
-    # LoRA on all seven projections (more capacity per step than FireAct's q/v-only, and its extra FLOPs are
-    # ~1% at r=16), a high LR (2e-3 suits LoRA on a 135M model; FireAct's 3e-4 is for 7B+ and needs many more
-    # steps), 2 epochs, batch 8. The toy trajectories are short, so this is a few hundred steps.
+    # Defaults, chosen so `python train.py` finishes in <= 15 min on a 2-core CPU with a falling loss. The toy
+    # set is ~216 trajectories x ~280 tokens = ~61k tokens; a 2-core CPU trains SmolLM2-135M at ~100 tokens/s
+    # (fp32, frozen weights still cost 4N FLOPs/token), so ONE epoch (~27 steps of 8) is the budget (~10 min).
+    # To learn in so few steps: LoRA on all seven projections (more capacity per step than FireAct's q/v-only;
+    # the extra FLOPs are ~1% at r=16, the frozen matmuls dominate) and a high LR (2e-3 suits LoRA on a 135M
+    # model; FireAct's 3e-4 was for 7B+ and 3+ epochs). On CUDA, raise --epochs: it is ~100x faster.
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
     lora_r: int = 16
     lora_alpha: int = 32
@@ -65,7 +67,7 @@ class TrainConfig:
     warmup: int = 10                    # optimizer steps
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    epochs: int = 2
+    epochs: int = 1
     batch_size: int = 0                 # sequences per optimizer step (global); 0 = 8 on CPU, 32 on CUDA
     micro_batch: int = 0                # sequences per forward per process; 0 = 4 on CPU, 16 on CUDA
     max_steps: int = 0                  # >0: the run (and its schedule) is this many optimizer steps
@@ -454,8 +456,9 @@ def train(cfg):
     if cfg.train_on not in ("actions", "all") or cfg.overlong not in ("truncate", "skip"):
         raise SystemExit("--train-on must be actions|all and --overlong truncate|skip")
     if cfg.data == [DEFAULT_DATA] and not (REPO / DEFAULT_DATA).exists():
-        raise SystemExit(f"no training data at {DEFAULT_DATA}: create the offline default task with "
-                         f"`python toyworld.py`, or pass --data FILE")
+        raise SystemExit(f"no training data at {DEFAULT_DATA}: build the offline default task with "
+                         f"`python toyworld.py`, then `python fireact.py generate --task toy --split train "
+                         f"--teacher-model oracle ...` -> filter -> mix (README, the demo); or pass --data FILE")
     out = Path(cfg.out)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -501,6 +504,8 @@ def train(cfg):
     # (seed, step), so restoring the step restores them exactly.
     step = 0
     if cfg.resume:
+        if not (out / "state.pt").exists():
+            raise SystemExit(f"--resume: no {out / 'state.pt'} (nothing to resume in --out {out})")
         st = torch.load(out / "state.pt", map_location=device, weights_only=True)
         with torch.no_grad():
             for n, p in model.named_parameters():

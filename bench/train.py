@@ -1,0 +1,151 @@
+"""
+Our LoRA training step vs transformers + PEFT, on the SmolLM2-135M shape (random weights), same data, same LoRA
+targets and rank, in the same run. Each side runs in its own fresh subprocess so peak memory is its own.
+
+    python bench/train.py                      # batch 4 x 512, ~half the tokens masked, 3 timed steps each
+    python bench/train.py --steps 5 --threads 2 --targets q_proj,v_proj --r 8
+
+Last line: `train speedup vs transformers+peft: X.XXx` (tokens/s ours / theirs).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0,
+                    rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=0, eos_token_id=2)
+
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS:
+    """Samples this process's RSS every 5 ms in a thread: the peak above the baseline = training memory."""
+    def __enter__(self):
+        self.base, self.peak, self.stop = rss(), rss(), False
+        self.t = threading.Thread(target=self.run, daemon=True)
+        self.t.start()
+        return self
+
+    def run(self):
+        while not self.stop:
+            self.peak = max(self.peak, rss())
+            time.sleep(0.005)
+
+    def __exit__(self, *a):
+        self.stop = True
+        self.t.join()
+
+
+def make_batch(B, T, vocab, seed=0):
+    """Random tokens; the mask alternates trained spans and masked 'observation' spans of random length, about
+    half of each, like agent data. -> ids [B, T], mask [B, T] (1 = trained target)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (B, T), generator=g)
+    mask = torch.zeros(B, T, dtype=torch.long)
+    for b in range(B):
+        t, on = 0, 0
+        while t < T:
+            n = int(torch.randint(16, 96, (1,), generator=g))
+            mask[b, t:t + n] = on
+            t, on = t + n, 1 - on
+    mask[:, 0] = 0
+    return ids, mask
+
+
+def worker(args):
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    targets = args.targets.split(",")
+    ids, mask = make_batch(args.batch, args.seq, SMOLLM2_135M["vocab_size"])
+    if args.worker == "ours":
+        import model as M
+        import train as T
+        model = M.load_checkpoint(args.dir)
+        M.apply_lora(model, tuple(targets), r=args.r, alpha=2 * args.r, dropout=0.05)
+        y = torch.where(mask[:, 1:].bool(), ids[:, 1:], -100)
+        y = torch.cat([y, torch.full((args.batch, 1), -100)], 1)       # y[:, t] = target for position t
+        n_sup = int((y != -100).sum())
+
+        def step():
+            return T.loss_sum(model, ids, y) / n_sup
+    else:
+        from peft import LoraConfig, get_peft_model
+        from transformers import LlamaForCausalLM
+        model = LlamaForCausalLM.from_pretrained(args.dir, torch_dtype=torch.float32, attn_implementation="sdpa")
+        model = get_peft_model(model, LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=0.05,
+                                                 target_modules=targets, task_type="CAUSAL_LM"))
+        labels = torch.where(mask.bool(), ids, -100)                    # HF shifts labels itself
+
+        def step():
+            return model(input_ids=ids, labels=labels).loss
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    times, losses = [], []
+    with PeakRSS() as mem:
+        for i in range(args.steps + 1):                                   # step 0 is warm-up, not timed
+            t0 = time.perf_counter()
+            loss = step()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if i:
+                times.append(time.perf_counter() - t0)
+            losses.append(loss.item())
+    tok = args.batch * args.seq
+    print(json.dumps({"tok_s": tok / (sum(times) / len(times)), "best_tok_s": tok / min(times),
+                      "peak_mb": (mem.peak - mem.base) / 2**20, "rss_mb": mem.peak / 2**20,
+                      "loss0": losses[0], "trainable": sum(p.numel() for p in params)}))
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+    p.add_argument("--r", type=int, default=16)
+    p.add_argument("--worker", choices=["ours", "hf"])
+    p.add_argument("--dir")
+    args = p.parse_args()
+    if args.worker:
+        return worker(args)
+    from transformers import LlamaConfig, LlamaForCausalLM
+    with tempfile.TemporaryDirectory() as d:
+        torch.manual_seed(0)
+        LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).save_pretrained(d)
+        print(f"SmolLM2-135M shape, random weights; batch {args.batch}x{args.seq}, LoRA r={args.r} on "
+              f"{args.targets}; {args.steps} timed steps, {args.threads} threads")
+        res = {}
+        for name in ("hf", "ours"):
+            cmd = [sys.executable, __file__, *sys.argv[1:], "--worker", name, "--dir", d]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode:
+                raise SystemExit(out.stderr[-3000:])
+            res[name] = json.loads(out.stdout.strip().splitlines()[-1])
+            r = res[name]
+            label = "transformers+peft" if name == "hf" else "ours (train.py)"
+            print(f"{label:18s} {r['tok_s']:8.1f} tokens/s (best step {r['best_tok_s']:.1f}), peak training memory "
+                  f"{r['peak_mb']:.0f} MB above the loaded model (process peak RSS {r['rss_mb']:.0f} MB), "
+                  f"first loss {r['loss0']:.4f}, {r['trainable']:,} trainable")
+    print(f"peak memory ours / theirs: {res['ours']['peak_mb'] / res['hf']['peak_mb']:.2f}")
+    print(f"train speedup vs transformers+peft: {res['ours']['tok_s'] / res['hf']['tok_s']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
