@@ -1,8 +1,17 @@
 """
 The offline default task: a seeded fictional mini-world and a scripted teacher (the oracle).
 
-    python toyworld.py                      # regenerate data/toy/{corpus,train,dev,test}.jsonl bit for bit
+    python toyworld.py                      # regenerate data/toy/{corpus,train_questions,dev,test}.jsonl bit for bit
     python toyworld.py --seed 1 --out /tmp/toy --n_train 100
+
+data/toy/train.jsonl, the default data of `python train.py`, holds oracle *trajectories* (our record format, with
+id/question/answer, so fireact's task "toy" split "train" still reads it as questions). It was made with:
+
+    python fireact.py generate --task toy --split train_questions --method react --n 150 --teacher-model oracle --out runs/toy/gen_react.jsonl
+    python fireact.py generate --task toy --split train_questions --method reflexion --n 40 --teacher-model oracle --out runs/toy/gen_reflexion.jsonl
+    python fireact.py generate --task toy --split train_questions --method cot --n 80 --teacher-model oracle --out runs/toy/gen_cot.jsonl
+    python fireact.py filter runs/toy/gen_*.jsonl --out runs/toy/ok.jsonl
+    python fireact.py mix runs/toy/ok.jsonl --out data/toy/train.jsonl
 
 The world has people, towns in fictional countries, films, novels, paintings, albums, bands and organisations.
 Every entity gets a short encyclopedia page (`corpus.jsonl`, one `{"title","sentences"}` per line, read by
@@ -19,8 +28,8 @@ chain of facts, reads the question and the steps so far from the prompt (the las
 Thought/Action/Observation lines after it), and writes the next ReAct step from what the observations actually
 showed: it follows hatnotes, retries after an empty or noisy observation, uses lookup when a fact is not in the
 shown sentences. As a CoT teacher it has no tools, so like a real LLM on fictional entities it can only guess
-(the filter keeps its lucky guesses). As a Reflexion teacher its first search is a sloppy one (a partial name),
-from which it recovers, and it writes reflections when asked.
+(the filter keeps its lucky guesses). As a Reflexion teacher its first search is a sloppy one (the last word of
+the name), from which it recovers, and it writes reflections when asked.
 """
 import dataclasses
 import hashlib
