@@ -9,7 +9,7 @@ id/question/answer, so fireact's task "toy" split "train" still reads it as ques
 
     python fireact.py generate --task toy --split train_questions --method react --n 150 --teacher-model oracle --out runs/toy/gen_react.jsonl
     python fireact.py generate --task toy --split train_questions --method reflexion --n 40 --teacher-model oracle --out runs/toy/gen_reflexion.jsonl
-    python fireact.py generate --task toy --split train_questions --method cot --n 80 --teacher-model oracle --out runs/toy/gen_cot.jsonl
+    python fireact.py generate --task toy --split train_questions --method cot --n 20 --teacher-model oracle --out runs/toy/gen_cot.jsonl
     python fireact.py filter runs/toy/gen_*.jsonl --out runs/toy/ok.jsonl
     python fireact.py mix runs/toy/ok.jsonl --out data/toy/train.jsonl
 
