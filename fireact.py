@@ -738,7 +738,7 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
             raise SystemExit("--compare needs --adapter (the fine-tuned run)")
         net, tok = M.load_model(cfg.model or None, device=cfg.device or None)
         runs = [("prompted", False), ("fine-tuned", True)] if cfg.compare else [
-            ("fine-tuned" if cfg.adapter else "prompted", bool(cfg.adapter))]
+            ("fine-tuned" if cfg.adapter else "zero-shot" if cfg.zero_shot else "prompted", bool(cfg.adapter))]
         summaries = []
         for label, tuned in runs:
             if tuned:
