@@ -21,6 +21,8 @@ from collections import Counter, deque
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+import tools  # no torch: cheap to import
+
 REPO = Path(__file__).resolve().parent
 SHARED_DATA = REPO.parent / "shared" / "data"
 CACHE = Path(os.environ.get("FIREACT_CACHE", Path.home() / ".cache" / "fireact"))
@@ -181,7 +183,6 @@ def load_questions(task: str, split: str = "", n: int = 0) -> list[dict]:
 
 def make_tool(task: str, kind: str = "", noise: float = 0.0, noise_mode: str = "none", seed: int = 0):
     """The tool an episode of `task` uses (one shared backend; agent loops call .fork() per episode)."""
-    import tools
     kind = kind or get_task(task).tool
     if kind == "wikipedia":
         tool = tools.Wikipedia(cache_dir=CACHE / "wikipedia")
@@ -243,7 +244,6 @@ class TeacherLLM:
 
     def complete_batch(self, prompts, stop=None, stop_at=None, temperature=None):
         """One reply per prompt (an Exception object where a request failed for good), cut by stop_at."""
-        import tools
         t = self.temperature if temperature is None else temperature
         if len(prompts) == 1:  # already inside a worker thread (generate runs one episode per thread)
             try:
@@ -401,7 +401,11 @@ def advance(ep: Episode, out, forced: bool, reflexion):
     ep.prefill = ""
     thought, action = split_step(text)
     # No action even after re-sampling: the raw text goes to the tool, whose observation says it is invalid.
-    observation = ep.tool.step(action if action is not None else (text.strip() or "(empty)"))
+    try:
+        observation = ep.tool.step(action if action is not None else (text.strip() or "(empty)"))
+    except tools.APIError as e:  # the tool's service failed for good: end this episode, not the whole batch
+        ep.error, ep.done = str(e), True
+        return
     ep.steps.append(dict(thought=thought, action=action or "", observation=observation))
     ep.forced = forced
     if getattr(ep.tool, "done", False):
@@ -557,7 +561,6 @@ def make_teacher(name, base_url="", api_key_env="OPENAI_API_KEY", method=None):
     if name == "oracle":  # the toy world's scripted teacher, same interface as tools.Teacher
         import toyworld
         return toyworld.OracleTeacher(method=method)
-    import tools
     return tools.Teacher(name, base_url=base_url or None, api_key_env=api_key_env, cache_dir=CACHE / "teacher")
 
 
@@ -584,7 +587,6 @@ def generate(cfg: GenerateConfig, teacher=None) -> Path:
     """Teacher trajectories, one JSONL record per question, appended as each episode ends. Resumable: questions
     already in the file are skipped, so a killed run restarts where it stopped with no duplicate and no loss."""
     from tqdm import tqdm
-    import tools
     task = get_task(cfg.task)
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -172,6 +172,18 @@ def test_step_limit_forces_a_finish(wiki):
     assert ep.done and ep.forced and ep.pred == ""
 
 
+def test_tool_service_failure_ends_only_that_episode(wiki):
+    class DeadTool:  # a live tool whose service failed past its retries
+        done = False
+        def step(self, action):
+            raise tools.APIError("GET http://127.0.0.1:1/w/api.php -> gave up after 3 attempts")
+    llm = ScriptLLM({"Q1": ["Thought: t\nAction: search[Santiago]"], "Q2": ["Thought: t\nAction: finish[Gustav Holst]"]})
+    qs = [dict(id="1", question="Q1", answer="a"), dict(id="2", question="Q2", answer="Gustav Holst")]
+    a, b = fireact.run_agent(llm, [DeadTool(), wiki.fork()], qs, fireact.few_shot("react", "hotpotqa"))
+    assert a.done and a.pred is None and "gave up after 3 attempts" in a.error
+    assert b.pred == "Gustav Holst"
+
+
 def test_reflexion_after_wrong_answer(wiki):
     llm = ScriptLLM({"Q": ["Thought: guess\nAction: finish[Lima]",
                            lambda p: " I guessed." if p.endswith("Reflection:") else
