@@ -654,6 +654,7 @@ def mix(cfg: MixConfig) -> Counter:
     for (task, method), recs in sorted(groups.items()):
         if (cfg.tasks and task not in cfg.tasks) or (cfg.methods and method not in cfg.methods):
             continue
+        recs.sort(key=lambda r: str(r.get("id", "")))  # generate writes in thread-finish order: make mix reproducible
         rng.shuffle(recs)
         take = recs[:cfg.per_group or None]
         out += take
