@@ -16,7 +16,7 @@ The LLM writes `Thought: ...\nAction: ...`; we cut after the first complete Acti
 `Thought: ...\nAnswer: X`, read as the one step `finish[X]`. A reflection prompt uses data/prompts/reflexion_*.txt
 and ends with `Reflection:`; the reflection then opens the next Thought.
 """
-import csv, hashlib, json, os, random, re, string, sys, time
+import csv, hashlib, json, os, random, re, string, sys, threading, time
 from collections import Counter, deque
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -237,10 +237,15 @@ class TeacherLLM:
 
     def __init__(self, teacher, workers=8, max_tokens=256, temperature=0.0, rpm=None):
         self.teacher, self.workers, self.max_tokens, self.temperature, self.rpm = teacher, workers, max_tokens, temperature, rpm
+        self.draws, self.lock = Counter(), threading.Lock()
 
     def _one(self, prompt, stop, temperature):
+        extra = {}
+        if temperature > 0:  # a re-sample is the same request: a per-draw seed keeps the cache from replaying it
+            with self.lock:
+                extra["seed"], self.draws[prompt] = self.draws[prompt], self.draws[prompt] + 1
         return self.teacher.chat([{"role": "user", "content": prompt}], temperature=temperature,
-                                 max_tokens=self.max_tokens, stop=stop)
+                                 max_tokens=self.max_tokens, stop=stop, **extra)
 
     def complete_batch(self, prompts, stop=None, stop_at=None, temperature=None):
         """One reply per prompt (an Exception object where a request failed for good), cut by stop_at."""

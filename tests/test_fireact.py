@@ -184,6 +184,19 @@ def test_tool_service_failure_ends_only_that_episode(wiki):
     assert b.pred == "Gustav Holst"
 
 
+def test_teacher_resamples_are_distinct_requests(tmp_path):
+    class Recorder:
+        calls = []
+        def chat(self, messages, **kw):
+            self.calls.append(kw)
+            return "Thought: t"
+    llm = fireact.TeacherLLM(Recorder())
+    llm.complete_batch(["P"], temperature=0.0)
+    llm.complete_batch(["P"], temperature=0.7)
+    llm.complete_batch(["P"], temperature=0.7)
+    assert "seed" not in Recorder.calls[0] and [c["seed"] for c in Recorder.calls[1:]] == [0, 1]
+
+
 def test_reflexion_after_wrong_answer(wiki):
     llm = ScriptLLM({"Q": ["Thought: guess\nAction: finish[Lima]",
                            lambda p: " I guessed." if p.endswith("Reflection:") else
