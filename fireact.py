@@ -18,7 +18,7 @@ and ends with `Reflection:`; the reflection then opens the next Thought.
 """
 import csv, hashlib, json, os, random, re, string, sys, threading, time
 from collections import Counter, deque
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import tools  # no torch: cheap to import
@@ -544,21 +544,8 @@ class DownloadConfig:
 
 
 def parse_config(cls, argv):
-    """CLI flags from the dataclass fields: --max-steps 11, --compare / --no-compare, positional `files`."""
-    import argparse
-    p = argparse.ArgumentParser(prog=f"fireact.py {cls.__name__[:-6].lower()}")
-    for f in fields(cls):
-        default = f.default_factory() if callable(f.default_factory) else f.default
-        flag = "--" + f.name.replace("_", "-")
-        if f.name == "files":
-            p.add_argument("files", nargs="+")
-        elif isinstance(default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
-        elif isinstance(default, list):
-            p.add_argument(flag, nargs="*", default=default)
-        else:
-            p.add_argument(flag, type=type(default), default=default)
-    return cls(**vars(p.parse_args(argv)))
+    """CLI flags from the dataclass fields (tools.parse_config): --max-steps 11, --compare / --no-compare, positional `files`."""
+    return tools.parse_config(cls, argv, prog=f"fireact.py {cls.__name__[:-6].lower()}", positional=("files",))
 
 
 # ---------------------------------------------------------------------------------------------------- commands

@@ -822,15 +822,9 @@ class GenerateConfig:
     device: str = "cpu"
     dtype: str = ""            # float32 | bfloat16 | float16; empty = float32 on CPU, bfloat16 on GPU
 
-def parse_args(cls, argv):
-    import argparse
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(cls):
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
-    return cls(**vars(p.parse_args(argv)))
-
 def main(argv=None):
-    c = parse_args(GenerateConfig, argv)
+    from tools import parse_config  # the project's one config -> CLI mechanism (torch-free)
+    c = parse_config(GenerateConfig, argv, description=__doc__)
     try:
         model, tok = load_model(c.model or None, c.device, getattr(torch, c.dtype) if c.dtype else None)
     except ValueError as e:

@@ -36,6 +36,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from model import apply_lora, load_model, save_adapter, save_checkpoint
+from tools import parse_config
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_DATA = "data/toy/train.jsonl"
@@ -620,18 +621,7 @@ def train(cfg):
 # ------------------------------------------------------------------------------------------------------- CLI
 def parse_args(argv=None):
     """CLI flags generated from TrainConfig's fields: --lora-r 16, --data A B, --merge, --no-progress."""
-    import argparse
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawTextHelpFormatter)
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if f.type is bool or isinstance(default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
-        elif isinstance(default, list):
-            p.add_argument(flag, nargs="+", default=default)
-        else:
-            p.add_argument(flag, type=type(default), default=default)
-    return TrainConfig(**vars(p.parse_args(argv)))
+    return parse_config(TrainConfig, argv, description=__doc__.split("\n\n")[1])
 
 
 def main(argv=None):

@@ -12,7 +12,6 @@ the HotpotQA questions as free text (BM25 path), and titles with one typo (BM25,
 Teacher: N distinct chat requests through `run_concurrently` to the loopback OpenAI server of tests/test_tools.py,
 which fails each attempt with probability --fail-rate (500/503/429/dropped connection/malformed JSON).
 """
-import argparse
 import dataclasses
 import importlib.util
 import json
@@ -113,10 +112,7 @@ def bench_teacher(cfg, tmp):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for f in dataclasses.fields(BenchConfig):
-        ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
-    cfg = BenchConfig(**vars(ap.parse_args()))
+    cfg = tools.parse_config(BenchConfig, description=__doc__.split("\n\n")[0])
     logging.getLogger("fireact.tools").setLevel(logging.ERROR)  # hundreds of expected retry warnings
     if cfg.what not in ("all", "search", "teacher"):
         raise SystemExit(f"--what must be all, search or teacher, got {cfg.what!r}")
