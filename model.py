@@ -452,18 +452,69 @@ def sample(logits, temperature, top_p, gen):
         probs = torch.zeros_like(probs).scatter_(-1, idx, p)
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
+class PrefixCache:
+    """K/V of recent sequences, kept between generate calls, so that a prompt sharing a prefix with one of them
+    prefills only the rest. In the agent loop each turn's prompt extends the last turn's (prompt + action +
+    observation), and few-shot prompts share their examples: without this, every turn re-prefills the whole
+    history. Entries: token ids [n] + per-layer K, V [1, kvh, n, hd] + the length of the prompt they came from;
+    least recently used go first past max_bytes. K at position t depends only on tokens <= t, so any common
+    prefix is reusable, even a partial one."""
+    def __init__(self, max_bytes=2 << 30):
+        self.entries, self.max_bytes, self.bytes = {}, max_bytes, 0  # dict order = recency (oldest first)
+        self.reused = 0                                              # tokens not prefilled thanks to the cache
+
+    def _lcp(self, a, b):  # a, b: LongTensor [n] -> length of their common prefix
+        m = min(len(a), len(b))
+        diff = (a[:m] != b[:m]).nonzero()
+        return int(diff[0]) if len(diff) else m
+
+    def load(self, ids, row) -> int:
+        """Copy the longest cached prefix of `ids` into `row` (a batch-1 KVCache view); -> its length n (at most
+        len(ids) - 1: the last token is always run, for its logits). row.pos = n."""
+        x, best, n = torch.tensor(ids), None, 0
+        for key, (e, *_) in self.entries.items():
+            l = self._lcp(e, x)
+            best, n = (key, l) if l > n else (best, n)
+        n = min(n, len(ids) - 1)
+        if n > 0:
+            self.entries[best] = entry = self.entries.pop(best)           # now the most recently used
+            for dst, src in zip(row.k + row.v, entry[1] + entry[2]):
+                dst[:, :, :n] = src[:, :, :n]
+            self.reused += n
+        row.pos = n
+        return n
+
+    def store(self, ids, ks, vs, prompt_len):
+        """Keep `ids` [n] (a prompt of prompt_len tokens + what was generated) with their K/V (views into a
+        generate cache: copied). Entries whose prompt `ids` extends are dropped: the same episode's earlier turn,
+        whose generated tail past the stop string the next prompt does not repeat token for token."""
+        x = torch.tensor(ids)
+        for key in [k for k, (e, _, _, n) in self.entries.items() if self._lcp(e, x) >= n]:
+            self._drop(key)
+        ks, vs = [k[:, :, :len(ids)].clone() for k in ks], [v[:, :, :len(ids)].clone() for v in vs]
+        self.entries[object()] = (x, ks, vs, prompt_len)
+        self.bytes += sum(t.numel() * t.element_size() for t in ks + vs)
+        while self.bytes > self.max_bytes and len(self.entries) > 1:
+            self._drop(next(iter(self.entries)))
+
+    def _drop(self, key):
+        _, ks, vs, _ = self.entries.pop(key)
+        self.bytes -= sum(t.numel() * t.element_size() for t in ks + vs)
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts, max_new_tokens=128, temperature=0.0, top_p=1.0, stop=None,
-             stop_at=None, seed=None) -> list[str]:
+             stop_at=None, seed=None, prefix_cache: PrefixCache = None) -> list[str]:
     """KV-cache generation: prompts prefilled one by one into a left-padded cache, then decoded as one batch.
-    Returns only each prompt's continuation, cut before its stop string (or at stop_at's index)."""
+    Returns only each prompt's continuation, cut before its stop string (or at stop_at's index). With a
+    prefix_cache, each prompt prefills only what no cached sequence shares, and its sequence is cached after."""
     was_training = model.training
     try:  # eval mode (no LoRA dropout) even when called mid-training
-        return _generate(model.eval(), tokenizer, prompts, max_new_tokens, temperature, top_p, stop, stop_at, seed)
+        return _generate(model.eval(), tokenizer, prompts, max_new_tokens, temperature, top_p, stop, stop_at, seed,
+                         prefix_cache)
     finally:
         model.train(was_training)
 
-def _generate(model, tokenizer, prompts, max_new_tokens, temperature, top_p, stop, stop_at, seed):
+def _generate(model, tokenizer, prompts, max_new_tokens, temperature, top_p, stop, stop_at, seed, pc):
     ids = [tokenizer.encode(p, bos=tokenizer.add_bos) if isinstance(p, str) else list(p) for p in prompts]
     B, L, dev = len(ids), max(map(len, ids), default=0), model.device
     if B == 0 or max_new_tokens <= 0:
@@ -476,8 +527,20 @@ def _generate(model, tokenizer, prompts, max_new_tokens, temperature, top_p, sto
     last = []
     for i, x in enumerate(ids):  # prefill each prompt alone, left-padded into the shared cache: no FLOPs on pads
         mask[i, L - len(x):L] = True
-        last.append(model.hidden(torch.tensor([x], device=dev), cache=cache.row(i, L - len(x)))[:, -1])
+        row = cache.row(i, L - len(x))
+        n = pc.load(x, row) if pc is not None else 0                       # row.pos = n cached tokens reused
+        last.append(model.hidden(torch.tensor([x[n:]], device=dev), cache=row)[:, -1])
+        if pc is not None and len(x) - n > n:  # mostly new: let the next prompts of this call share it (the
+            pc.store(x, row.k, row.v, len(x))  # few-shot examples on the first turn); the rest are stored at the end
     cache.pos = L
+    fed = [0] * B                                  # generated tokens of row r that are in the cache
+
+    def keep_sequences(live):  # cache the sequences (prompt + fed tokens) of batch rows `live`
+        for j in live:
+            r = rows[j]
+            a = L - len(ids[r])
+            pc.store(ids[r] + out[r][:fed[r]], [k[j:j + 1, :, a:] for k in cache.k],
+                     [v[j:j + 1, :, a:] for v in cache.v], len(ids[r]))
     logits = model.head(torch.cat(last))                                      # [B, V]
     nxt = torch.tensor([[len(x)] for x in ids], device=dev)                   # [B, 1] next position per row
     rows = list(range(B))                          # rows[j] = original prompt index of live batch row j
@@ -501,6 +564,8 @@ def _generate(model, tokenizer, prompts, max_new_tokens, temperature, top_p, sto
                 keep.append(j)
         if not keep or step == max_new_tokens - 1:
             break
+        if pc is not None and len(keep) < len(rows):
+            keep_sequences(sorted(set(range(len(rows))) - set(keep)))
         if len(keep) < len(rows):  # drop finished rows so they cost nothing from here on
             k = torch.tensor(keep, device=dev)
             cache.keep(k)
@@ -509,17 +574,30 @@ def _generate(model, tokenizer, prompts, max_new_tokens, temperature, top_p, sto
         mask[:, S - 1] = True
         logits = model.head(model.hidden(toks[:, None], nxt, mask[:, :S], cache)[:, -1])
         nxt = nxt + 1
+        for r in rows:
+            fed[r] += 1
+    if pc is not None:
+        keep_sequences(range(len(rows)))
     return [t if t is not None else tokenizer.decode(o) for t, o in zip(texts, out)]
 
 # ----------------------------------------------------------------------------------------------------------------
 # LoRA
 
+def dropout(x, p):
+    """Inverted dropout, as F.dropout. On CPU, F.dropout draws one random number per element, and those draws
+    were 15% of a LoRA training step (210 masks of [B, T, D] per step on SmolLM2). Here one 64-bit draw gives
+    four 16-bit uniforms (p exact to 1/65536): 2.5x cheaper. torch.where keeps only the bool mask for backward."""
+    if x.device.type != "cpu":
+        return F.dropout(x, p)
+    bits = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_(-2**63, None)  # full 64-bit range
+    keep = bits.view(torch.int16)[:x.numel()].view(x.shape) >= round(p * 65536) - 32768  # P(keep) = 1 - p
+    return torch.where(keep, x, 0.0) * (1 / (1 - p))
+
 class LoRALinear(nn.Linear):
     """y = x W^T + b + dropout(x) A^T B^T * alpha/r. Keeps `weight`/`bias` so base checkpoints load unchanged."""
     def __init__(self, in_features, out_features, bias=True, r=8, alpha=16, dropout=0.0, device=None, dtype=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self.r, self.alpha, self.scale, self.merged = r, alpha, alpha / r, False
-        self.dropout = nn.Dropout(dropout)
+        self.r, self.alpha, self.scale, self.merged, self.p = r, alpha, alpha / r, False, dropout
         dev = None if device == "meta" or str(device) == "meta" else device
         self.lora_A = nn.Parameter(torch.empty(r, in_features, device=dev))   # [r, in], float32 for stable updates
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=dev))  # [out, r], zero: starts as identity
@@ -539,7 +617,9 @@ class LoRALinear(nn.Linear):
         y = F.linear(x, self.weight, self.bias)
         if self.merged:
             return y
-        a = self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.t()
+        if self.training and self.p > 0:
+            x = dropout(x, self.p)
+        a = x.to(self.lora_A.dtype) @ self.lora_A.t()                      # [..., r]
         return y + ((a @ self.lora_B.t()) * self.scale).to(y.dtype)
 
     @torch.no_grad()

@@ -92,6 +92,25 @@ def test_batched_equals_one_at_a_time(tiny_llama):
     assert len({*single}) > 1
 
 
+def test_prefix_cache_prefills_only_new_tokens_and_changes_nothing(tiny_llama):
+    m, tok = M.load_model(str(tiny_llama))
+    pc = M.PrefixCache()
+    shared = tok.encode("Examples: the quick brown fox jumps over the lazy dog. Question:")
+    turn1 = [shared + tok.encode(q) for q in (" Hi", " What is 123?", " The cat")]
+    out1 = M.generate(m, tok, turn1, max_new_tokens=12, stop=["e"])      # rows stop at different steps
+    assert M.generate(m, tok, turn1, max_new_tokens=12, stop=["e"], prefix_cache=pc) == out1
+    assert pc.reused >= 2 * len(shared)                # rows 2 and 3 reuse row 1's shared prefix in the same call
+    assert len(pc.entries) == 3                        # one sequence per row (its prompt entry was replaced)
+    turn2 = [p + tok.encode(o + " Observation: ok") for p, o in zip(turn1, out1)]   # the agent's next turn
+    before = pc.reused
+    out2 = M.generate(m, tok, turn2, max_new_tokens=12, prefix_cache=pc)
+    assert out2 == M.generate(m, tok, turn2, max_new_tokens=12)
+    assert pc.reused - before >= sum(map(len, turn1))  # each row re-ran at most its new tokens
+    assert len(pc.entries) == 3                        # turn 2 extends turn 1's prompts: their entries go
+    small = M.PrefixCache(max_bytes=1)                 # over budget: only the newest entry stays
+    M.generate(m, tok, turn1, max_new_tokens=4, prefix_cache=small)
+    assert len(small.entries) == 1
+
 def test_stop_strings_across_token_boundaries_and_stop_at(tiny_llama):
     m, tok = M.load_model(str(tiny_llama))
     full = M.generate(m, tok, ["Hello"], max_new_tokens=30)[0]
@@ -190,6 +209,21 @@ def test_lora_trains_only_adapters(tiny_llama):
     changed = {n for n, p in m.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all(".lora_" in n for n in changed) and len(M.lora_layers(m)) == 14
 
+
+
+def test_dropout_is_inverted_dropout_with_rate_p():
+    torch.manual_seed(0)
+    x = torch.ones(64, 100, 97, requires_grad=True)                     # numel not a multiple of 4
+    y = M.dropout(x, 0.2)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.8) < 0.005                 # P(keep) = 1 - p
+    assert torch.allclose(y[kept], torch.tensor(1 / 0.8))                 # survivors scaled by 1/(1-p)
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())                                # grad = mask / (1-p)
+    torch.manual_seed(0)
+    assert torch.equal(M.dropout(x, 0.2), y)                              # seeded: resume replays it
+    m = torch.stack([M.dropout(torch.ones(4096), 0.05) != 0 for _ in range(8)])
+    assert 0 < (~m).float().mean().item() < 0.1 and not torch.equal(m[0], m[1])  # fresh mask per call
 
 def test_loader_errors(tmp_path):
     from safetensors.torch import load_file, save_file
