@@ -273,9 +273,12 @@ class TeacherLLM:
 class LocalLLM:
     """An agent-loop LLM over model.generate: one batched generate call advances every prompt together."""
 
-    def __init__(self, model, tokenizer, max_new_tokens=128, temperature=0.0, seed=0):
+    def __init__(self, model, tokenizer, max_new_tokens=128, temperature=0.0, seed=0, prefix_cache_mb=2048):
+        import model as M
         self.model, self.tok, self.max_new_tokens, self.temperature, self.seed = model, tokenizer, max_new_tokens, temperature, seed
         self._usage = Counter()
+        # each turn's prompt extends the last one's: keep K/V between turns, prefill only the new tokens
+        self.prefix_cache = M.PrefixCache(prefix_cache_mb << 20) if prefix_cache_mb > 0 else None
 
     def complete_batch(self, prompts, stop=None, stop_at=None, temperature=None):
         import model as M
@@ -283,7 +286,7 @@ class LocalLLM:
         self.seed += 1  # a re-sample must not repeat the same draw
         ids = [p if isinstance(p, list) else self.tok.encode(p, bos=self.tok.add_bos) for p in prompts]  # as generate
         outs = M.generate(self.model, self.tok, ids, max_new_tokens=self.max_new_tokens, temperature=t,
-                          stop=stop, stop_at=stop_at, seed=self.seed)
+                          stop=stop, stop_at=stop_at, seed=self.seed, prefix_cache=self.prefix_cache)
         self._usage["requests"] += len(prompts)
         self._usage["prompt_tokens"] += sum(map(len, ids))
         self._usage["completion_tokens"] += sum(len(self.tok.encode(o)) for o in outs)
@@ -293,8 +296,8 @@ class LocalLLM:
         return prompt + (self.tok.encode(text) if isinstance(prompt, list) else text)
 
     @property
-    def usage(self):
-        return dict(self._usage)
+    def usage(self):  # prompt_tokens counts every prompt token; prefill_tokens_reused, those not recomputed
+        return dict(self._usage, **({"prefill_tokens_reused": self.prefix_cache.reused} if self.prefix_cache else {}))
 
 
 # -------------------------------------------------------------------------------------------------- agent loop
@@ -508,6 +511,7 @@ class EvalConfig(RunConfig):
     out: str = "runs/eval.json"
     max_new_tokens: int = 128
     batch_size: int = 32          # live episodes per batched generate call
+    prefix_cache_mb: int = 2048   # K/V kept between agent turns, so a turn prefills only its new tokens (0 = off)
     zero_shot: bool = False       # use the zero-shot (render) prompt even without an adapter
     compare: bool = False         # prompted (few-shot, no adapter) vs fine-tuned (adapter, zero-shot), side by side
     device: str = ""
@@ -527,6 +531,7 @@ class MixConfig:
     tasks: list = field(default_factory=list)    # [] = every task found
     methods: list = field(default_factory=list)  # [] = every method found
     per_group: int = 0                           # at most this many per (task, method); 0 = all
+    per_method: list = field(default_factory=list)  # METHOD=N caps that override per_group: react=450 cot=0
     seed: int = 0
 
 
@@ -642,13 +647,19 @@ def mix(cfg: MixConfig) -> Counter:
     for path in cfg.files:
         for r in train.read_records(path):
             groups.setdefault((r.get("task", "?"), r.get("method", "?")), []).append(r)
+    caps = {}
+    for spec in cfg.per_method:
+        m, _, n = spec.partition("=")
+        if not n.isdigit():
+            raise SystemExit(f"mix: --per-method {spec!r}: expected METHOD=N, e.g. react=450")
+        caps[m] = int(n)
     rng, out, counts = random.Random(cfg.seed), [], Counter()
     for (task, method), recs in sorted(groups.items()):
         if (cfg.tasks and task not in cfg.tasks) or (cfg.methods and method not in cfg.methods):
             continue
         recs.sort(key=lambda r: str(r.get("id", "")))  # generate writes in thread-finish order: make mix reproducible
         rng.shuffle(recs)
-        take = recs[:cfg.per_group or None]
+        take = recs[:caps[method]] if method in caps else recs[:cfg.per_group or None]
         out += take
         counts[(task, method)] = len(take)
     if not out:
@@ -740,7 +751,7 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
                 M.load_adapter(net, cfg.adapter)
             prompt_fn = zero_shot(tok) if tuned or cfg.zero_shot else few_shot("react", family)
             path = out.with_name(f"{out.stem}_{label}{out.suffix}") if cfg.compare else out
-            llm = LocalLLM(net, tok, cfg.max_new_tokens, seed=cfg.seed)
+            llm = LocalLLM(net, tok, cfg.max_new_tokens, seed=cfg.seed, prefix_cache_mb=cfg.prefix_cache_mb)
             summaries.append(run_eval(cfg, llm, prompt_fn, label, path))
     print_table(summaries)
     return summaries

@@ -111,6 +111,11 @@ def test_pipeline_generate_filter_mix_train_eval(world, tiny_llama, capsys):
     counts = fireact.mix(fireact.MixConfig(files=[str(runs / "react_ok.jsonl"), str(runs / "cot_ok.jsonl")],
                                            out=str(runs / "train.jsonl")))
     assert dict(counts) == {("hotpotqa_offline", "react"): 3, ("hotpotqa_offline", "cot"): 2}
+    ratio = fireact.mix(fireact.MixConfig(files=[str(runs / "react_ok.jsonl"), str(runs / "cot_ok.jsonl")],
+                                          per_method=["react=2", "cot=0"], out=str(runs / "ratio.jsonl")))
+    assert dict(ratio) == {("hotpotqa_offline", "react"): 2, ("hotpotqa_offline", "cot"): 0}
+    with pytest.raises(SystemExit, match="react=x.*METHOD=N"):
+        fireact.mix(fireact.MixConfig(files=[str(runs / "react_ok.jsonl")], per_method=["react=x"]))
     mixed = train.read_records(str(runs / "train.jsonl"))
     assert len(mixed) == 5 and all(r["steps"][-1]["action"].startswith("finish[") for r in mixed)
 
@@ -142,12 +147,17 @@ def test_batched_local_eval_equals_one_at_a_time(world, tiny_llama):
     qs = fireact.load_questions("hotpotqa_offline")
     tool = fireact.make_tool("hotpotqa_offline")
     prompt_fn = fireact.zero_shot(tok)  # (the few-shot path runs in the pipeline test's --compare)
-    run = lambda batch: fireact.run_agent(fireact.LocalLLM(net, tok, max_new_tokens=10), [tool.fork() for _ in batch],
-                                          batch, prompt_fn, max_steps=2, retries=0)  # greedy only
-    batched = run(qs)
-    single = [run([q])[0] for q in qs]
+    def run(batch, mb=0):  # greedy only; mb > 0: K/V kept between turns (LocalLLM's prefix cache)
+        llm = fireact.LocalLLM(net, tok, max_new_tokens=10, prefix_cache_mb=mb)
+        return fireact.run_agent(llm, [tool.fork() for _ in batch], batch, prompt_fn, max_steps=2, retries=0), llm
+    batched, _ = run(qs)
+    single = [run([q])[0][0] for q in qs]
     assert [(e.steps, e.pred) for e in batched] == [(e.steps, e.pred) for e in single]
     assert all(len(e.steps) >= 1 for e in batched)
+    cached, llm = run(qs, mb=64)
+    assert [(e.steps, e.pred) for e in cached] == [(e.steps, e.pred) for e in batched]
+    u = llm.usage  # turn 2 re-ran only its new tokens: the question and turn 1's step came from the cache
+    assert u["prefill_tokens_reused"] > 0.3 * u["prompt_tokens"], u
 
 
 @pytest.mark.skipif(not (REPO / "data" / "toy" / "train_questions.jsonl").exists(), reason="data/toy not generated")

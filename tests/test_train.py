@@ -298,8 +298,8 @@ def test_ddp_two_gloo_processes_equal_one(tiny, tmp_path):
     one = subprocess.run([sys.executable, "train.py", *args, "--out", str(tmp_path / "one")], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=120)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
-                          "29531", "train.py", *args, "--out", str(tmp_path / "two")], cwd=REPO, env=env,
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "train.py", *args, "--out", str(tmp_path / "two")], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=120)
     assert two.returncode == 0, two.stderr[-2000:]
     assert "2 process(es)" in two.stdout and two.stdout.count("adapter:") == 1   # only rank 0 logs and saves
