@@ -2,16 +2,16 @@
 The offline default task: a seeded fictional mini-world and a scripted teacher (the oracle).
 
     python toyworld.py                      # regenerate data/toy/{corpus,train_questions,dev,test}.jsonl bit for bit
-    python toyworld.py --seed 1 --out /tmp/toy --n_train 100
+    python toyworld.py --seed 1 --out /tmp/toy --n-train 100
 
-data/toy/train.jsonl, the default data of `python train.py`, holds oracle *trajectories* (our record format, with
-id/question/answer, so fireact's task "toy" split "train" still reads it as questions). It was made with:
+data/toy/train.jsonl, the default data of `python train.py`, holds oracle *trajectories* (our record format), made
+from the 600 training questions (fireact's task "toy", split "train") with:
 
-    python fireact.py generate --task toy --split train_questions --method react --n 150 --teacher-model oracle --out runs/toy/gen_react.jsonl
-    python fireact.py generate --task toy --split train_questions --method reflexion --n 40 --teacher-model oracle --out runs/toy/gen_reflexion.jsonl
-    python fireact.py generate --task toy --split train_questions --method cot --n 20 --teacher-model oracle --out runs/toy/gen_cot.jsonl
+    python fireact.py generate --task toy --split train --method react --teacher-model oracle --out runs/toy/gen_react.jsonl
+    python fireact.py generate --task toy --split train --method reflexion --teacher-model oracle --out runs/toy/gen_reflexion.jsonl
+    python fireact.py generate --task toy --split train --method cot --teacher-model oracle --out runs/toy/gen_cot.jsonl
     python fireact.py filter runs/toy/gen_*.jsonl --out runs/toy/ok.jsonl
-    python fireact.py mix runs/toy/ok.jsonl --out data/toy/train.jsonl
+    python fireact.py mix runs/toy/ok.jsonl --per-method react=450 reflexion=75 cot=40 --out data/toy/train.jsonl
 
 The world has people, towns in fictional countries, films, novels, paintings, albums, bands and organisations.
 Every entity gets a short encyclopedia page (`corpus.jsonl`, one `{"title","sentences"}` per line, read by
@@ -296,7 +296,10 @@ class World:
             a = win["name"]
             ch = [F(e, 0, e["name"], f"when {e['name']} {verb}", f"{e['name']} {verb} in {e['year']}.")
                   for e in (x, y)]
-            return q, a, "comparison", ch, f"{x['name']} {verb} in {x['year']} and {y['name']} in {y['year']}, so {a} {verb} first."
+            # the conclusion spells out the comparison (earlier year first), which a 135M student can copy
+            early, late = sorted((x["year"], y["year"]))
+            return q, a, "comparison", ch, (f"{x['name']} {verb} in {x['year']} and {y['name']} in {y['year']}. "
+                                            f"{early} is earlier than {late}, so {a} {verb} first.")
         elif tpl in ("same_country", "both_occ"):
             want = r.random() < 0.5  # balance yes/no
             ps = plain(E["person"])
@@ -312,14 +315,16 @@ class World:
             if tpl == "same_country":
                 q = f"Were {x['name']} and {y['name']} born in the same country?"
                 ch = [self.person_fact(p, "which country {p} was born in", "{p} was born in {country}.") for p in (x, y)]
-                concl = (f"Both were born in {x['country']}, so the answer is yes." if want else
-                         f"{x['name']} was born in {x['country']} and {y['name']} in {y['country']}, so the answer is no.")
+                concl = (f"{x['name']} was born in {x['country']} and {y['name']} was born in {y['country']}, "
+                         + ("the same country, so the answer is yes." if want else
+                            "a different country, so the answer is no."))
             else:
                 occ = r.choice([x["occ"], y["occ"]])
                 q = f"Are {x['name']} and {y['name']} both {occ}s?"
                 ch = [self.person_fact(p, "what {p} does for a living", "{p} is {an}.") for p in (x, y)]
-                concl = (f"Both are {occ}s, so the answer is yes." if want else
-                         f"{x['name']} is {an(x['occ'])} and {y['name']} is {an(y['occ'])}, so the answer is no.")
+                concl = (f"{x['name']} is {an(x['occ'])} and {y['name']} is {an(y['occ'])}, "
+                         + (f"so both are {occ}s and the answer is yes." if want else
+                            f"so they are not both {occ}s and the answer is no."))
             return q, a, "comparison", ch, concl
         else:
             raise ValueError(f"toyworld: unknown template {tpl!r}")
@@ -351,7 +356,6 @@ TEMPLATES = ("film_town", "born_first", "novel_year", "same_country", "painting_
 
 # Training questions go to train_questions.jsonl: data/toy/train.jsonl is the embedded default *trajectory* file
 # that `python train.py` reads (made from these questions by fireact's generate -> filter -> mix, see README).
-# Its records keep id/question/answer, so `fireact.load_questions("toy", "train")` still reads it as questions.
 QUESTION_FILES = {"train": "train_questions.jsonl", "dev": "dev.jsonl", "test": "test.jsonl"}
 
 
@@ -556,11 +560,5 @@ def detect_method(prompt):
 
 
 if __name__ == "__main__":
-    fields = {f.name: f for f in dataclasses.fields(WorldConfig)}
-    cfg, args = WorldConfig(), sys.argv[1:]
-    while args:  # --name value flags generated from the dataclass fields
-        key = args.pop(0).lstrip("-").replace("-", "_")
-        if key not in fields or not args:
-            raise SystemExit(f"toyworld.py: unknown flag or missing value: --{key} (flags: {', '.join(fields)})")
-        setattr(cfg, key, type(getattr(cfg, key))(args.pop(0)))
-    print(json.dumps(generate(cfg)))
+    from tools import parse_config  # the project's one dataclass -> CLI mechanism: --seed 1 --n-train 100
+    print(json.dumps(generate(parse_config(WorldConfig, sys.argv[1:], description=__doc__.split("\n\n")[1]))))

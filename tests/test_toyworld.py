@@ -176,7 +176,9 @@ def test_default_training_data_is_consistent():
     train_q = {q["id"]: q for q in load("train")}
     recs = toyworld.read_jsonl(path)
     methods = {r["method"] for r in recs}
-    assert methods == {"react", "cot", "reflexion"}
+    # no CoT in the default mix: toy questions need the tools, so the oracle's CoT trajectories are lucky guesses,
+    # and with 40 of them in the mix 23 of 100 test episodes became one-step guesses (README)
+    assert methods == {"react", "reflexion"} and len(recs) == 545
     for r in recs:
         assert r["id"] in train_q and r["question"] == train_q[r["id"]]["question"] and r["em"] == 1
         assert r["steps"][-1]["action"] == f"finish[{r['answer']}]"
