@@ -456,50 +456,69 @@ class PrefixCache:
     """K/V of recent sequences, kept between generate calls, so that a prompt sharing a prefix with one of them
     prefills only the rest. In the agent loop each turn's prompt extends the last turn's (prompt + action +
     observation), and few-shot prompts share their examples: without this, every turn re-prefills the whole
-    history. Entries: token ids [n] + per-layer K, V [1, kvh, n, hd] + the length of the prompt they came from;
-    least recently used go first past max_bytes. K at position t depends only on tokens <= t, so any common
-    prefix is reusable, even a partial one."""
+    history. K at position t depends only on tokens <= t, so any common prefix is reusable, even a partial one.
+
+    Storage is chunked so shared prefixes are kept once: a chunk is (start, per-layer K, per-layer V), each
+    [1, kvh, len, hd], for positions start..start+len. An entry is (token ids [n], chunks tiling 0..n, prompt
+    length); a new entry reuses its source's chunks (no copy) and clones only its new positions. Least recently
+    used entries go first once the chunks they hold exceed max_bytes."""
     def __init__(self, max_bytes=2 << 30):
-        self.entries, self.max_bytes, self.bytes = {}, max_bytes, 0  # dict order = recency (oldest first)
-        self.reused = 0                                              # tokens not prefilled thanks to the cache
+        self.entries = {}  # key -> (ids, chunks, prompt_len); dict order = recency (oldest first)
+        self.refs = {}     # id(chunk) -> entries holding it; its bytes count while > 0
+        self.max_bytes, self.bytes, self.reused = max_bytes, 0, 0   # reused: tokens not prefilled
 
     def _lcp(self, a, b):  # a, b: LongTensor [n] -> length of their common prefix
         m = min(len(a), len(b))
         diff = (a[:m] != b[:m]).nonzero()
         return int(diff[0]) if len(diff) else m
 
-    def load(self, ids, row) -> int:
-        """Copy the longest cached prefix of `ids` into `row` (a batch-1 KVCache view); -> its length n (at most
-        len(ids) - 1: the last token is always run, for its logits). row.pos = n."""
+    def load(self, ids, row):
+        """Copy the longest cached prefix of `ids` into `row` (a batch-1 KVCache view). -> (n, chunks): its
+        length (at most len(ids) - 1: the last token always runs, for its logits) and the chunks it came from.
+        row.pos = n."""
         x, best, n = torch.tensor(ids), None, 0
         for key, (e, *_) in self.entries.items():
             l = self._lcp(e, x)
             best, n = (key, l) if l > n else (best, n)
-        n = min(n, len(ids) - 1)
+        n, chunks = min(n, len(ids) - 1), []
         if n > 0:
             self.entries[best] = entry = self.entries.pop(best)           # now the most recently used
-            for dst, src in zip(row.k + row.v, entry[1] + entry[2]):
-                dst[:, :, :n] = src[:, :, :n]
+            chunks = [c for c in entry[1] if c[0] < n]
+            for (start, ks, vs), end in zip(chunks, [c[0] for c in chunks[1:]] + [n]):
+                for dst, src in zip(row.k + row.v, ks + vs):
+                    dst[:, :, start:end] = src[:, :, :end - start]
             self.reused += n
         row.pos = n
-        return n
+        return n, chunks
 
-    def store(self, ids, ks, vs, prompt_len):
-        """Keep `ids` [n] (a prompt of prompt_len tokens + what was generated) with their K/V (views into a
-        generate cache: copied). Entries whose prompt `ids` extends are dropped: the same episode's earlier turn,
-        whose generated tail past the stop string the next prompt does not repeat token for token."""
+    def store(self, ids, ks, vs, prompt_len, shared=(), n_shared=0):
+        """Keep `ids` (a prompt of prompt_len tokens + what was generated) with their K/V: positions below
+        n_shared from the `shared` chunks (load's), the rest cloned from ks/vs (per-layer views [1, kvh, >=n, hd]
+        of a generate cache, position 0 first). Entries whose prompt `ids` extends are dropped: the same episode's
+        earlier turn, whose generated tail past the stop string the next prompt does not repeat token for token."""
         x = torch.tensor(ids)
-        for key in [k for k, (e, _, _, n) in self.entries.items() if self._lcp(e, x) >= n]:
+        for key in [k for k, (e, _, n) in self.entries.items() if self._lcp(e, x) >= n]:
             self._drop(key)
-        ks, vs = [k[:, :, :len(ids)].clone() for k in ks], [v[:, :, :len(ids)].clone() for v in vs]
-        self.entries[object()] = (x, ks, vs, prompt_len)
-        self.bytes += sum(t.numel() * t.element_size() for t in ks + vs)
+        chunks = [c for c in shared if c[0] < n_shared]
+        if len(ids) > n_shared:
+            new = [t[:, :, n_shared:len(ids)].clone() for t in ks + vs]
+            chunks.append((n_shared, new[:len(ks)], new[len(ks):]))
+        for c in chunks:
+            if id(c) not in self.refs:
+                self.refs[id(c)] = 0
+                self.bytes += sum(t.numel() * t.element_size() for t in c[1] + c[2])
+            self.refs[id(c)] += 1
+        self.entries[object()] = (x, chunks, prompt_len)
         while self.bytes > self.max_bytes and len(self.entries) > 1:
             self._drop(next(iter(self.entries)))
+        return chunks
 
     def _drop(self, key):
-        _, ks, vs, _ = self.entries.pop(key)
-        self.bytes -= sum(t.numel() * t.element_size() for t in ks + vs)
+        for c in self.entries.pop(key)[1]:
+            self.refs[id(c)] -= 1
+            if not self.refs[id(c)]:
+                del self.refs[id(c)]
+                self.bytes -= sum(t.numel() * t.element_size() for t in c[1] + c[2])
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts, max_new_tokens=128, temperature=0.0, top_p=1.0, stop=None,
@@ -524,14 +543,15 @@ def _generate(model, tokenizer, prompts, max_new_tokens, temperature, top_p, sto
     mask = torch.zeros(B, L + max_new_tokens, dtype=torch.bool, device=dev)  # [B, S_max] real-token keys
     gen = torch.Generator(dev).manual_seed(seed) if seed is not None else None
     cache = model.new_cache(B, L + max_new_tokens)
-    last = []
+    last, src = [], [None] * B                     # src[i]: (PrefixCache chunks, positions they cover) of row i
     for i, x in enumerate(ids):  # prefill each prompt alone, left-padded into the shared cache: no FLOPs on pads
         mask[i, L - len(x):L] = True
         row = cache.row(i, L - len(x))
-        n = pc.load(x, row) if pc is not None else 0                       # row.pos = n cached tokens reused
+        n, chunks = pc.load(x, row) if pc is not None else (0, ())       # row.pos = n cached tokens reused
         last.append(model.hidden(torch.tensor([x[n:]], device=dev), cache=row)[:, -1])
         if pc is not None and len(x) - n > n:  # mostly new: let the next prompts of this call share it (the
-            pc.store(x, row.k, row.v, len(x))  # few-shot examples on the first turn); the rest are stored at the end
+            chunks, n = pc.store(x, row.k, row.v, len(x), chunks, n), len(x)  # few-shot examples) right away
+        src[i] = (chunks, n)
     cache.pos = L
     fed = [0] * B                                  # generated tokens of row r that are in the cache
 
@@ -540,7 +560,7 @@ def _generate(model, tokenizer, prompts, max_new_tokens, temperature, top_p, sto
             r = rows[j]
             a = L - len(ids[r])
             pc.store(ids[r] + out[r][:fed[r]], [k[j:j + 1, :, a:] for k in cache.k],
-                     [v[j:j + 1, :, a:] for v in cache.v], len(ids[r]))
+                     [v[j:j + 1, :, a:] for v in cache.v], len(ids[r]), *src[r])
     logits = model.head(torch.cat(last))                                      # [B, V]
     nxt = torch.tensor([[len(x)] for x in ids], device=dev)                   # [B, 1] next position per row
     rows = list(range(B))                          # rows[j] = original prompt index of live batch row j

@@ -101,6 +101,9 @@ def test_prefix_cache_prefills_only_new_tokens_and_changes_nothing(tiny_llama):
     assert M.generate(m, tok, turn1, max_new_tokens=12, stop=["e"], prefix_cache=pc) == out1
     assert pc.reused >= 2 * len(shared)                # rows 2 and 3 reuse row 1's shared prefix in the same call
     assert len(pc.entries) == 3                        # one sequence per row (its prompt entry was replaced)
+    c = m.config
+    per_token = c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * 4       # K and V, float32
+    assert pc.bytes <= per_token * (sum(map(len, turn1)) - 2 * len(shared) + 3 * 12)  # shared prefix kept once
     turn2 = [p + tok.encode(o + " Observation: ok") for p, o in zip(turn1, out1)]   # the agent's next turn
     before = pc.reused
     out2 = M.generate(m, tok, turn2, max_new_tokens=12, prefix_cache=pc)
