@@ -1,6 +1,7 @@
 """The whole pipeline, offline: a loopback OpenAI-style server with canned teacher replies and the offline corpus
 tool -> generate (ReAct + CoT) -> filter -> mix -> train a tiny model a few steps -> eval (+ --compare) -> score.
-Also: batched local evaluation gives the same episodes as one at a time; the toy oracle runs through generate.
+Also: batched local evaluation gives the same episodes as one at a time (with and without the prefix cache); the
+toy demo's path with the oracle teacher on a tiny model.
 
     python -m pytest -q tests/test_e2e.py
 """
@@ -161,11 +162,28 @@ def test_batched_local_eval_equals_one_at_a_time(world, tiny_llama):
 
 
 @pytest.mark.skipif(not (REPO / "data" / "toy" / "train_questions.jsonl").exists(), reason="data/toy not generated")
-def test_toy_oracle_generates_through_the_same_path(tmp_path, monkeypatch):
+def test_toy_pipeline_with_the_oracle_teacher(tmp_path, monkeypatch, tiny_llama):
+    """The demo's path on a tiny model: oracle generate (ReAct + Reflexion) -> filter -> mix -> train -> eval."""
+    import train
     monkeypatch.setattr(fireact, "CACHE", tmp_path / "cache")
-    out = tmp_path / "toy.jsonl"
-    fireact.main(["generate", "--task", "toy", "--split", "train", "--teacher-model", "oracle", "--n", "6",
-                  "--out", str(out), "--workers", "2"])
-    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    for method in ("react", "reflexion"):
+        fireact.main(["generate", "--task", "toy", "--split", "train", "--teacher-model", "oracle", "--n", "6",
+                      "--method", method, "--out", str(tmp_path / f"{method}.jsonl"), "--workers", "2"])
+    recs = [json.loads(line) for line in (tmp_path / "react.jsonl").read_text().splitlines()]
     assert len(recs) == 6 and sum(r["em"] for r in recs) >= 5
     assert all(r["steps"][-1]["action"].startswith("finish[") for r in recs)
+    fireact.main(["filter", str(tmp_path / "react.jsonl"), str(tmp_path / "reflexion.jsonl"),
+                  "--out", str(tmp_path / "ok.jsonl")])
+    counts = fireact.mix(fireact.MixConfig(files=[str(tmp_path / "ok.jsonl")], per_method=["react=4", "reflexion=2"],
+                                           out=str(tmp_path / "train.jsonl")))
+    assert dict(counts) == {("toy", "react"): 4, ("toy", "reflexion"): 2}
+    lora = train.train(train.TrainConfig(model=str(tiny_llama), data=[str(tmp_path / "train.jsonl")], max_steps=2,
+                                         out=str(tmp_path / "lora"), val_frac=0.0, progress=False, lora_r=4,
+                                         lora_alpha=8))
+    fireact.main(["eval", "--task", "toy", "--split", "test", "--n", "3", "--model", str(tiny_llama), "--adapter",
+                  str(lora), "--max-steps", "2", "--max-new-tokens", "8", "--out", str(tmp_path / "eval.json")])
+    summary = json.loads((tmp_path / "eval.summary.json").read_text())
+    assert (summary["task"], summary["run"], summary["n"]) == ("toy", "fine-tuned", 3)
+    res = json.loads((tmp_path / "eval.json").read_text())
+    assert sorted(res) == ["toy-test-0000", "toy-test-0001", "toy-test-0002"]
+    assert all(r["traj"].startswith("Question: ") and r["steps"] for r in res.values())
