@@ -11,7 +11,10 @@ from the 600 training questions (fireact's task "toy", split "train") with:
     python fireact.py generate --task toy --split train --method reflexion --teacher-model oracle --out runs/toy/gen_reflexion.jsonl
     python fireact.py generate --task toy --split train --method cot --teacher-model oracle --out runs/toy/gen_cot.jsonl
     python fireact.py filter runs/toy/gen_*.jsonl --out runs/toy/ok.jsonl
-    python fireact.py mix runs/toy/ok.jsonl --per-method react=450 reflexion=75 cot=40 --out data/toy/train.jsonl
+    python fireact.py mix runs/toy/ok.jsonl --methods react reflexion --per-method react=470 reflexion=75 --out data/toy/train.jsonl
+
+CoT is generated but left out of the mix: every toy question needs the tools, so its CoT records are lucky
+guesses, which teach the student to guess (README).
 
 The world has people, towns in fictional countries, films, novels, paintings, albums, bands and organisations.
 Every entity gets a short encyclopedia page (`corpus.jsonl`, one `{"title","sentences"}` per line, read by

@@ -54,7 +54,7 @@ class TrainConfig:
     max_len: int = 1024                 # tokens per example
     overlong: str = "truncate"          # "truncate" | "skip"
     # Defaults, chosen so `python train.py` finishes in <= 15 min on a 2-core CPU with a falling loss. The toy
-    # set is 518 trajectories x ~290 tokens = ~150k tokens; an idle 2-core CPU trains SmolLM2-135M at ~210
+    # set is 518 trajectories x ~290 tokens = ~150k tokens; an idle 2-core CPU trains SmolLM2-135M at ~220
     # tokens/s (fp32, frozen weights still cost 4N FLOPs/token): one epoch, 130 steps of 4, takes ~13 min.
     # Measured on the toy test split (README): what the student needs in so little compute is many updates on
     # varied data. 196 trajectories x 3 epochs in steps of 8 gave EM 49; 518 x 1 epoch in steps of 8, EM 58;

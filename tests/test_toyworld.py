@@ -187,3 +187,18 @@ def test_default_training_data_is_consistent():
     assert not searched & test_titles  # training never searched a test page ...
     seen = sum(f"[{t}]" in json.dumps(r).lower() for r in recs for t in test_titles)
     assert seen <= len(recs) / 50  # ... and a sloppy free-text search only rarely shows one (BM25 over all pages)
+
+
+def test_default_training_data_regenerates_from_the_documented_recipe(tmp_path, monkeypatch):
+    """The README/toyworld recipe (oracle generate x 3 methods -> filter -> mix) rebuilds data/toy/train.jsonl
+    byte for byte, so the committed default data and the measured demo stay reproducible."""
+    fireact = pytest.importorskip("fireact")
+    monkeypatch.setattr(fireact, "CACHE", tmp_path / "cache")
+    for m in ("react", "reflexion", "cot"):
+        fireact.main(["generate", "--task", "toy", "--split", "train", "--method", m, "--teacher-model", "oracle",
+                      "--out", str(tmp_path / f"gen_{m}.jsonl")])
+    fireact.main(["filter", *(str(tmp_path / f"gen_{m}.jsonl") for m in ("cot", "react", "reflexion")),
+                  "--out", str(tmp_path / "ok.jsonl")])
+    fireact.main(["mix", str(tmp_path / "ok.jsonl"), "--methods", "react", "reflexion", "--per-method", "react=470",
+                  "reflexion=75", "--out", str(tmp_path / "train.jsonl")])
+    assert (tmp_path / "train.jsonl").read_bytes() == (TOY / "train.jsonl").read_bytes()
