@@ -16,7 +16,7 @@ The LLM writes `Thought: ...\nAction: ...`; we cut after the first complete Acti
 `Thought: ...\nAnswer: X`, read as the one step `finish[X]`. A reflection prompt uses data/prompts/reflexion_*.txt
 and ends with `Reflection:`; the reflection then opens the next Thought.
 """
-import csv, hashlib, json, os, random, re, string, sys, threading, time
+import csv, dataclasses, hashlib, json, os, random, re, string, subprocess, sys, threading, time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,23 +28,8 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 CACHE = Path(os.environ.get("FIREACT_CACHE", Path.home() / ".cache" / "fireact"))
 PROMPTS = REPO / "data" / "prompts"
 FIREACT_RAW = "https://raw.githubusercontent.com/anchen1011/FireAct/main/"
-# Every public source in one table: path under the data dir -> URL. `download` converts the three marked formats.
-SOURCES = {
-    "hotpotqa/dev.json": "https://raw.githubusercontent.com/ysymyth/ReAct/master/data/hotpot_dev_v1_simplified.json",
-    "hotpotqa/train.json": "https://raw.githubusercontent.com/ysymyth/ReAct/master/data/hotpot_train_v1.1_simplified.json",
-    "hotpotqa/hotpot_dev_distractor_v1.json": "http://curtis.ml.cmu.edu/datasets/hotpot/hotpot_dev_distractor_v1.json",
-    "bamboogle/test.csv": FIREACT_RAW + "data/bamboogle/test.csv",
-    "strategyqa/dev.json": "https://raw.githubusercontent.com/eladsegal/strategyqa/main/data/strategyqa/dev.json",
-    "strategyqa/train_filtered.json": "https://raw.githubusercontent.com/eladsegal/strategyqa/main/data/strategyqa/train_filtered.json",
-    "mmlu/data.tar": "https://people.eecs.berkeley.edu/~hendrycks/data.tar",
-    **{f"fireact/finetune/{fmt}/{name}.{ext}": FIREACT_RAW + f"data/finetune/{fmt}/{name}.{ext}"
-       for fmt, ext in (("alpaca_format", "json"), ("gpt_format", "jsonl"))
-       for name in ("hotpotqa", "hotpotqa_multimethod", "multitask", "multitask_multimethod")},
-    **{f"fireact/trajs/{name}": FIREACT_RAW + f"trajs/{name}" for name in (
-        "hotpotqa_dev_0_500_ft_gpt-3.5-turbo-0613_princeton-nlp__7woQRsdi_0.0_2023-09-21-16-19-51.json",
-        "hotpotqa_dev_0_500_llama_models_lora_llama-2-13b-d_1000_0.7_2023-09-18-13-40-08.json",
-        "hotpotqa_dev_0_500_llama_models_lora_llama-2-7b-d_1000_0.7_2023-09-19-00-49-36.json")},
-}
+REACT_RAW = "https://raw.githubusercontent.com/ysymyth/ReAct/master/"
+STRATEGYQA_RAW = "https://raw.githubusercontent.com/eladsegal/strategyqa/main/data/strategyqa/"
 PRICES = {"gpt-4o-mini": (0.15, 0.6), "gpt-4o": (2.5, 10.0), "gpt-4-turbo": (10.0, 30.0), "gpt-4": (30.0, 60.0),
           "gpt-3.5-turbo": (0.5, 1.5)}  # USD per 1M (prompt, completion) tokens; longest matching prefix wins
 
@@ -59,10 +44,35 @@ def data_dir() -> Path:
 def read_json(path):
     path = Path(path)
     if not path.exists():
-        raise SystemExit(f"{path}: missing (run `python fireact.py download`, or set FIREACT_DATA)")
-    if path.suffix == ".jsonl":
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return json.loads(path.read_text())
+        raise ValueError(f"{path}: missing (run `python fireact.py download`, or set FIREACT_DATA)")
+    try:
+        if path.suffix == ".jsonl":
+            return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid UTF-8 JSON ({e})") from None
+
+
+def atomic_write(path, data):
+    """Write a whole file so that a reader sees the old one or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def provenance() -> dict:
+    """What made a result: the project's git commit (if a checkout) and the versions that matter."""
+    try:
+        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return dict(git_commit=commit, python=sys.version.split()[0], time=time.strftime("%Y-%m-%dT%H:%M:%S"))
 
 
 # ----------------------------------------------------------------------------------------------------- metrics
@@ -111,29 +121,434 @@ def score_answer(metric: str, pred, gold) -> tuple[float, float]:
     return float(normalize_answer(pred) == normalize_answer(gold)), f1_score(pred, gold)
 
 
+# ------------------------------------------------------------------------------------------------ trajectories
+# THE trajectory format: every reader, writer and renderer of trajectories is in this section (torch-free).
+#
+# Our record, one JSON object per line of a .jsonl file (generate writes it, filter/mix/train read it):
+#   id        str    question id within its task ("toy-train-0001", a HotpotQA dev index, ...)
+#   task      str    fireact task name (toy, hotpotqa, strategyqa, ...)
+#   method    str    react | cot | reflexion ("" where a file does not say: FireAct's released files)
+#   question  str    the question (MMLU: with its options A-D)
+#   answer    str    the gold answer ("yes"/"no" for yesno tasks, "A".."D" for mc tasks)
+#   steps     list   [{"thought": str, "action": str, "observation": str | None}], in order. An action is
+#                    search[query], lookup[keyword] or finish[answer], or "" when the model wrote none (its
+#                    observation then says the action was invalid). CoT is one step: a thought, then finish[X].
+#                    A reflection (Reflexion) opens the thought of the step after it.
+#   tool      str    which tool made the observations: local | snippet | wikipedia | google
+#   pred, em, f1, finished, forced, reflections     the episode's own answer, its score and how it ended
+#   source    str    the teacher model, or the file the record was read from
+# Invariant: a trajectory holds at most one finish, and it is its last step. Readers refuse a record that
+# breaks it (file:line), never cut it silently: a cut would train the student on whatever came first.
+#
+# FireAct's released files load as they are: alpaca JSON ({"instruction": question, "output": ReAct text}) and
+# gpt-format JSONL ({"messages": [user question, assistant Thought/Action, user Observation, ...]}).
+STEP_LINE = re.compile(r"^(Thought|Action|Observation)(?: \d+)?:[ \t]?(.*)$")
+ALPACA = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+          "request.\n\n### Instruction:\n{question}\n\n### Response:\n")  # FireAct's Llama prompt (alpaca-lora)
+TEMPLATES = ("react", "alpaca")
+
+
+def is_finish(action) -> bool:
+    return str(action).strip().lower().startswith("finish[")
+
+
+def segments(question, steps, for_inference=False, template="react"):
+    """THE layout of a trajectory as text: [(text, trained)], text None = end of sequence.
+        Question: {question}\\n                      (template alpaca: FireAct's instruction block instead)
+        Thought: {thought}\\nAction: {action}\\n       trained
+        Observation: {observation}\\n                 not trained
+        ...
+        Thought: {thought}\\nAction: finish[{answer}]<eos>
+    A step without an action (the model wrote none) has no Action line. for_inference: the prompt of the next
+    model turn, ending right after the last Observation line (no end of sequence)."""
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown template {template!r}; choose {' | '.join(TEMPLATES)}")
+    segs = [(ALPACA.format(question=question) if template == "alpaca" else f"Question: {question}\n", 0)]
+    for s in steps:
+        action, thought = s["action"].strip(), (s.get("thought") or "").strip()
+        text = (f"Thought: {thought}\n" if thought else "") + (f"Action: {action}" if action else "")
+        if is_finish(action) and not for_inference:
+            segs += [(text, 1), (None, 1)]  # eos: the model learns to stop after finish[...]
+            break
+        segs.append((text + ("\n" if action else ""), 1))
+        if s.get("observation") is not None:
+            segs.append((f"Observation: {s['observation']}\n", 0))
+    if not for_inference:  # a masked tail (a trajectory cut before its finish) teaches nothing
+        while segs and segs[-1][1] == 0:
+            segs.pop()
+    return segs
+
+
+def history_text(question, steps) -> str:
+    """Question and steps so far as text: the few-shot prompt's tail and the `traj` of results files."""
+    return "".join(text for text, _ in segments(question, steps, for_inference=True))
+
+
+def render(question, steps, tokenizer, train_on="actions", for_inference=False, template="react"):
+    """THE rendering for training and inference -> (ids, mask); mask[i] = 1 iff ids[i] is trained on.
+    Each segment is encoded on its own and concatenated, so training and inference share token boundaries.
+    train_on "all" trains every token (FireAct's code did: its mask was built and never used)."""
+    if train_on not in ("actions", "all"):
+        raise ValueError(f"unknown train_on {train_on!r}; choose actions | all")
+    ids, mask = ([tokenizer.bos_id], [0]) if tokenizer.add_bos else ([], [])
+    for text, m in segments(question, steps, for_inference, template):
+        t = [tokenizer.eos_id] if text is None else tokenizer.encode(text)
+        ids += t
+        mask += [1 if train_on == "all" else m] * len(t)
+    return ids, mask
+
+
+def chat_messages(question, steps):
+    """FireAct's gpt format (how it fine-tuned and evaluated GPT-3.5): the question as the first user message,
+    each Thought/Action as an assistant message, each Observation as a user message."""
+    msgs = [{"role": "user", "content": question}]
+    for s in steps:
+        action, thought = s["action"].strip(), (s.get("thought") or "").strip()
+        msgs.append({"role": "assistant", "content": "\n".join(
+            x for x in (f"Thought: {thought}" if thought else "", f"Action: {action}" if action else "") if x)})
+        if s.get("observation") is not None and not is_finish(action):
+            msgs.append({"role": "user", "content": f"Observation: {s['observation']}"})
+    return msgs
+
+
+def show_mask(rec, tokenizer, train_on="actions", color=None, template="react"):
+    """Print a record with trained tokens in green (or [[...]] when not a terminal), masked ones dim."""
+    ids, mask = render(rec["question"], rec["steps"], tokenizer, train_on, template=template)
+    color = sys.stdout.isatty() if color is None else color
+    on, off = ("\x1b[42;30m", "\x1b[0m") if color else ("[[", "]]")
+    out, i = [], 0
+    while i < len(ids):  # decode runs of equal mask together so multi-byte chars survive
+        j = i
+        while j < len(ids) and mask[j] == mask[i]:
+            j += 1
+        text = tokenizer.decode(ids[i:j])
+        out.append(f"{on}{text}{off}" if mask[i] else (f"\x1b[2m{text}\x1b[0m" if color else text))
+        i = j
+    print("".join(out))
+    print(f"-- {len(ids)} tokens, {sum(mask)} trained ({sum(mask) / max(1, len(ids)):.0%})")
+
+
+def parse_react(text):
+    """ReAct text -> (preamble lines before the first Thought/Action, steps). Lines that start no segment
+    continue the previous one (multi-line observations); the preamble holds MMLU's options in FireAct's rows."""
+    preamble, steps, last = [], [], None
+    for line in text.split("\n"):
+        m = STEP_LINE.match(line)
+        if not m:
+            if last is None:
+                preamble.append(line)
+            else:
+                steps[-1][last] += "\n" + line
+            continue
+        kind, body = m.group(1).lower(), m.group(2)
+        # a new step starts at a Thought, or at an Action/Observation when the current step already has one
+        if not steps or kind == "thought" or (kind == "action" and steps[-1]["action"] is not None) \
+                or steps[-1]["observation"] is not None:
+            steps.append({"thought": "", "action": None, "observation": None})
+        steps[-1][kind] = body
+        last = kind
+    for s in steps:
+        for k, v in s.items():
+            s[k] = v.strip() if v is not None else v
+    return [p for p in preamble if p.strip()], steps
+
+
+def check_steps(steps, where):
+    """The invariant: at most one finish, and it is the last step. -> steps without trailing observation-only
+    entries (FireAct's rows repeat `Observation: Episode finished` after a finish)."""
+    done = next((j for j, s in enumerate(steps) if is_finish(s["action"] or "")), None)
+    if done is not None:
+        extra = [j for j in range(done + 1, len(steps)) if steps[j]["action"] or steps[j]["thought"]]
+        if extra:
+            raise ValueError(f"{where}: step {extra[0] + 1} follows finish at step {done + 1}; a trajectory ends "
+                             f"at its only finish (a failed attempt must not reach training data)")
+        steps = steps[:done + 1]
+    return steps
+
+
+def _record(path, lineno, question, output, i):
+    """Question text + ReAct output text (alpaca/gpt formats) -> our trajectory record."""
+    preamble, steps = parse_react(output)
+    question = "\n".join([question.strip()] + preamble).strip()
+    question = re.sub(r"^Question:\s*", "", question)  # FireAct's MMLU rows carry the label already
+    if not question:
+        raise ValueError(f"{path}:{lineno}: record has no question")
+    if not any(s["action"] for s in steps):
+        raise ValueError(f"{path}:{lineno}: expected 'Thought: ...' / 'Action: ...' lines in the output")
+    steps = check_steps(steps, f"{path}:{lineno}")
+    for s in steps:  # FireAct quirk: a few rows have a Thought with no Action (kept, rendered without one)
+        s["action"] = s["action"] or ""
+    final = steps[-1]["action"]
+    answer = final[7:-1] if is_finish(final) and final.endswith("]") else None
+    # FireAct's teacher searched Google through SerpAPI: its observations are snippets
+    return {"id": f"{Path(path).stem}:{i}", "task": Path(path).stem, "method": "", "question": question,
+            "answer": answer, "steps": steps, "tool": "google", "source": str(path)}
+
+
+def _from_json(path, lineno, d, i):
+    """One JSON object in any of the three formats -> our trajectory record, or a file:line ValueError."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(d).__name__}")
+    if "steps" in d:  # ours
+        if not isinstance(d["steps"], list) or not d["steps"] or not isinstance(d.get("question"), str):
+            raise ValueError(f"{path}:{lineno}: 'question' must be a string and 'steps' a non-empty list")
+        for j, s in enumerate(d["steps"]):
+            if not isinstance(s, dict) or not isinstance(s.get("action"), str) or \
+                    not isinstance(s.get("thought", ""), (str, type(None))) or \
+                    not isinstance(s.get("observation"), (str, type(None))):
+                raise ValueError(f"{path}:{lineno}: steps[{j}] needs an 'action' string (and string 'thought'/"
+                                 f"'observation')")
+        if len(check_steps(d["steps"], f"{path}:{lineno}")) < len(d["steps"]):
+            raise ValueError(f"{path}:{lineno}: steps after finish; a trajectory ends at its only finish")
+        return {"id": f"{Path(path).stem}:{i}", "source": str(path), **d}
+    if "messages" in d:  # FireAct gpt format
+        msgs = d["messages"]
+        if not isinstance(msgs, list) or not all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                                 for m in msgs):
+            raise ValueError(f"{path}:{lineno}: 'messages' must be a list of {{role, content}}")
+        # the first user message is the question; the rest alternate assistant Thought/Action and user
+        # Observation. Two rows start with the assistant, the question as its first line: the preamble.
+        q = msgs[0]["content"] if msgs and msgs[0].get("role") == "user" else ""
+        rest = msgs[1:] if q else msgs
+        return _record(path, lineno, q, "\n".join(m["content"] for m in rest), i)
+    if "instruction" in d and "output" in d:  # FireAct alpaca format
+        if not all(isinstance(d.get(k) or "", str) for k in ("instruction", "input", "output")):
+            raise ValueError(f"{path}:{lineno}: 'instruction', 'input' and 'output' must be strings")
+        q = "\n".join(x for x in (d["instruction"], d.get("input") or "") if x)
+        return _record(path, lineno, q, d["output"], i)
+    if "question" in d and "chain" in d:
+        raise ValueError(f"{path}:{lineno}: this is a question file, not trajectories; generate them with "
+                         f"`python fireact.py generate ...` (see README)")
+    raise ValueError(f"{path}:{lineno}: unknown record format (keys {sorted(d)[:6]}); expected 'steps', "
+                     f"'messages' or 'instruction'/'output'")
+
+
+def read_records(path):
+    """Our trajectory JSONL, FireAct alpaca JSON (a list) or FireAct gpt JSONL -> list of our records."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: " + ("is a directory, not a data file" if path.is_dir() else "no such file"))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}); trajectory files are UTF-8 JSON") from None
+    dec, out = json.JSONDecoder(), []
+    if text.lstrip().startswith("["):  # a JSON array: decode element by element to know each one's line
+        pos = text.index("[") + 1
+        while True:
+            while pos < len(text) and text[pos] in " \t\r\n,":
+                pos += 1
+            if pos >= len(text) or text[pos] == "]":
+                break
+            lineno = text.count("\n", 0, pos) + 1
+            try:
+                d, pos = dec.raw_decode(text, pos)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+            out.append(_from_json(path, lineno, d, len(out)))
+        return out
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: invalid JSON: {e.msg}") from None
+        out.append(_from_json(path, lineno, d, len(out)))
+    return out
+
+
+def write_jsonl(path: Path, records):
+    """All records at once, atomically: a reader sees the old file or the new one, never half of one."""
+    atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def append_jsonl(f, record: dict):
+    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    f.flush()
+    os.fsync(f.fileno())  # a record is either wholly on disk or torn at the end, which the next run cuts
+
+
+def read_jsonl_resumable(path: Path) -> list[dict]:
+    """Records already in an append-only JSONL file. A torn last line (a crash mid-write) is cut off the file;
+    a corrupt line elsewhere is an error naming file:line (it was not written by us: refuse to guess)."""
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    if raw and not raw.endswith(b"\n"):
+        nl = raw.count(b"\n") + 1
+        print(f"{path}:{nl}: torn last line (an interrupted write) removed", file=sys.stderr)
+        with open(path, "r+b") as f:
+            f.truncate(raw.rfind(b"\n") + 1)
+        raw = raw[:raw.rfind(b"\n") + 1]
+    out = []
+    for lineno, line in enumerate(raw.decode("utf-8", errors="replace").split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: corrupt line ({e.msg}); delete that line (the question is then "
+                             f"generated again) or pass another --out") from None
+    return out
+
+
 # ------------------------------------------------------------------------------------------------------- tasks
-@dataclass
 class Task:
-    name: str
-    metric: str         # qa | yesno | mc
-    family: str         # prompt files: data/prompts/{method}_{family}.txt
-    tool: str           # default tool: wikipedia | local | search
-    split: str          # default split
+    """A task's facts in one place (nanochat-style): metric, prompt family, default tool, splits, loader and
+    public sources. Splits: `train_splits` are what generate may use (the first is its default); `eval_splits`
+    are for evaluation only (the first is eval's default) and generate refuses them unless told."""
+    name, metric, family, tool = "", "qa", "hotpotqa", "local"  # metric: qa | yesno | mc; family: prompt files
+    train_splits: tuple = ()
+    eval_splits: tuple = ()
+    sources: dict = {}      # path under the data dir -> public URL (`download`)
+
+    def load(self, split: str) -> list[dict]:
+        raise NotImplementedError
+
+    def convert(self, dest: Path):
+        """After `download`: turn the raw files in dest into the layout `load` reads."""
+
+    def questions(self, split: str = "", n: int = 0) -> list[dict]:
+        """[{"id", "question", "answer"}] of a split (answers as strings: 'yes'/'no', 'A'-'D'); never empty."""
+        split = split or (self.eval_splits or self.train_splits)[0]
+        if split not in self.train_splits + self.eval_splits:
+            raise ValueError(f"task {self.name} has no split {split!r}; choose from "
+                             f"{', '.join(self.train_splits + self.eval_splits)}")
+        qs = self.load(split)
+        if not qs:
+            raise ValueError(f"task {self.name}, split {split}: no questions in {data_dir()} (run `python "
+                             f"fireact.py download`, or set FIREACT_DATA)")
+        if n < 0:
+            raise ValueError(f"--n {n}: must be >= 0 (0 = all {len(qs)} questions)")
+        return qs[:n] if n else qs
 
 
-TASKS = {t.name: t for t in (
-    Task("hotpotqa", "qa", "hotpotqa", "wikipedia", "fireact500"),
-    Task("hotpotqa_offline", "qa", "hotpotqa", "local", "dev"),
-    Task("bamboogle", "qa", "hotpotqa", "wikipedia", "test"),
-    Task("strategyqa", "yesno", "strategyqa", "wikipedia", "dev"),
-    Task("mmlu", "mc", "mmlu", "wikipedia", "test"),
-    Task("toy", "qa", "hotpotqa", "local", "dev"),
-)}
+class HotpotQA(Task):
+    name, tool = "hotpotqa", "wikipedia"
+    train_splits, eval_splits = ("train",), ("fireact500", "dev")
+    sources = {"hotpotqa/dev.json": REACT_RAW + "data/hotpot_dev_v1_simplified.json",
+               "hotpotqa/train.json": REACT_RAW + "data/hotpot_train_v1.1_simplified.json"}
+
+    def load(self, split):
+        if split == "train":
+            rows = read_json(data_dir() / "hotpotqa" / "train.json")
+            return [dict(id=str(i), question=r["question"], answer=r["answer"]) for i, r in enumerate(rows)]
+        dev = read_json(data_dir() / "hotpotqa" / "dev.json")
+        ids = fireact_eval_ids() if split == "fireact500" else range(len(dev))
+        return [dict(id=str(i), question=dev[i]["question"], answer=dev[i]["answer"]) for i in ids]
+
+
+class HotpotQAOffline(Task):
+    """The 957 HotpotQA dev questions whose 10 context paragraphs are public together (data/hotpotqa/
+    offline_dev_indices.json): the offline corpus tools search their 9,366 paragraphs. Evaluation only."""
+    name, tool = "hotpotqa_offline", "local"
+    eval_splits = ("dev",)
+    sources = {"hotpotqa/dev.json": HotpotQA.sources["hotpotqa/dev.json"],
+               "hotpotqa/hotpot_dev_distractor_v1.json": "http://curtis.ml.cmu.edu/datasets/hotpot/hotpot_dev_distractor_v1.json"}
+
+    def load(self, split):
+        return [dict(id=str(r["dev_index"]), question=r["question"], answer=r["answer"])
+                for r in read_json(data_dir() / "hotpotqa" / "dev_distractor.jsonl")]
+
+    def convert(self, dest):
+        raw, dev = dest / "hotpotqa" / "hotpot_dev_distractor_v1.json", dest / "hotpotqa" / "dev.json"
+        if not raw.exists() or not dev.exists():
+            return
+        keep = set(json.loads((REPO / "data" / "hotpotqa" / "offline_dev_indices.json").read_text()))
+        index = {r["question"]: i for i, r in enumerate(read_json(dev))}
+        rows = [dict(r, dev_index=index[r["question"]]) for r in read_json(raw)
+                if index.get(r["question"]) in keep]
+        write_jsonl(dest / "hotpotqa" / "dev_distractor.jsonl", sorted(rows, key=lambda r: r["dev_index"]))
+
+
+class Bamboogle(Task):
+    name, tool = "bamboogle", "wikipedia"
+    eval_splits = ("test",)
+    sources = {"bamboogle/test.csv": FIREACT_RAW + "data/bamboogle/test.csv"}
+    # FireAct's CSV went through a spreadsheet: 13 answers became dates like 29-May-32. The century (1904 or
+    # 2004) and the layout ("30 June 2011") cannot be inferred, so the 13 true answers are listed here.
+    DATES = {"29-May-32": "May 29, 1932", "6-Nov-05": "November 6, 1905", "22-Apr-94": "April 22, 1994",
+             "20-Apr-66": "April 20, 1966", "13-Sep-93": "September 13, 1993", "31-Jul-58": "July 31, 1958",
+             "30-Mar-71": "March 30, 1971", "30-Jun-11": "30 June 2011", "22-Apr-04": "April 22, 1904",
+             "28-Mar-69": "March 28, 1969", "5-Jun-04": "June 5, 2004", "9-May-05": "May 9, 2005",
+             "27-Jul-53": "July 27, 1953"}
+
+    def load(self, split):
+        return [dict(id=str(i), question=r["question"], answer=r["answer"])
+                for i, r in enumerate(read_json(data_dir() / "bamboogle" / "test.json"))]
+
+    def convert(self, dest):
+        src = dest / "bamboogle" / "test.csv"
+        with open(src, newline="", encoding="utf-8") as f:
+            rows = [dict(question=r["Question"], answer=self.DATES.get(r["Answer"], r["Answer"]))
+                    for r in csv.DictReader(f)]
+        for i, r in enumerate(rows):
+            if re.fullmatch(r"\d{1,2}-[A-Z][a-z]{2}-\d{2}", r["answer"]):
+                raise ValueError(f"{src}:{i + 2}: answer {r['answer']!r} looks like a spreadsheet date with no "
+                                 f"known correction; add it to Bamboogle.DATES")
+        atomic_write(dest / "bamboogle" / "test.json", json.dumps(rows, indent=1, ensure_ascii=False))
+
+
+class StrategyQA(Task):
+    name, metric, family, tool = "strategyqa", "yesno", "strategyqa", "wikipedia"
+    train_splits, eval_splits = ("train",), ("dev",)
+    sources = {"strategyqa/dev.json": STRATEGYQA_RAW + "dev.json",
+               "strategyqa/train_filtered.json": STRATEGYQA_RAW + "train_filtered.json"}
+
+    def load(self, split):
+        rows = read_json(data_dir() / "strategyqa" / ("train_filtered.json" if split == "train" else "dev.json"))
+        return [dict(id=r["qid"], question=r["question"], answer="yes" if r["answer"] else "no") for r in rows]
+
+
+class MMLU(Task):
+    """Train: MMLU's auxiliary training set as FireAct kept it (ARC, OBQA, MCTest, law, science; no RACE),
+    which FireAct's MMLU trajectories were generated on. Eval: MMLU's own dev/val/test."""
+    name, metric, family, tool = "mmlu", "mc", "mmlu", "wikipedia"
+    train_splits, eval_splits = ("train",), ("test", "dev", "val")
+    sources = {"mmlu/data.tar": "https://people.eecs.berkeley.edu/~hendrycks/data.tar"}
+    TAR_DIRS = {"dev": "dev", "val": "val", "test": "test", "auxiliary_train": "auxiliary_train"}
+
+    def load(self, split):
+        qs = []
+        for f in sorted((data_dir() / "mmlu" / ("auxiliary_train" if split == "train" else split)).glob("*.csv")):
+            with open(f, newline="", encoding="utf-8") as fh:
+                for i, row in enumerate(csv.reader(fh)):
+                    if len(row) != 6:
+                        raise ValueError(f"{f}:{i + 1}: expected 6 columns, got {len(row)}")
+                    q = row[0] + "".join(f"\n{l}. {o}" for l, o in zip("ABCD", row[1:5]))
+                    qs.append(dict(id=f"{f.stem}-{i}", question=q, answer=row[5].strip()))
+        return qs
+
+    def convert(self, dest):
+        import tarfile
+        if (dest / "mmlu" / "test").exists() and (dest / "mmlu" / "auxiliary_train").exists():
+            return
+        with tarfile.open(dest / "mmlu" / "data.tar") as tar:  # data/{split}/*.csv -> mmlu/{split}/
+            for m in tar.getmembers():
+                parts = Path(m.name).parts
+                if m.isfile() and len(parts) == 3 and parts[1] in self.TAR_DIRS and parts[2].endswith(".csv") \
+                        and parts[2] != "race.csv":  # FireAct dropped RACE (long passages)
+                    atomic_write(dest / "mmlu" / parts[1] / parts[2], tar.extractfile(m).read())
+
+
+class Toy(Task):
+    """The offline toy world (toyworld.py), inside the repo."""
+    name, tool = "toy", "local"
+    train_splits, eval_splits = ("train",), ("dev", "test")
+
+    def load(self, split):  # data/toy/train.jsonl holds trajectories; the training questions are train_questions
+        name = "train_questions" if split == "train" else split
+        return [dict(id=str(r["id"]), question=r["question"], answer=r["answer"])
+                for r in read_json(REPO / "data" / "toy" / f"{name}.jsonl")]
+
+
+TASKS = {t.name: t for t in (HotpotQA(), HotpotQAOffline(), Bamboogle(), StrategyQA(), MMLU(), Toy())}
 
 
 def get_task(name: str) -> Task:
     if name not in TASKS:
-        raise SystemExit(f"unknown task {name!r}; choose from {', '.join(TASKS)}")
+        raise ValueError(f"unknown task {name!r}; choose from {', '.join(TASKS)}")
     return TASKS[name]
 
 
@@ -145,40 +560,33 @@ def fireact_eval_ids() -> list[int]:
 
 
 def load_questions(task: str, split: str = "", n: int = 0) -> list[dict]:
-    """Questions of a task as [{"id", "question", "answer"}] (answers as strings: 'yes'/'no', 'A'-'D')."""
-    t, d = get_task(task), data_dir()
-    split = split or t.split
-    if task == "hotpotqa":
-        if split == "train":
-            rows = read_json(d / "hotpotqa" / "train.json")
-            qs = [dict(id=str(i), question=r["question"], answer=r["answer"]) for i, r in enumerate(rows)]
-        else:
-            dev = read_json(d / "hotpotqa" / "dev.json")
-            ids = fireact_eval_ids() if split == "fireact500" else range(len(dev))
-            qs = [dict(id=str(i), question=dev[i]["question"], answer=dev[i]["answer"]) for i in ids]
-    elif task == "hotpotqa_offline":
-        qs = [dict(id=str(r["dev_index"]), question=r["question"], answer=r["answer"])
-              for r in read_json(d / "hotpotqa" / "dev_distractor.jsonl")]
-    elif task == "bamboogle":
-        qs = [dict(id=str(i), question=r["question"], answer=r["answer"])
-              for i, r in enumerate(read_json(d / "bamboogle" / "test.json"))]
-    elif task == "strategyqa":
-        rows = read_json(d / "strategyqa" / ("train_filtered.json" if split == "train" else "dev.json"))
-        qs = [dict(id=r["qid"], question=r["question"], answer="yes" if r["answer"] else "no") for r in rows]
-    elif task == "mmlu":
-        qs = []
-        for f in sorted((d / "mmlu" / split).glob("*.csv")):
-            with open(f, newline="") as fh:
-                for i, row in enumerate(csv.reader(fh)):
-                    if len(row) != 6:
-                        raise ValueError(f"{f}:{i + 1}: expected 6 columns, got {len(row)}")
-                    q = row[0] + "".join(f"\n{l}. {o}" for l, o in zip("ABCD", row[1:5]))
-                    qs.append(dict(id=f"{f.stem}-{i}", question=q, answer=row[5].strip()))
-    else:  # toy: made by toyworld.py inside the repo (data/toy/train.jsonl holds trajectories, not questions)
-        name = "train_questions" if split == "train" else split
-        qs = [dict(id=str(r["id"]), question=r["question"], answer=r["answer"])
-              for r in read_json(REPO / "data" / "toy" / f"{name}.jsonl")]
-    return qs[:n] if n else qs
+    return get_task(task).questions(split, n)
+
+
+def question_key(q: str) -> str:
+    """Questions compared across files (the overlap check): SQuAD-normalised text."""
+    return normalize_answer(q)
+
+
+# ------------------------------------------------------------------------------------------- tools and prompts
+TOOLS = ("local", "snippet", "wikipedia", "google")  # local: page tool over a corpus; snippet: offline search engine
+
+
+def corpus_path(task: str) -> Path:
+    """The offline corpus of a task: the toy world's pages, or the 9,366 paragraphs of the 957 HotpotQA dev
+    questions (built once from dev_distractor.jsonl into the cache, rebuilt when that file changes)."""
+    if task == "toy":
+        return REPO / "data" / "toy" / "corpus.jsonl"
+    if task.startswith("hotpotqa"):
+        src = data_dir() / "hotpotqa" / "dev_distractor.jsonl"
+        if not src.exists():
+            raise ValueError(f"{src}: missing (run `python fireact.py download --only hotpotqa`)")
+        key = hashlib.sha1(f"{src.resolve()}:{src.stat().st_mtime_ns}".encode()).hexdigest()[:12]
+        corpus = CACHE / "corpus" / f"dev_distractor_{key}.jsonl"
+        if not corpus.exists():
+            tools.build_corpus([src], corpus)
+        return corpus
+    raise ValueError(f"no offline corpus for task {task!r}: use --tool wikipedia or --tool google")
 
 
 def make_tool(task: str, kind: str = "", noise: float = 0.0, noise_mode: str = "none", seed: int = 0):
@@ -186,66 +594,55 @@ def make_tool(task: str, kind: str = "", noise: float = 0.0, noise_mode: str = "
     kind = kind or get_task(task).tool
     if kind == "wikipedia":
         tool = tools.Wikipedia(cache_dir=CACHE / "wikipedia")
-    elif kind == "search":
+    elif kind == "google":
         tool = tools.GoogleSearch()
     elif kind == "local":
-        if task == "toy":
-            corpus = REPO / "data" / "toy" / "corpus.jsonl"
-        elif task.startswith("hotpotqa"):  # offline corpus: the 9,366 paragraphs of the 957 distractor questions
-            src = data_dir() / "hotpotqa" / "dev_distractor.jsonl"
-            key = hashlib.sha1(f"{src.resolve()}:{src.stat().st_mtime_ns}".encode()).hexdigest()[:12]
-            corpus = CACHE / "corpus" / f"dev_distractor_{key}.jsonl"  # rebuilt when the source changes
-            if not corpus.exists():
-                tools.build_corpus([src], corpus)
-        else:
-            raise SystemExit(f"--tool local: no offline corpus for task {task!r}")
-        tool = tools.LocalWiki(corpus)
+        tool = tools.LocalWiki(corpus_path(task))
+    elif kind == "snippet":
+        tool = tools.SnippetSearch(corpus_path(task))
     else:
-        raise SystemExit(f"unknown tool {kind!r}; choose wikipedia | local | search")
+        raise ValueError(f"unknown tool {kind!r}; choose {' | '.join(TOOLS)}")
     return tools.NoisyTool(tool, noise, mode=noise_mode, seed=seed) if noise > 0 else tool
 
 
-# ----------------------------------------------------------------------------------------------------- prompts
-def history_text(question: str, steps: list[dict]) -> str:
-    """Question and steps so far in the ReAct text layout (also the `traj` text of results files)."""
-    out = f"Question: {question}\n"
-    for s in steps:
-        out += (f"Thought: {s['thought']}\n" if s.get("thought") else "") + f"Action: {s['action']}\n"
-        out += f"Observation: {s['observation']}\n"
-    return out
+def prompt_file(method: str, family: str, tool: str) -> Path:
+    """data/prompts/{method}_{family}[_snippet].txt: search-engine tools (snippet, google) get the prompts whose
+    search takes a free-text query and returns one snippet; page tools get the Wikipedia-style ones."""
+    style = "_snippet" if tool in ("snippet", "google") and method != "cot" else ""
+    return PROMPTS / f"{method}_{family}{style}.txt"
 
 
-def few_shot(method: str, family: str):
-    """prompt_fn(question, steps) -> text: the few-shot prefix of data/prompts/{method}_{family}.txt + history."""
-    path = PROMPTS / f"{method}_{family}.txt"
+def few_shot(method: str, family: str, tool: str = ""):
+    """prompt_fn(question, steps) -> text: the few-shot prefix of the prompt file + the history so far."""
+    path = prompt_file(method, family, tool)
     if not path.exists():
-        raise SystemExit(f"{path}: no such prompt file")
-    prefix = path.read_text().strip()
+        raise ValueError(f"{path}: no such prompt file")
+    prefix = path.read_text(encoding="utf-8").strip()
     suffix = "Reflection:" if method == "reflexion" else ""
     return lambda question, steps: f"{prefix}\n\n{history_text(question, steps)}{suffix}"
 
 
-def zero_shot(tokenizer):
-    """prompt_fn for fine-tuned students: token ids from train.render, the very function used in training."""
-    import train
-    return lambda question, steps: train.render(question, steps, tokenizer, for_inference=True)[0]
+def zero_shot(tokenizer, template="react"):
+    """prompt_fn for fine-tuned students: token ids from `render`, the very function used in training."""
+    return lambda question, steps: render(question, steps, tokenizer, for_inference=True, template=template)[0]
 
 
 # -------------------------------------------------------------------------------------------------------- LLMs
 class TeacherLLM:
-    """An agent-loop LLM over tools.Teacher (or toyworld.OracleTeacher): concurrent HTTP chat requests."""
+    """An agent-loop LLM over tools.Teacher (or toyworld.OracleTeacher): concurrent HTTP chat requests. A prompt
+    is text (sent as one user message) or a list of chat messages (FireAct's gpt format, `chat_messages`)."""
 
-    def __init__(self, teacher, workers=8, max_tokens=256, temperature=0.0, rpm=None):
+    def __init__(self, teacher, workers=8, max_tokens=512, temperature=0.0, rpm=None):
         self.teacher, self.workers, self.max_tokens, self.temperature, self.rpm = teacher, workers, max_tokens, temperature, rpm
         self.draws, self.lock = Counter(), threading.Lock()
 
     def _one(self, prompt, stop, temperature):
-        extra = {}
+        extra, msgs = {}, prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
         if temperature > 0:  # a re-sample is the same request: a per-draw seed keeps the cache from replaying it
+            key = json.dumps(msgs)
             with self.lock:
-                extra["seed"], self.draws[prompt] = self.draws[prompt], self.draws[prompt] + 1
-        return self.teacher.chat([{"role": "user", "content": prompt}], temperature=temperature,
-                                 max_tokens=self.max_tokens, stop=stop, **extra)
+                extra["seed"], self.draws[key] = self.draws[key], self.draws[key] + 1
+        return self.teacher.chat(msgs, temperature=temperature, max_tokens=self.max_tokens, stop=stop, **extra)
 
     def complete_batch(self, prompts, stop=None, stop_at=None, temperature=None):
         """One reply per prompt (an Exception object where a request failed for good), cut by stop_at."""
@@ -263,6 +660,8 @@ class TeacherLLM:
         return [o if isinstance(o, Exception) else cut(o) for o in outs]
 
     def extend(self, prompt, text):
+        if isinstance(prompt, list):  # a chat model cannot continue a message: the prefill becomes its own turn
+            return prompt + [{"role": "assistant", "content": text}] if text else prompt
         return prompt + text
 
     @property
@@ -273,7 +672,7 @@ class TeacherLLM:
 class LocalLLM:
     """An agent-loop LLM over model.generate: one batched generate call advances every prompt together."""
 
-    def __init__(self, model, tokenizer, max_new_tokens=128, temperature=0.0, seed=0, prefix_cache_mb=2048):
+    def __init__(self, model, tokenizer, max_new_tokens=512, temperature=0.0, seed=0, prefix_cache_mb=2048):
         import model as M
         self.model, self.tok, self.max_new_tokens, self.temperature, self.seed = model, tokenizer, max_new_tokens, temperature, seed
         self._usage = Counter()
@@ -337,27 +736,33 @@ class Episode:
     answer: str
     tool: object
     steps: list = field(default_factory=list)
-    done: bool = False      # finished by its own finish action, by a forced finish, or by an error
+    done: bool = False      # ended: by its own finish, by a forced finish, out of turns, or by an error
     forced: bool = False
     pred: str = None
     error: str = ""
+    turns: int = 0          # LLM turns taken (the step budget; a gold-judged retry does not reset it)
     prefill: str = ""       # text the next LLM turn continues (a reflection)
     reflections: int = 0
     reflect_due: bool = False
+    restart: bool = False   # gold-judged retry: the failed attempt is dropped once its reflection is written
 
 
 @dataclass
 class Reflexion:
-    prompt_fn: object       # (question, steps) -> reflection prompt
-    judge: object           # (episode, answer) -> bool: is this answer right?
-    at_step: int = 5        # reflect when this many steps passed unsolved ...
-    max_reflections: int = 1  # ... or after a wrong finish, at most this often per episode
+    """FireAct's Reflexion: an episode still unsolved after `at` rounds gets a reflection from the LLM, which opens
+    its next Thought; no gold answer is used inside a trajectory. judge (opt-in, original Reflexion with gold
+    feedback): after a wrong finish, reflect and retry from scratch; the failed attempt never reaches the record."""
+    prompt_fn: object           # (question, steps) -> the reflection prompt
+    at: tuple = (5, 9)          # FireAct reflected at its 6th and 10th ReAct rounds: after 5 and 9 unsolved steps
+    judge: object = None        # (episode, answer) -> is it right?  None = no gold feedback (FireAct)
+    max_retries: int = 2
 
 
 def run_agent(llm, tools_by_episode, questions, prompt_fn, max_steps=11, batch_size=0, retries=2,
-              resample_temperature=0.7, reflexion=None, on_done=None) -> list[Episode]:
+              resample_temperature=0.7, reflexion=None, on_done=None, force_answer=False) -> list[Episode]:
     """THE agent loop, for any LLM with .complete_batch/.extend. Live episodes (at most batch_size, 0 = all) advance
-    together: one complete_batch call per step, refilled from the queue as episodes end. Returns the episodes."""
+    together: one complete_batch call per step, refilled from the queue as episodes end. An episode out of turns
+    ends unfinished (FireAct and ReAct score it 0), or with force_answer gets one last turn that must finish."""
     queue = deque(Episode(q["id"], q["question"], q["answer"], t) for q, t in zip(questions, tools_by_episode))
     live, finished = [], []
     while queue or live:
@@ -368,15 +773,20 @@ def run_agent(llm, tools_by_episode, questions, prompt_fn, max_steps=11, batch_s
             for ep, out in zip(due, llm.complete_batch([reflexion.prompt_fn(ep.question, ep.steps) for ep in due],
                                                         stop=["\nQuestion:", "\n\n"]) if due else []):
                 if isinstance(out, Exception):
-                    ep.error, ep.done = repr(out), True
+                    ep.error, ep.done = str(out), True
                 else:
                     ep.prefill = f"Thought: {REFLECT_INTRO} {' '.join(out.split())}\n"
                 ep.reflections, ep.reflect_due = ep.reflections + 1, False
-        # Out of steps: one last turn whose prompt already ends in `Action: finish[`.
-        for forced in (False, True):
-            group = [ep for ep in live if not ep.done and (len(ep.steps) >= max_steps) == forced]
+                if ep.restart:
+                    ep.steps, ep.restart = [], False
+        for ep in live:
+            if not ep.done and ep.turns >= max_steps and not force_answer:
+                ep.done = True  # out of turns: unfinished, no answer
+        for forced in (False, True) if force_answer else (False,):
+            group = [ep for ep in live if not ep.done and (ep.turns >= max_steps) == forced]
             if not group:
                 continue
+            # forced: one last turn whose prompt already ends in `Action: finish[`
             prompts = [llm.extend(prompt_fn(ep.question, ep.steps), FORCE if forced else ep.prefill) for ep in group]
             outs = llm.complete_batch(prompts, stop=["]", "\n"] if forced else STOP,
                                       stop_at=None if forced else cut_after_action)
@@ -403,8 +813,9 @@ def run_agent(llm, tools_by_episode, questions, prompt_fn, max_steps=11, batch_s
 def advance(ep: Episode, out, forced: bool, reflexion):
     """Apply one LLM turn to an episode: parse, run the tool, record the step."""
     if isinstance(out, Exception):
-        ep.error, ep.done = repr(out), True
+        ep.error, ep.done = str(out), True
         return
+    ep.turns += 1
     text = FORCE + out.split("]")[0].strip() + "]" if forced else ep.prefill + out
     ep.prefill = ""
     thought, action = split_step(text)
@@ -418,76 +829,93 @@ def advance(ep: Episode, out, forced: bool, reflexion):
     ep.forced = forced
     if getattr(ep.tool, "done", False):
         answer = ep.tool.answer
-        if reflexion and not forced and ep.reflections < reflexion.max_reflections and not reflexion.judge(ep, answer):
-            ep.steps[-1]["observation"] = "Answer is incorrect."
-            ep.tool, ep.reflect_due = ep.tool.fork(), True  # fresh episode state, same backend
+        if reflexion and reflexion.judge and not forced and ep.reflections < reflexion.max_retries \
+                and not reflexion.judge(ep, answer):
+            ep.tool, ep.reflect_due, ep.restart = ep.tool.fork(), True, True  # fresh tool state, same backend
         else:
             ep.pred, ep.done = answer, True
     elif forced:
         ep.done = True  # the forced finish failed to parse: no answer
-    elif reflexion and len(ep.steps) == reflexion.at_step and ep.reflections < reflexion.max_reflections:
+    elif reflexion and ep.turns in reflexion.at:
         ep.reflect_due = True
 
 
-def episode_record(ep: Episode, task: str, method: str, source: str) -> dict:
-    """Our trajectory record (DESIGN §4)."""
+def episode_record(ep: Episode, task: str, method: str, source: str, tool: str) -> dict:
+    """Our trajectory record (the schema is in the trajectories section)."""
     em, f1 = score_answer(get_task(task).metric, ep.pred, ep.answer)
     return dict(id=ep.id, task=task, method=method, question=ep.question, answer=ep.answer, steps=ep.steps,
                 pred=ep.pred, em=em, f1=f1, finished=ep.pred is not None and not ep.forced, forced=ep.forced,
-                source=source)
+                reflections=ep.reflections, tool=tool, source=source)
 
 
-# ------------------------------------------------------------------------------------------------- files, resume
-def read_jsonl_resumable(path: Path) -> list[dict]:
-    """Records already in an append-only JSONL file. A torn last line (a crash mid-write) is cut off the file."""
-    if not path.exists():
-        return []
-    raw = path.read_bytes()
-    if raw and not raw.endswith(b"\n"):
-        with open(path, "r+b") as f:
-            f.truncate(raw.rfind(b"\n") + 1)
-        raw = raw[:raw.rfind(b"\n") + 1]
-    return [json.loads(line) for line in raw.decode().splitlines() if line.strip()]
-
-
-def append_jsonl(f, record: dict):
-    f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    f.flush()
-    os.fsync(f.fileno())  # a record is either wholly on disk or torn at the end, which the next run cuts
-
-
+# ---------------------------------------------------------------------------------------------------- results
 def read_results(path: Path) -> list[dict]:
     """Our eval JSON / FireAct's trajs/*.json (dict id -> {pred, gt, ...}) or our trajectory JSONL -> rows."""
     if path.suffix == ".jsonl":
-        return [dict(r, gold=r["answer"]) for r in read_json(path)]
+        return [dict(r, gold=r["answer"]) for r in read_records(path)]
     d = read_json(path)
-    if not isinstance(d, dict):
-        raise SystemExit(f"{path}: expected a dict id -> result (FireAct trajs schema)")
+    if not isinstance(d, dict) or not all(isinstance(v, dict) for v in d.values()):
+        raise ValueError(f"{path}: expected a JSON object id -> result (FireAct trajs schema)")
+    if not d:
+        raise ValueError(f"{path}: no results in the file")
     return [dict(v, id=k, gold=v.get("gt", "")) for k, v in d.items()]
+
+
+def summary_path(path: Path) -> Path:
+    return path.with_suffix(".summary.json")
 
 
 def denominator(path: Path, rows: list) -> int:
     """FireAct's rule: the subset's size counts, also where a file holds fewer entries. Taken from our summary
     file, else from a FireAct file name (`..._dev_0_500_...`), else the number of entries."""
-    summary = path.with_suffix(".summary.json")
-    if summary.exists():
-        return json.loads(summary.read_text())["n"]
+    if summary_path(path).exists():
+        return json.loads(summary_path(path).read_text())["n"]
     m = re.search(r"_(\d+)_(\d+)_", path.name)
     return int(m.group(2)) - int(m.group(1)) if m else len(rows)
+
+
+def check_out_path(path: str, flag="--out"):
+    """Fail at the start, not after an hour of work, when a result could not be written there."""
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{flag} {path}: is a directory; give a file path")
+    parent = next((a for a in p.absolute().parents if a.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ValueError(f"{flag} {path}: {parent} is a file, not a directory")
+    if parent is not None and not os.access(parent, os.W_OK):
+        raise ValueError(f"{flag} {path}: {parent} is not writable")
+
+
+def error_digest(errors: list[str], k=3) -> list[str]:
+    """The first k distinct error messages (servers repeat themselves)."""
+    return list(dict.fromkeys(errors))[:k]
 
 
 # ----------------------------------------------------------------------------------------------------- configs
 @dataclass
 class RunConfig:  # what generate and eval share
-    task: str = "toy"
-    split: str = ""               # "" = the task's default (toy: dev; pass train for training data)
+    task: str = "toy"             # toy | hotpotqa | hotpotqa_offline | bamboogle | strategyqa | mmlu
+    split: str = ""               # "" = generate: the task's training split; eval: its first evaluation split
     n: int = 0                    # first n questions (0 = all)
-    tool: str = ""                # wikipedia | local | search; "" = the task's default
-    max_steps: int = 11           # FireAct 11, ReAct 7
+    tool: str = ""                # local | snippet | wikipedia | google; "" = eval: the tool family of the adapter's training data, else the task's default
+    max_steps: int = 11           # LLM turns per episode (FireAct 11, ReAct 7); an episode out of turns scores 0
     teacher_model: str = ""       # an OpenAI-style model name, or "oracle" (toyworld.OracleTeacher)
     base_url: str = ""            # "" = OpenAI; any OpenAI-compatible server otherwise
     api_key_env: str = "OPENAI_API_KEY"  # the NAME of the variable holding the key; the key is never written
+    timeout: float = 60.0         # seconds: the total deadline of one teacher request (all of its reads)
+    retries: int = 6              # retries of a teacher request after 429/5xx/timeouts, with backoff
     seed: int = 0
+
+    def check(self):
+        get_task(self.task)
+        if self.tool and self.tool not in TOOLS:
+            raise ValueError(f"--tool {self.tool}: choose {' | '.join(TOOLS)}")
+        for name, lo in (("n", 0), ("max_steps", 1), ("retries", 0)):
+            if getattr(self, name) < lo:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= {lo}")
+        if self.timeout <= 0:
+            raise ValueError(f"--timeout {self.timeout}: must be > 0 seconds")
+        check_out_path(self.out)
 
 
 @dataclass
@@ -495,33 +923,74 @@ class GenerateConfig(RunConfig):
     teacher_model: str = "gpt-4"
     method: str = "react"         # react | cot | reflexion
     out: str = "runs/trajectories.jsonl"
-    reflect_at: int = 5           # Reflexion: reflect after this many unsolved steps (and after a wrong finish)
+    reflect_at: list = field(default_factory=lambda: [5, 9])  # Reflexion: reflect when still unsolved after these turns (FireAct: before its 6th and 10th)
+    reflect_on: str = "rounds"    # rounds: FireAct's (no gold answer in a trajectory) | wrong: also retry after a wrong finish, judged with the gold answer; the failed attempt is dropped
+    allow_eval_split: bool = False  # generate on an evaluation split (its questions then must not be evaluated on)
     workers: int = 8              # concurrent episodes
     rpm: int = 0                  # requests per minute (0 = unlimited)
     temperature: float = 0.0
-    max_tokens: int = 256
+    max_tokens: int = 512         # per teacher turn; a turn ends at its first complete Action line anyway
+
+    def check(self):
+        super().check()
+        if self.method not in ("react", "cot", "reflexion"):
+            raise ValueError(f"--method {self.method}: choose react | cot | reflexion")
+        if self.reflect_on not in ("rounds", "wrong"):
+            raise ValueError(f"--reflect-on {self.reflect_on}: choose rounds | wrong")
+        self.reflect_at = [int(x) for x in self.reflect_at]
+        for name, lo in (("workers", 1), ("rpm", 0), ("max_tokens", 1)):
+            if getattr(self, name) < lo:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= {lo}")
+        if not 0 <= self.temperature <= 2:
+            raise ValueError(f"--temperature {self.temperature}: must be in [0, 2]")
 
 
 @dataclass
 class EvalConfig(RunConfig):
     model: str = ""               # local checkpoint dir / hub name; "" = the embedded SmolLM2-135M-Instruct
     adapter: str = ""             # LoRA adapter dir: fine-tuned, zero-shot prompt
+    template: str = ""            # react | alpaca: the student's prompt layout; "" = what the adapter was trained with
     noise: float = 0.0            # probability that an observation is replaced (NoisyTool)
-    noise_mode: str = "none"      # none | random
+    noise_mode: str = "none"      # none: the observation becomes "None" | random: another question's observation
     out: str = "runs/eval.json"
-    max_new_tokens: int = 128
+    max_new_tokens: int = 512     # per turn (FireAct allowed 1,000; a turn ends at its first complete Action line)
     batch_size: int = 32          # live episodes per batched generate call
     prefix_cache_mb: int = 2048   # K/V kept between agent turns, so a turn prefills only its new tokens (0 = off)
-    zero_shot: bool = False       # use the zero-shot (render) prompt even without an adapter
+    zero_shot: bool = False       # no few-shot prompt: the student's layout (local model) or FireAct's chat format (--teacher-model)
     compare: bool = False         # prompted (few-shot, no adapter) vs fine-tuned (adapter, zero-shot), side by side
+    force_answer: bool = False    # an episode out of turns gets one more turn that must finish (ReAct scores it 0)
+    exclude_overlap: list = field(default_factory=list)  # training files: drop eval questions that appear in them
+    max_failures: float = 0.0     # exit non-zero when more than this fraction of episodes failed (server errors)
     device: str = ""
+
+    def check(self):
+        super().check()
+        if self.template and self.template not in TEMPLATES:
+            raise ValueError(f"--template {self.template}: choose {' | '.join(TEMPLATES)}")
+        if self.noise_mode not in ("none", "random"):
+            raise ValueError(f"--noise-mode {self.noise_mode}: choose none | random")
+        if not 0 <= self.noise <= 1:
+            raise ValueError(f"--noise {self.noise}: must be a probability in [0, 1]")
+        if not 0 <= self.max_failures <= 1:
+            raise ValueError(f"--max-failures {self.max_failures}: must be a fraction in [0, 1]")
+        for name, lo in (("max_new_tokens", 1), ("batch_size", 0), ("prefix_cache_mb", 0)):
+            if getattr(self, name) < lo:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= {lo}")
+        for f in self.exclude_overlap + ([self.adapter] if self.adapter else []):
+            if not Path(f).exists():
+                raise ValueError(f"{f}: no such file or directory")
+        if self.compare and not self.adapter:
+            raise ValueError("--compare needs --adapter (the fine-tuned run)")
 
 
 @dataclass
 class FilterConfig:
     files: list = field(default_factory=list)
     out: str = "runs/filtered.jsonl"
-    keep_forced: bool = False
+    keep_forced: bool = False     # keep episodes whose answer was forced out of them (not successful trajectories)
+
+    def check(self):
+        check_out_path(self.out)
 
 
 @dataclass
@@ -534,42 +1003,61 @@ class MixConfig:
     per_method: list = field(default_factory=list)  # METHOD=N caps that override per_group: react=450 cot=0
     seed: int = 0
 
+    def check(self):
+        check_out_path(self.out)
+        if self.per_group < 0:
+            raise ValueError(f"--per-group {self.per_group}: must be >= 0")
+
 
 @dataclass
 class ScoreConfig:
     files: list = field(default_factory=list)
-    metric: str = ""              # "" = from the records' task (qa for FireAct trajs)
+    metric: str = ""              # qa | yesno | mc; "" = from the records' task (qa for FireAct trajs)
     n: int = 0                    # denominator override
+
+    def check(self):
+        if self.metric not in ("", "qa", "yesno", "mc"):
+            raise ValueError(f"--metric {self.metric}: choose qa | yesno | mc")
+        if self.n < 0:
+            raise ValueError(f"--n {self.n}: must be >= 0")
 
 
 @dataclass
 class DownloadConfig:
     dest: str = ""                # "" = ~/.cache/fireact/data (use with FIREACT_DATA=...)
-    only: list = field(default_factory=list)     # path prefixes from SOURCES, e.g. mmlu fireact/trajs
+    only: list = field(default_factory=list)     # path prefixes from `sources()`, e.g. mmlu fireact/trajs
+
+    def check(self):
+        pass
 
 
 def parse_config(cls, argv):
     """CLI flags from the dataclass fields (tools.parse_config): --max-steps 11, --compare / --no-compare, positional `files`."""
-    return tools.parse_config(cls, argv, prog=f"fireact.py {cls.__name__[:-6].lower()}", positional=("files",))
+    cfg = tools.parse_config(cls, argv, prog=f"fireact.py {cls.__name__[:-6].lower()}", positional=("files",))
+    cfg.check()
+    return cfg
 
 
 # ---------------------------------------------------------------------------------------------------- commands
-def make_teacher(name, base_url="", api_key_env="OPENAI_API_KEY", method=None):
+def make_teacher(name, base_url="", api_key_env="OPENAI_API_KEY", method=None, timeout=60.0, retries=6):
     if name == "oracle":  # the toy world's scripted teacher, same interface as tools.Teacher
         import toyworld
         return toyworld.OracleTeacher(method=method)
-    return tools.Teacher(name, base_url=base_url or None, api_key_env=api_key_env, cache_dir=CACHE / "teacher")
+    return tools.Teacher(name, base_url=base_url or None, api_key_env=api_key_env, cache_dir=CACHE / "teacher",
+                         timeout=timeout, max_retries=retries)
 
 
-def method_setup(task: Task, method: str, max_steps: int, reflect_at: int):
+def method_setup(task: Task, method: str, max_steps: int, reflect_at=(5, 9), reflect_on="rounds", tool=""):
     """(prompt_fn, max_steps, reflexion) for a generation method. CoT is one turn that must finish."""
     if method not in ("react", "cot", "reflexion"):
-        raise SystemExit(f"unknown method {method!r}; choose react | cot | reflexion")
+        raise ValueError(f"unknown method {method!r}; choose react | cot | reflexion")
     if method == "cot":
         return few_shot("cot", task.family), 1, None
-    judge = lambda ep, answer: score_answer(task.metric, answer, ep.answer)[0] > 0
-    reflexion = Reflexion(few_shot("reflexion", task.family), judge, reflect_at) if method == "reflexion" else None
-    return few_shot("react", task.family), max_steps, reflexion
+    reflexion = None
+    if method == "reflexion":
+        judge = (lambda ep, answer: score_answer(task.metric, answer, ep.answer)[0] > 0) if reflect_on == "wrong" else None
+        reflexion = Reflexion(few_shot("reflexion", task.family, tool), tuple(reflect_at), judge)
+    return few_shot("react", task.family, tool), max_steps, reflexion
 
 
 def cost(model_name: str, usage: dict):
@@ -580,50 +1068,96 @@ def cost(model_name: str, usage: dict):
     return (usage.get("prompt_tokens", 0) * p_in + usage.get("completion_tokens", 0) * p_out) / 1e6
 
 
+def generate_split(task: Task, cfg) -> str:
+    """generate's split: a training split unless told otherwise, so no evaluation question is trained on."""
+    split = cfg.split or (task.train_splits[0] if task.train_splits else "")
+    if not split:
+        raise ValueError(f"task {task.name} has no training split (evaluation only: {', '.join(task.eval_splits)}); "
+                         f"generate on another task, or pass --split S --allow-eval-split")
+    if split in task.eval_splits and not cfg.allow_eval_split:
+        raise ValueError(f"--split {split} of task {task.name} is an evaluation split; generate on "
+                         f"{' | '.join(task.train_splits) or 'another task'}, or pass --allow-eval-split")
+    return split
+
+
 def generate(cfg: GenerateConfig, teacher=None) -> Path:
     """Teacher trajectories, one JSONL record per question, appended as each episode ends. Resumable: questions
-    already in the file are skipped, so a killed run restarts where it stopped with no duplicate and no loss."""
+    already in the file are skipped, so a killed run restarts where it stopped with no duplicate and no loss.
+    The file is locked while a run writes it, and every record carries the settings that made it (`run`): a
+    rerun with other settings is refused instead of mixing records or skipping work as "already done"."""
+    import fcntl
     from tqdm import tqdm
     task = get_task(cfg.task)
+    split = generate_split(task, cfg)
+    tool = cfg.tool or task.tool
+    run = dict(task=cfg.task, split=split, method=cfg.method, teacher=cfg.teacher_model, tool=tool,
+               max_steps=cfg.max_steps, temperature=cfg.temperature, max_tokens=cfg.max_tokens,
+               **(dict(reflect_at=cfg.reflect_at, reflect_on=cfg.reflect_on) if cfg.method == "reflexion" else {}))
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = {r["id"] for r in read_jsonl_resumable(out)}
-    todo = [q for q in load_questions(cfg.task, cfg.split, cfg.n) if q["id"] not in done]
-    teacher = teacher or make_teacher(cfg.teacher_model, cfg.base_url, cfg.api_key_env, cfg.method)
-    llm = TeacherLLM(teacher, max_tokens=cfg.max_tokens, temperature=cfg.temperature)
-    prompt_fn, max_steps, reflexion = method_setup(task, cfg.method, cfg.max_steps, cfg.reflect_at)
-    base_tool = make_tool(cfg.task, cfg.tool, seed=cfg.seed)
-    print(f"generate {cfg.task}/{cfg.method} with {cfg.teacher_model}: {len(done)} done, {len(todo)} to go -> {out}")
-    # One episode per worker thread: each is written the moment it ends (the batch is the pool of threads).
-    episode = lambda q: run_agent(llm, [base_tool.fork()], [q], prompt_fn, max_steps, reflexion=reflexion)[0]
-    stats, t0 = Counter(), time.time()
-    with open(out, "a") as f, tqdm(total=len(todo), unit="q", dynamic_ncols=True) as bar:
-        for q, ep in tools.run_concurrently(episode, todo, workers=cfg.workers, rpm=cfg.rpm or None):
-            if isinstance(ep, BaseException) and not isinstance(ep, Exception):
-                raise ep  # Ctrl-C / exit inside a worker: stop; what is written stays valid
-            if isinstance(ep, Exception) or ep.error:
-                stats["errors"] += 1  # not written: a rerun tries it again
-            else:
-                rec = episode_record(ep, cfg.task, cfg.method, cfg.teacher_model)
-                append_jsonl(f, rec)
-                stats["written"] += 1
-                stats["correct"] += rec["em"]
-            bar.update(1)
-            bar.set_postfix(ok=int(stats["correct"]), err=stats["errors"])
+    with open(out, "a", encoding="utf-8") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"{out}: another generate is writing this file; wait for it or pass another --out") from None
+        have = read_jsonl_resumable(out)
+        for r in have[:1] + have[-1:]:
+            old = r.get("run") or dict(task=r.get("task"), method=r.get("method"))
+            diff = [f"{k} {old.get(k)!r} -> {run.get(k)!r}" for k in sorted(set(old) | set(run)) if old.get(k) != run.get(k)]
+            if diff:
+                raise ValueError(f"{out}: holds records made with other settings ({'; '.join(diff)}); "
+                                 f"pass another --out, or the same settings to resume")
+        done = {r["id"] for r in have}
+        todo = [q for q in task.questions(split, cfg.n) if q["id"] not in done]
+        teacher = teacher or make_teacher(cfg.teacher_model, cfg.base_url, cfg.api_key_env, cfg.method,
+                                          cfg.timeout, cfg.retries)
+        llm = TeacherLLM(teacher, max_tokens=cfg.max_tokens, temperature=cfg.temperature)
+        prompt_fn, max_steps, reflexion = method_setup(task, cfg.method, cfg.max_steps, cfg.reflect_at,
+                                                       cfg.reflect_on, tool)
+        base_tool = make_tool(cfg.task, tool, seed=cfg.seed)
+        print(f"generate {cfg.task}/{split}/{cfg.method} with {cfg.teacher_model}, tool {tool}: {len(done)} done, "
+              f"{len(todo)} to go -> {out}")
+        # One episode per worker thread: each is written the moment it ends (the batch is the pool of threads).
+        episode = lambda q: run_agent(llm, [base_tool.fork()], [q], prompt_fn, max_steps, reflexion=reflexion)[0]
+        stats, errors, t0 = Counter(), [], time.time()
+        with tqdm(total=len(todo), unit="q", dynamic_ncols=True) as bar:
+            for q, ep in tools.run_concurrently(episode, todo, workers=cfg.workers, rpm=cfg.rpm or None):
+                if isinstance(ep, BaseException) and not isinstance(ep, Exception):
+                    raise ep  # Ctrl-C / exit inside a worker: stop; what is written stays valid
+                if isinstance(ep, Exception) or ep.error:
+                    errors.append(tools_message(ep if isinstance(ep, Exception) else ep.error))
+                    stats["errors"] += 1  # not written: a rerun tries it again
+                else:
+                    rec = dict(episode_record(ep, cfg.task, cfg.method, cfg.teacher_model, tool), run=run)
+                    append_jsonl(f, rec)
+                    stats["written"] += 1
+                    stats["correct"] += rec["em"]
+                bar.update(1)
+                bar.set_postfix(ok=int(stats["correct"]), err=stats["errors"])
     usage = llm.usage
     c = cost(cfg.teacher_model, usage)
-    print(f"wrote {stats['written']} ({int(stats['correct'])} correct), {stats['errors']} errors in "
+    print(f"wrote {stats['written']} ({int(stats['correct'])} correct), {stats['errors']} failed in "
           f"{time.time() - t0:.0f}s; tokens: {usage.get('prompt_tokens', 0)} prompt + "
           f"{usage.get('completion_tokens', 0)} completion in {usage.get('requests', 0)} requests "
           f"({usage.get('cached', 0)} cached); cost " + (f"${c:.2f}" if c is not None else "n/a"))
+    if errors:
+        print(f"{len(errors)} failed episodes (not written; a rerun retries them). First errors:\n  " +
+              "\n  ".join(error_digest(errors)), file=sys.stderr)
+        if not stats["written"]:
+            raise ValueError(f"generate: every episode failed ({len(errors)}); first error: {errors[0]}")
     return out
+
+
+def tools_message(e) -> str:
+    """One line for an episode's failure (the server's own text is in it; keys never are: tools redacts them)."""
+    return " ".join(str(e).split()) if isinstance(e, str) else f"{type(e).__name__}: {' '.join(str(e).split())}"
 
 
 def filter_records(cfg: FilterConfig) -> int:
     """Keep the successful trajectories (right answer, finished by the agent itself), one per (task, method, id)."""
     seen, kept = set(), []
     for path in cfg.files:
-        for r in read_json(Path(path)):
+        for r in read_records(path):
             key = (r.get("task"), r.get("method"), r["id"])
             if r.get("em", 0) > 0 and (cfg.keep_forced or not r.get("forced")) and key not in seen:
                 seen.add(key)
@@ -633,25 +1167,17 @@ def filter_records(cfg: FilterConfig) -> int:
     return len(kept)
 
 
-def write_jsonl(path: Path, records):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    os.replace(tmp, path)
-
-
 def mix(cfg: MixConfig) -> Counter:
     """K tasks x M methods -> one shuffled training file (our format; FireAct's files are read too)."""
-    import train
     groups = {}
     for path in cfg.files:
-        for r in train.read_records(path):
+        for r in read_records(path):
             groups.setdefault((r.get("task", "?"), r.get("method", "?")), []).append(r)
     caps = {}
     for spec in cfg.per_method:
         m, _, n = spec.partition("=")
         if not n.isdigit():
-            raise SystemExit(f"mix: --per-method {spec!r}: expected METHOD=N, e.g. react=450")
+            raise ValueError(f"mix: --per-method {spec!r}: expected METHOD=N, e.g. react=450")
         caps[m] = int(n)
     rng, out, counts = random.Random(cfg.seed), [], Counter()
     for (task, method), recs in sorted(groups.items()):
@@ -663,7 +1189,7 @@ def mix(cfg: MixConfig) -> Counter:
         out += take
         counts[(task, method)] = len(take)
     if not out:
-        raise SystemExit(f"mix: no records for tasks {cfg.tasks} x methods {cfg.methods} in {cfg.files}")
+        raise ValueError(f"mix: no records for tasks {cfg.tasks} x methods {cfg.methods} in {cfg.files}")
     rng.shuffle(out)
     write_jsonl(Path(cfg.out), out)
     methods = sorted({m for _, m in counts})
@@ -675,7 +1201,8 @@ def mix(cfg: MixConfig) -> Counter:
 
 
 def score(cfg: ScoreConfig) -> list[dict]:
-    """EM/F1 of results files, recomputed from pred and gold; FireAct's denominator rule (see `denominator`)."""
+    """EM/F1 of results files, recomputed from pred and gold; FireAct's denominator rule (see `denominator`).
+    A file with failed episodes (server errors) is marked: its EM is not a result."""
     paths = [p for f in cfg.files for p in (sorted(Path(f).glob("*.json*")) if Path(f).is_dir() else [Path(f)])]
     results = []
     for path in paths:
@@ -688,60 +1215,128 @@ def score(cfg: ScoreConfig) -> list[dict]:
             metric = cfg.metric or (get_task(r["task"]).metric if r.get("task") in TASKS else "qa")
             e, f = score_answer(metric, r.get("pred"), r["gold"])
             em, f1 = em + e, f1 + f
-        results.append(dict(file=str(path), em=100 * em / n, f1=100 * f1 / n, entries=len(rows), n=n))
-        print(f"EM {100 * em / n:5.1f}  F1 {100 * f1 / n:5.1f}  ({len(rows)} entries / {n})  {path.name}")
+        failed = sum(1 for r in rows if r.get("error"))
+        results.append(dict(file=str(path), em=100 * em / n, f1=100 * f1 / n, entries=len(rows), n=n, failures=failed))
+        print(f"EM {100 * em / n:5.1f}  F1 {100 * f1 / n:5.1f}  ({len(rows)} entries / {n})  {path.name}" +
+              (f"  [{failed} FAILED episodes: not a result]" if failed else ""))
+    if not results:
+        raise ValueError(f"score: no results files in {' '.join(cfg.files)}")
+    if any(r["failures"] for r in results):
+        raise SystemExit(1)  # marked above; a script must not take it for a result
     return results
 
 
-def run_eval(cfg: EvalConfig, llm, prompt_fn, label: str, out: Path) -> dict:
+def overlap_filter(qs, files):
+    """Drop questions that appear (normalised text) in training files. -> (kept, dropped count)."""
+    if not files:
+        return qs, 0
+    seen = {question_key(r["question"]) for f in files for r in read_records(f)}
+    kept = [q for q in qs if question_key(q["question"]) not in seen]
+    print(f"--exclude-overlap: dropped {len(qs) - len(kept)} of {len(qs)} questions found in {' '.join(files)}")
+    if not kept:
+        raise ValueError(f"--exclude-overlap: every question of the split is in {' '.join(files)}")
+    return kept, len(qs) - len(kept)
+
+
+def run_eval(cfg: EvalConfig, llm, prompt_fn, label: str, out: Path, tool: str, meta: dict) -> dict:
     """Run the agent on a task's questions, write FireAct-schema results + a summary, return the summary."""
     from tqdm import tqdm
-    qs = load_questions(cfg.task, cfg.split, cfg.n)
-    base_tool = make_tool(cfg.task, cfg.tool, cfg.noise, cfg.noise_mode, cfg.seed)
+    task = get_task(cfg.task)
+    split = cfg.split or task.eval_splits[0]
+    qs, dropped = overlap_filter(task.questions(split, cfg.n), cfg.exclude_overlap)
+    base_tool = make_tool(cfg.task, tool, cfg.noise, cfg.noise_mode, cfg.seed)
     t0 = time.time()
     with tqdm(total=len(qs), unit="q", desc=label, dynamic_ncols=True) as bar:
         eps = run_agent(llm, [base_tool.fork() for _ in qs], qs, prompt_fn, cfg.max_steps, cfg.batch_size,
-                        on_done=lambda ep: bar.update(1))
+                        on_done=lambda ep: bar.update(1), force_answer=cfg.force_answer)
     wall = time.time() - t0
     results = {}
     for ep in eps:
-        r = episode_record(ep, cfg.task, "react", label)
+        r = episode_record(ep, cfg.task, "react", label, tool)
         results[ep.id] = dict(reward=r["em"] > 0, em=r["em"] > 0, f1=r["f1"], gt=ep.answer, pred=ep.pred or "",
                               prompt="", traj=history_text(ep.question, ep.steps), task=cfg.task, steps=ep.steps,
                               finished=r["finished"], forced=ep.forced, error=ep.error)
-    n = len(qs)
-    summary = dict(run=label, task=cfg.task, model=cfg.teacher_model or cfg.model or "SmolLM2-135M-Instruct",
-                   tool=cfg.tool or get_task(cfg.task).tool, noise=cfg.noise, n=n,
+    n, errors = len(qs), [ep.error for ep in eps if ep.error]
+    summary = dict(run=label, task=cfg.task, split=split, n=n,
                    em=100 * sum(r["em"] for r in results.values()) / n,
                    f1=100 * sum(r["f1"] for r in results.values()) / n,
-                   mean_steps=sum(len(ep.steps) for ep in eps) / n,
+                   finished=sum(r["finished"] for r in results.values()),
                    finish_rate=100 * sum(r["finished"] for r in results.values()) / n,
-                   wall_s=wall, tokens=llm.usage)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1, ensure_ascii=False))
-    out.with_suffix(".summary.json").write_text(json.dumps(summary, indent=1))
+                   mean_steps=sum(len(ep.steps) for ep in eps) / n, failures=len(errors),
+                   errors=error_digest(errors), excluded_overlap=dropped, tool=tool, wall_s=wall,
+                   tokens=llm.usage, **meta, config=dataclasses.asdict(cfg))
+    write_json(out, results)
+    write_json(summary_path(out), summary)
     return summary
 
 
+def write_json(path: Path, obj):
+    atomic_write(path, json.dumps(obj, indent=1, ensure_ascii=False))
+
+
 def print_table(summaries: list[dict]):
-    print(f"{'run':<28}{'n':>6}{'EM':>7}{'F1':>7}{'steps':>7}{'finish%':>9}{'wall s':>9}{'tokens':>10}")
+    print(f"{'run':<28}{'n':>6}{'EM':>7}{'F1':>7}{'steps':>7}{'finish%':>9}{'failed':>8}{'wall s':>9}{'tokens':>10}")
     for s in summaries:
         tok = s["tokens"].get("prompt_tokens", 0) + s["tokens"].get("completion_tokens", 0)
         print(f"{s['run']:<28}{s['n']:>6}{s['em']:>7.1f}{s['f1']:>7.1f}{s['mean_steps']:>7.2f}"
-              f"{s['finish_rate']:>9.1f}{s['wall_s']:>9.1f}{tok:>10}")
+              f"{s['finish_rate']:>9.1f}{s['failures']:>8}{s['wall_s']:>9.1f}{tok:>10}")
+    for s in summaries:
+        if s["failures"]:
+            print(f"{s['run']}: {s['failures']} failed episodes (scored 0). First errors:\n  " +
+                  "\n  ".join(s["errors"]), file=sys.stderr)
+
+
+def adapter_training(adapter: str) -> dict:
+    """What an adapter was trained with, from the config.json train.py writes beside it: its template and the
+    tools that made its training data (read from the data files' records). {} where unknown."""
+    cfg_path = Path(adapter) / "config.json"
+    if not adapter or not cfg_path.exists():
+        return {}
+    cfg, tools_used = json.loads(cfg_path.read_text()), Counter()
+    for spec in cfg.get("data", []):
+        path = Path(re.sub(r":\d+$", "", spec))
+        path = path if path.exists() else REPO / path
+        if path.is_file():
+            tools_used.update(r.get("tool", "?") for r in read_records(path))
+    return dict(template=cfg.get("template", "react"), data_tools=dict(tools_used))
+
+
+def pick_tool(cfg: EvalConfig, task: Task, trained: dict) -> str:
+    """--tool, else the tool family the adapter's training data came from, else the task's default. Search
+    engines (google, snippet) and page tools (wikipedia, local) are the two families; offline tasks use
+    their offline member."""
+    if cfg.tool:
+        return cfg.tool
+    used = Counter(trained.get("data_tools", {})).most_common(1)
+    if not used or used[0][0] not in TOOLS:
+        return task.tool
+    engine = used[0][0] in ("google", "snippet")
+    offline = task.tool == "local"
+    choice = ("snippet" if offline else "google") if engine else ("local" if offline else "wikipedia")
+    print(f"tool: {choice} (the adapter's training data came from the {used[0][0]} tool; --tool overrides)")
+    return choice
 
 
 def evaluate(cfg: EvalConfig) -> list[dict]:
     """Prompted (few-shot) or fine-tuned (adapter, zero-shot) evaluation; --compare runs both on the same model."""
-    family = get_task(cfg.task).family
+    task = get_task(cfg.task)
     out = Path(cfg.out)
+    trained = adapter_training(cfg.adapter)
+    tool = pick_tool(cfg, task, trained)
+    template = cfg.template or trained.get("template", "react")
+    meta = dict(model=cfg.teacher_model or cfg.model or "SmolLM2-135M-Instruct", adapter=cfg.adapter or None,
+                template=template, noise=cfg.noise, noise_mode=cfg.noise_mode, force_answer=cfg.force_answer,
+                seed=cfg.seed, provenance=provenance())
     if cfg.teacher_model:
-        llm = TeacherLLM(make_teacher(cfg.teacher_model, cfg.base_url, cfg.api_key_env))
-        summaries = [run_eval(cfg, llm, few_shot("react", family), f"{cfg.teacher_model} prompted", out)]
+        llm = TeacherLLM(make_teacher(cfg.teacher_model, cfg.base_url, cfg.api_key_env, timeout=cfg.timeout,
+                                      retries=cfg.retries))
+        if cfg.zero_shot:  # a fine-tuned API model, evaluated as FireAct evaluated its GPT-3.5: chat, no examples
+            summaries = [run_eval(cfg, llm, chat_messages, f"{cfg.teacher_model} zero-shot", out, tool, meta)]
+        else:
+            summaries = [run_eval(cfg, llm, few_shot("react", task.family, tool), f"{cfg.teacher_model} prompted",
+                                  out, tool, meta)]
     else:
         import model as M
-        if cfg.compare and not cfg.adapter:
-            raise SystemExit("--compare needs --adapter (the fine-tuned run)")
         net, tok = M.load_model(cfg.model or None, device=cfg.device or None)
         runs = [("prompted", False), ("fine-tuned", True)] if cfg.compare else [
             ("fine-tuned" if cfg.adapter else "zero-shot" if cfg.zero_shot else "prompted", bool(cfg.adapter))]
@@ -749,15 +1344,36 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
         for label, tuned in runs:
             if tuned:
                 M.load_adapter(net, cfg.adapter)
-            prompt_fn = zero_shot(tok) if tuned or cfg.zero_shot else few_shot("react", family)
+            prompt_fn = zero_shot(tok, template) if tuned or cfg.zero_shot else few_shot("react", task.family, tool)
             path = out.with_name(f"{out.stem}_{label}{out.suffix}") if cfg.compare else out
             llm = LocalLLM(net, tok, cfg.max_new_tokens, seed=cfg.seed, prefix_cache_mb=cfg.prefix_cache_mb)
-            summaries.append(run_eval(cfg, llm, prompt_fn, label, path))
+            summaries.append(run_eval(cfg, llm, prompt_fn, label, path, tool,
+                                      dict(meta, adapter=cfg.adapter if tuned else None)))
     print_table(summaries)
+    for s in summaries:
+        if s["failures"] > cfg.max_failures * s["n"]:
+            raise ValueError(f"eval: {s['failures']} of {s['n']} episodes failed (results written, marked); "
+                             f"first error: {s['errors'][0]}")
     return summaries
 
 
 # ---------------------------------------------------------------------------------------------------- download
+FIREACT_FILES = {  # FireAct's released trajectories and eval runs (not a task: training data and reference runs)
+    **{f"fireact/finetune/{fmt}/{name}.{ext}": FIREACT_RAW + f"data/finetune/{fmt}/{name}.{ext}"
+       for fmt, ext in (("alpaca_format", "json"), ("gpt_format", "jsonl"))
+       for name in ("hotpotqa", "hotpotqa_multimethod", "multitask", "multitask_multimethod")},
+    **{f"fireact/trajs/{name}": FIREACT_RAW + f"trajs/{name}" for name in (
+        "hotpotqa_dev_0_500_ft_gpt-3.5-turbo-0613_princeton-nlp__7woQRsdi_0.0_2023-09-21-16-19-51.json",
+        "hotpotqa_dev_0_500_llama_models_lora_llama-2-13b-d_1000_0.7_2023-09-18-13-40-08.json",
+        "hotpotqa_dev_0_500_llama_models_lora_llama-2-7b-d_1000_0.7_2023-09-19-00-49-36.json")},
+}
+
+
+def sources() -> dict:
+    """Every public source: path under the data dir -> URL (each task's, then FireAct's files)."""
+    return {**{rel: url for t in TASKS.values() for rel, url in t.sources.items()}, **FIREACT_FILES}
+
+
 def fetch(url: str, path: Path, timeout=60):
     """GET url into path (a tmp file, then an atomic rename: a half download never looks finished)."""
     import requests
@@ -772,46 +1388,42 @@ def fetch(url: str, path: Path, timeout=60):
 
 
 def download(cfg: DownloadConfig) -> Path:
-    """Fetch SOURCES into the data dir and convert to the layout load_questions reads (= ../shared/data)."""
-    import tarfile
+    """Fetch the sources into the data dir and convert them to the layout the tasks read (= ../shared/data)."""
     dest = Path(cfg.dest).expanduser() if cfg.dest else CACHE / "data"
-    for rel, url in SOURCES.items():
-        if cfg.only and not any(rel.startswith(o) for o in cfg.only):
-            continue
-        path = dest / rel
-        if not path.exists():
-            print(f"{url} -> {path}")
-            fetch(url, path)
-        if rel == "mmlu/data.tar" and not (dest / "mmlu" / "test").exists():
-            with tarfile.open(path) as tar:  # data/{dev,val,test}/*.csv -> mmlu/{dev,val,test}/
-                for m in tar.getmembers():
-                    parts = Path(m.name).parts
-                    if m.isfile() and len(parts) == 3 and parts[1] in ("dev", "val", "test") and m.name.endswith(".csv"):
-                        (dest / "mmlu" / parts[1]).mkdir(parents=True, exist_ok=True)
-                        (dest / "mmlu" / parts[1] / parts[2]).write_bytes(tar.extractfile(m).read())
-        elif rel == "bamboogle/test.csv":
-            with open(path, newline="") as f:
-                rows = [dict(question=r["Question"], answer=r["Answer"]) for r in csv.DictReader(f)]
-            (dest / "bamboogle" / "test.json").write_text(json.dumps(rows, indent=1))
-        elif rel.endswith("distractor_v1.json") and (dest / "hotpotqa" / "dev.json").exists():
-            index = {r["question"]: i for i, r in enumerate(read_json(dest / "hotpotqa" / "dev.json"))}
-            rows = [dict(r, dev_index=index[r["question"]]) for r in read_json(path) if r["question"] in index]
-            write_jsonl(dest / "hotpotqa" / "dev_distractor.jsonl", rows)
+    want = lambda rel: not cfg.only or any(rel.startswith(o) for o in cfg.only)
+    for rel, url in sources().items():
+        if want(rel) and not (dest / rel).exists():
+            print(f"{url} -> {dest / rel}")
+            fetch(url, dest / rel)
+    for t in TASKS.values():
+        if t.sources and all(want(rel) and (dest / rel).exists() for rel in t.sources):
+            t.convert(dest)
     print(f"data in {dest}" + ("" if dest == data_dir() else f"; use it with FIREACT_DATA={dest}"))
     return dest
 
 
-COMMANDS = {"generate": (GenerateConfig, generate), "eval": (EvalConfig, evaluate), "filter": (FilterConfig, filter_records),
-            "mix": (MixConfig, mix), "score": (ScoreConfig, score), "download": (DownloadConfig, download)}
+COMMANDS = {"generate": (GenerateConfig, generate, "teacher trajectories on a training split (resumable)"),
+            "filter": (FilterConfig, filter_records, "keep the successful trajectories"),
+            "mix": (MixConfig, mix, "K tasks x M methods -> one training file"),
+            "eval": (EvalConfig, evaluate, "run the agent (prompted or fine-tuned) and score it"),
+            "score": (ScoreConfig, score, "EM/F1 of results files (ours or FireAct's trajs)"),
+            "download": (DownloadConfig, download, "fetch the public data sets and FireAct's files")}
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in COMMANDS:
-        raise SystemExit(f"usage: python fireact.py {{{'|'.join(COMMANDS)}}} [--help]")
-    cls, fn = COMMANDS[argv[0]]
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: python fireact.py COMMAND [--help] [flags]\n\ncommands:\n" +
+              "\n".join(f"  {name:<10}{doc}" for name, (_, _, doc) in COMMANDS.items()))
+        return 0 if argv else 2
+    if argv[0] not in COMMANDS:
+        raise ValueError(f"unknown command {argv[0]!r}; choose {' | '.join(COMMANDS)}")
+    cls, fn, _ = COMMANDS[argv[0]]
     return fn(parse_config(cls, argv[1:]))
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"fireact.py: error: {' '.join(str(e).split())}") from None

@@ -7,14 +7,15 @@ The offline default task: a seeded fictional mini-world and a scripted teacher (
 data/toy/train.jsonl, the default data of `python train.py`, holds oracle *trajectories* (our record format), made
 from the 600 training questions (fireact's task "toy", split "train") with:
 
-    python fireact.py generate --task toy --split train --method react --teacher-model oracle --out runs/toy/gen_react.jsonl
-    python fireact.py generate --task toy --split train --method reflexion --teacher-model oracle --out runs/toy/gen_reflexion.jsonl
-    python fireact.py generate --task toy --split train --method cot --teacher-model oracle --out runs/toy/gen_cot.jsonl
+    python fireact.py generate --task toy --method react --teacher-model oracle --out runs/toy/gen_react.jsonl
+    python fireact.py generate --task toy --method reflexion --reflect-at 2 --teacher-model oracle --out runs/toy/gen_reflexion.jsonl
+    python fireact.py generate --task toy --method cot --teacher-model oracle --out runs/toy/gen_cot.jsonl
     python fireact.py filter runs/toy/gen_*.jsonl --out runs/toy/ok.jsonl
     python fireact.py mix runs/toy/ok.jsonl --methods react reflexion --per-method react=470 reflexion=75 --out data/toy/train.jsonl
 
 CoT is generated but left out of the mix: every toy question needs the tools, so its CoT records are lucky
-guesses, which teach the student to guess (README).
+guesses, which teach the student to guess (README). Reflexion reflects after 2 stuck rounds here (FireAct: 5 and
+9, the default): toy episodes are short, and 5 rounds of vague searches would teach mostly wasted steps.
 
 The world has people, towns in fictional countries, films, novels, paintings, albums, bands and organisations.
 Every entity gets a short encyclopedia page (`corpus.jsonl`, one `{"title","sentences"}` per line, read by
@@ -31,8 +32,9 @@ chain of facts, reads the question and the steps so far from the prompt (the las
 Thought/Action/Observation lines after it), and writes the next ReAct step from what the observations actually
 showed: it follows hatnotes, retries after an empty or noisy observation, uses lookup when a fact is not in the
 shown sentences. As a CoT teacher it has no tools, so like a real LLM on fictional entities it can only guess
-(the filter keeps its lucky guesses). As a Reflexion teacher its first search is a sloppy one (the last word of
-the name), from which it recovers, and it writes reflections when asked.
+(the filter keeps its lucky guesses). As a Reflexion teacher it is stuck until it reflects: it searches single
+words of the name (vague queries that land on the wrong pages), writes a reflection when the loop asks for one
+(no gold answer involved), and then searches the exact name and solves the question.
 """
 import dataclasses
 import hashlib
@@ -405,6 +407,8 @@ T_RETRY = ("The search did not return anything useful. Let me try {q} again.",
 T_RECOVER = ("That page is about something else. I should search the full name {m}.",
              "This is not what I was looking for. Let me search {m} exactly.",
              "Searching {q} gave the wrong page. I need to search {m} instead.")
+T_SLOPPY = ("That does not tell me {g}. Let me try searching {q}.", "Still nothing about {g}. Maybe {q} works.",
+            "This is not the page I need. I will search {q}.")
 T_FINAL = ("{c}", "I have everything I need. {c}", "{c} I can finish now.")
 T_REFLECT = ("I searched {q} instead of the exact name and landed on the wrong page. Next time I should search "
              "{m} first and read its first sentence, which gives {g}.",
@@ -447,7 +451,7 @@ def action_arg(action):
 class OracleTeacher:
     """A Teacher-compatible scripted teacher for the toy world. `method`: "react", "cot", "reflexion" or None
     (detect from the prompt: CoT few-shot prompts have Answer: lines and no Action lines; a prompt ending in
-    `Reflection:` asks for a reflection; a prompt that mentions reflections gets a sloppy first search)."""
+    `Reflection:` asks for a reflection; a prompt that mentions reflections gets vague searches until a reflection)."""
 
     def __init__(self, model="oracle", data_dir=DEFAULT_OUT, method=None, **_ignored):
         d = Path(data_dir)
@@ -492,7 +496,9 @@ class OracleTeacher:
             open_ = bool(steps) and steps[-1]["action"] is None  # the prompt ends inside a Thought
             prefilled = open_ and bool(steps[-1]["thought"])  # the loop prefilled one (a reflection)
             steps = steps[:-1] if open_ else steps
-            thought, action = self._next_step(rec, steps, v, sloppy=method == "reflexion")
+            from fireact import REFLECT_INTRO  # the agent loop opens a Thought with a reflection this way
+            reflected = prefilled or any(REFLECT_INTRO in (s["thought"] or "") for s in steps)
+            thought, action = self._next_step(rec, steps, v, sloppy=method == "reflexion" and not reflected)
             k = f" {len(steps) + 1}" if numbered else ""
             text = f"Action{k}: {action}" if prefilled else f"Thought{k}: {thought}\nAction{k}: {action}"
         tail = prompt.rstrip(" ").rsplit("\n", 1)[-1]  # a prompt ending in "Thought:" wants the continuation
@@ -513,10 +519,14 @@ class OracleTeacher:
         last = steps[-1] if steps else None
         kind, arg = action_arg(last and last["action"])
         head = norm(self.pages[t][0])
-        if last is None:
-            if sloppy:  # a deliberately sloppy first search: only the last word of the name
+        if sloppy:  # Reflexion's teacher is stuck until it reflects: vague searches with a word of the name
+            words = m.split()
+            q = [words[-1], words[0]][n % 2] if len(words) > 1 else words[0]
+            if last is None:
                 return pick(T_FIRST if rec["type"] == "bridge" else T_FIRST_CMP, g0=g, g1=chain[1].get("then", chain[1]["goal"]),
-                            m0=m.split()[-1], m1=chain[1]["mention"]), f"search[{m.split()[-1]}]"
+                            m0=q, m1=chain[1]["mention"]), f"search[{q}]"
+            return pick(T_SLOPPY, q=q, g=g), f"search[{q}]"
+        if last is None:
             return pick(T_FIRST if rec["type"] == "bridge" else T_FIRST_CMP, g0=g, g1=chain[1].get("then", chain[1]["goal"]), m0=m,
                         m1=chain[1]["mention"]), f"search[{m}]"
         o = obs[-1]

@@ -85,8 +85,8 @@ def test_pipeline_generate_filter_mix_train_eval(world, tiny_llama, capsys):
     tmp, url = world
     runs = tmp / "runs"
     for method, model in (("react", "canned-react"), ("cot", "canned-cot")):
-        fireact.main(["generate", "--task", "hotpotqa_offline", "--method", method, "--teacher-model", model,
-                      "--base-url", url, "--out", str(runs / f"{method}.jsonl"), "--workers", "2"])
+        fireact.main(["generate", "--task", "hotpotqa_offline", "--split", "dev", "--allow-eval-split", "--method",
+                      method, "--teacher-model", model, "--base-url", url, "--out", str(runs / f"{method}.jsonl"), "--workers", "2"])
     react = [json.loads(line) for line in (runs / "react.jsonl").read_text().splitlines()]
     assert len(react) == 4 and sum(r["em"] for r in react) == 3
     (a,) = [r for r in react if r["answer"] == "Mapocho River"]
@@ -115,7 +115,7 @@ def test_pipeline_generate_filter_mix_train_eval(world, tiny_llama, capsys):
     ratio = fireact.mix(fireact.MixConfig(files=[str(runs / "react_ok.jsonl"), str(runs / "cot_ok.jsonl")],
                                           per_method=["react=2", "cot=0"], out=str(runs / "ratio.jsonl")))
     assert dict(ratio) == {("hotpotqa_offline", "react"): 2, ("hotpotqa_offline", "cot"): 0}
-    with pytest.raises(SystemExit, match="react=x.*METHOD=N"):
+    with pytest.raises(ValueError, match="react=x.*METHOD=N"):
         fireact.mix(fireact.MixConfig(files=[str(runs / "react_ok.jsonl")], per_method=["react=x"]))
     mixed = train.read_records(str(runs / "train.jsonl"))
     assert len(mixed) == 5 and all(r["steps"][-1]["action"].startswith("finish[") for r in mixed)

@@ -3,6 +3,7 @@ resumable generation after a crash, scoring FireAct's released runs, download ov
 
     python -m pytest -q tests/test_fireact.py
 """
+import csv
 import functools
 import http.server
 import io
@@ -96,7 +97,7 @@ def test_loaders_and_subsets():
     mm = fireact.load_questions("mmlu", "dev")
     assert len(mm) == 285 and "\nD. " in mm[0]["question"] and {q["answer"] for q in mm} <= set("ABCD")
     assert len(fireact.load_questions("hotpotqa", "dev", n=7)) == 7
-    with pytest.raises(SystemExit, match="unknown task"):
+    with pytest.raises(ValueError, match="unknown task"):
         fireact.load_questions("nope")
 
 
@@ -139,9 +140,9 @@ def test_agent_solves_and_batches(wiki):
     assert a.pred == "Mapocho River" and not a.forced and b.pred == "Gustav Holst"
     assert [c["n"] for c in llm.calls] == [2, 1, 1, 1]  # both live episodes share one call per step
     assert all(c["stop"] == ["\nObservation:"] for c in llm.calls)
-    rec = fireact.episode_record(a, "hotpotqa", "react", "script")
+    rec = fireact.episode_record(a, "hotpotqa", "react", "script", "local")
     assert rec["em"] == 1.0 and rec["finished"] and set(rec) >= {"id", "task", "method", "question", "answer",
-                                                                 "steps", "pred", "em", "source"}
+                                                                 "steps", "pred", "em", "source", "tool"}
     # batch_size bounds the live episodes per call; the queue refills as episodes end
     llm2 = ScriptLLM(llm.script)
     run(llm2, wiki, [("Q2", "x"), ("Q1", "y"), ("Q2", "z")], batch_size=2)
@@ -159,16 +160,23 @@ def test_invalid_actions_and_resampling(wiki):
     assert re.search(r"Action: fly\[to the moon\]\nObservation: Invalid action", llm.calls[1]["prompts"][0])
 
 
-def test_step_limit_forces_a_finish(wiki):
-    llm = ScriptLLM({"Q": ["Thought: again\nAction: search[Santiago]"] * 3 + [" Santiago"]})
+def test_step_limit_ends_unfinished_unless_forced(wiki):
+    """FireAct/ReAct: an episode out of turns has no answer and scores 0; --force-answer is an opt-in extra turn."""
+    script = {"Q": ["Thought: again\nAction: search[Santiago]"] * 3 + [" Santiago"]}
+    llm = ScriptLLM(script)
     (ep,) = run(llm, wiki, [("Q", "Santiago")], max_steps=3)
+    assert ep.done and len(ep.steps) == 3 and ep.pred is None and not ep.forced and len(llm.calls) == 3
+    rec = fireact.episode_record(ep, "hotpotqa", "react", "s", "local")
+    assert rec["em"] == 0.0 and not rec["finished"]
+    llm = ScriptLLM(script)
+    (ep,) = run(llm, wiki, [("Q", "Santiago")], max_steps=3, force_answer=True)
     assert len(ep.steps) == 4 and ep.forced and ep.pred == "Santiago"
     assert ep.steps[-1]["action"] == "finish[Santiago]"
     assert llm.calls[-1]["prompts"][0].endswith("Action: finish[") and llm.calls[-1]["stop"] == ["]", "\n"]
-    rec = fireact.episode_record(ep, "hotpotqa", "react", "s")
+    rec = fireact.episode_record(ep, "hotpotqa", "react", "s", "local")
     assert rec["em"] == 1.0 and not rec["finished"]  # right, but not finished by the agent itself
     llm = ScriptLLM({"Q": ["Action: search[Santiago]"] * 2 + [""]})
-    (ep,) = run(llm, wiki, [("Q", "Santiago")], max_steps=2)
+    (ep,) = run(llm, wiki, [("Q", "Santiago")], max_steps=2, force_answer=True)
     assert ep.done and ep.forced and ep.pred == ""
 
 
@@ -197,19 +205,45 @@ def test_teacher_resamples_are_distinct_requests(tmp_path):
     assert "seed" not in Recorder.calls[0] and [c["seed"] for c in Recorder.calls[1:]] == [0, 1]
 
 
-def test_reflexion_after_wrong_answer(wiki):
-    llm = ScriptLLM({"Q": ["Thought: guess\nAction: finish[Lima]",
+def test_reflexion_fireact_rounds_use_no_gold(wiki):
+    """Default Reflexion (FireAct's): a wrong finish ends the episode (no gold answer inside a trajectory); an
+    episode still unsolved after the `at` rounds gets a reflection, which opens its next Thought."""
+    task = fireact.TASKS["hotpotqa"]
+    prompt_fn, max_steps, reflexion = fireact.method_setup(task, "reflexion", 11, reflect_at=[2, 4])
+    assert reflexion.judge is None and reflexion.at == (2, 4)
+    qs = [dict(id="0", question="Q", answer="Santiago")]
+    llm = ScriptLLM({"Q": ["Thought: guess\nAction: finish[Lima]"]})
+    (ep,) = fireact.run_agent(llm, [wiki.fork()], qs, prompt_fn, max_steps, reflexion=reflexion)
+    assert ep.pred == "Lima" and ep.reflections == 0 and len(ep.steps) == 1  # wrong, and over: filter drops it
+    llm = ScriptLLM({"Q": ["Thought: vague\nAction: search[desert]", "Thought: vague\nAction: search[capital]",
+                           lambda p: " I searched vague words. I should search Santiago." if p.endswith("Reflection:")
+                           else "Action: search[Santiago]", "Thought: found\nAction: finish[Santiago]"]})
+    (ep,) = fireact.run_agent(llm, [wiki.fork()], qs, prompt_fn, max_steps, reflexion=reflexion)
+    assert ep.reflections == 1 and ep.pred == "Santiago" and len(ep.steps) == 4
+    assert ep.steps[2]["thought"] == f"{fireact.REFLECT_INTRO} I searched vague words. I should search Santiago."
+    assert not any(s["observation"] == "Answer is incorrect." for s in ep.steps)
+    assert llm.calls[2]["prompts"][0].endswith("Action: search[capital]\nObservation: " + ep.steps[1]["observation"]
+                                                + "\nReflection:")
+    rec = fireact.episode_record(ep, "hotpotqa", "reflexion", "s", "local")
+    assert rec["reflections"] == 1 and [fireact.is_finish(s["action"]) for s in rec["steps"]] == [False] * 3 + [True]
+
+
+def test_reflexion_gold_retry_drops_the_failed_attempt(wiki):
+    """Opt-in (--reflect-on wrong): a wrong finish, judged with the gold answer, gets a reflection and a fresh
+    attempt; the record keeps the reflection and the successful continuation only, never the wrong finish."""
+    llm = ScriptLLM({"Q": [lambda p: "Action: search[Santiago]" if fireact.REFLECT_INTRO in p else
+                           "Thought: guess\nAction: finish[Lima]",
                            lambda p: " I guessed." if p.endswith("Reflection:") else
-                           "Thought: check\nAction: search[Santiago]",
                            "Thought: yes\nAction: finish[Santiago]"]})
     task = fireact.TASKS["hotpotqa"]
-    prompt_fn, max_steps, reflexion = fireact.method_setup(task, "reflexion", 11, 5)
+    prompt_fn, max_steps, reflexion = fireact.method_setup(task, "reflexion", 11, reflect_on="wrong")
     qs = [dict(id="0", question="Q", answer="Santiago")]
     (ep,) = fireact.run_agent(llm, [wiki.fork()], qs, prompt_fn, max_steps, reflexion=reflexion)
-    assert ep.steps[0]["observation"] == "Answer is incorrect." and ep.reflections == 1
-    assert ep.steps[1]["thought"] == f"{fireact.REFLECT_INTRO} I guessed. check"
-    assert ep.pred == "Santiago" and len(ep.steps) == 3
-    assert llm.calls[1]["prompts"][0].endswith("Observation: Answer is incorrect.\nReflection:")
+    assert ep.reflections == 1 and ep.pred == "Santiago" and ep.turns == 3
+    assert [s["action"] for s in ep.steps] == ["search[Santiago]", "finish[Santiago]"]
+    assert ep.steps[0]["thought"] == f"{fireact.REFLECT_INTRO} I guessed."
+    assert llm.calls[1]["prompts"][0].endswith("Action: finish[Lima]\nObservation: Episode finished.\nReflection:")
+    assert "finish[Lima]" not in llm.calls[2]["prompts"][0].split("Question: Q")[-1]  # the retry starts afresh
 
 
 def test_cot_is_one_react_step(wiki):
@@ -239,7 +273,7 @@ class ChatTeacher:
 
 def test_generate_resumes_after_crash(tmp_path, wiki, monkeypatch):
     qs = [dict(id=f"q{i}", question=f"question {i}", answer=f"QUESTION {i}" if i % 2 else "other") for i in range(12)]
-    monkeypatch.setattr(fireact, "load_questions", lambda task, split="", n=0: qs[:n or None])
+    monkeypatch.setattr(fireact.HotpotQA, "load", lambda self, split: qs)
     monkeypatch.setattr(fireact, "make_tool", lambda *a, **k: wiki)
     cfg = fireact.GenerateConfig(task="hotpotqa", out=str(tmp_path / "t.jsonl"), workers=1)
     with pytest.raises(KeyboardInterrupt):  # one worker: the crash comes deterministically at question 6
@@ -258,9 +292,9 @@ def test_generate_resumes_after_crash(tmp_path, wiki, monkeypatch):
     assert kept == 6
 
 
-def test_parse_config_flags():
+def test_parse_config_flags(tmp_path):
     cfg = fireact.parse_config(fireact.EvalConfig, ["--task", "bamboogle", "--max-steps", "7", "--compare",
-                                                     "--noise", "0.5"])
+                                                     "--noise", "0.5", "--adapter", str(tmp_path)])
     assert (cfg.task, cfg.max_steps, cfg.compare, cfg.noise) == ("bamboogle", 7, True, 0.5)
     cfg = fireact.parse_config(fireact.MixConfig, ["a.jsonl", "b.jsonl", "--tasks", "toy", "--per-group", "3"])
     assert cfg.files == ["a.jsonl", "b.jsonl"] and cfg.tasks == ["toy"] and cfg.per_group == 3
@@ -289,39 +323,68 @@ def test_score_our_results_with_summary_denominator(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------------- download
-def test_download_over_loopback(tmp_path, monkeypatch):
+@pytest.fixture
+def loopback_files(tmp_path):
+    """Serve a directory over HTTP on 127.0.0.1 -> (dir, base URL)."""
     src = tmp_path / "src"
     src.mkdir()
-    (src / "bamboogle.csv").write_text('Question,Answer\n"Who, really?",Ann\nWhen?,1999\n')
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, text in (("data/dev/x_dev.csv", 'q,"a\nb",c,d,e,A\n'), ("data/test/x_test.csv", "q,a,b,c,d,D\n")):
-            info = tarfile.TarInfo(name)
-            info.size = len(text.encode())
-            tar.addfile(info, io.BytesIO(text.encode()))
-    (src / "data.tar").write_bytes(buf.getvalue())
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(src))
     handler.log_message = lambda *a: None
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        base = f"http://127.0.0.1:{server.server_port}"
-        monkeypatch.setattr(fireact, "SOURCES", {"bamboogle/test.csv": f"{base}/bamboogle.csv",
-                                                 "mmlu/data.tar": f"{base}/data.tar",
-                                                 "missing/x.json": f"{base}/nope.json"})
-        dest = tmp_path / "data"
-        fireact.download(fireact.DownloadConfig(dest=str(dest), only=["bamboogle", "mmlu"]))
-        assert json.loads((dest / "bamboogle" / "test.json").read_text())[0] == {"question": "Who, really?",
-                                                                                 "answer": "Ann"}
-        monkeypatch.setenv("FIREACT_DATA", str(dest))
-        assert len(fireact.load_questions("bamboogle")) == 2
-        (q,) = fireact.load_questions("mmlu", "dev")
-        assert q["question"] == "q\nA. a\nb\nB. c\nC. d\nD. e" and q["answer"] == "A"
-        with pytest.raises(Exception, match="404"):
-            fireact.download(fireact.DownloadConfig(dest=str(dest), only=["missing"]))
-        assert not (dest / "missing" / "x.json").exists()
-    finally:
-        server.shutdown()
+    yield src, f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+@needs_data
+def test_download_conversions_match_shared_data(tmp_path, loopback_files, monkeypatch):
+    """Each conversion, fed the public files' formats over loopback, gives ../shared/data on the fields we use:
+    Bamboogle's spreadsheet dates repaired, the 957 offline HotpotQA questions selected from the full distractor
+    dev set, MMLU's auxiliary training set (without RACE) as the train split."""
+    src, base = loopback_files
+    clean = json.loads((DATA / "bamboogle" / "test.json").read_text())
+    mangled = {v: k for k, v in fireact.Bamboogle.DATES.items()}
+    with open(src / "bamboogle.csv", "w", newline="") as f:  # FireAct's CSV: 13 answers as spreadsheet dates
+        w = csv.writer(f)
+        w.writerow(["Question", "Answer"])
+        w.writerows([r["question"], mangled.get(r["answer"], r["answer"])] for r in clean)
+    assert (src / "bamboogle.csv").read_text().count("-May-") == 2
+    shared = [json.loads(line) for line in (DATA / "hotpotqa" / "dev_distractor.jsonl").read_text().splitlines()]
+    dev = json.loads((DATA / "hotpotqa" / "dev.json").read_text())
+    in_957 = {r["dev_index"] for r in shared}
+    others = [dict(_id=f"x{i}", question=dev[i]["question"], answer=dev[i]["answer"], context=[["T", ["s."]]],
+                   supporting_facts=[]) for i in range(40) if i not in in_957][:5]
+    full = [{k: v for k, v in r.items() if k != "dev_index"} for r in reversed(shared)] + others
+    (src / "distractor.json").write_text(json.dumps(full))
+    (src / "dev.json").write_text(json.dumps(dev))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, path in (("data/dev/abstract_algebra_dev.csv", DATA / "mmlu/dev/abstract_algebra_dev.csv"),
+                           ("data/auxiliary_train/obqa.csv", DATA / "mmlu/auxiliary_train/obqa.csv"),
+                           ("data/auxiliary_train/race.csv", DATA / "mmlu/auxiliary_train/obqa.csv")):
+            tar.add(path, arcname=name)
+    (src / "data.tar").write_bytes(buf.getvalue())
+    monkeypatch.setattr(fireact.Bamboogle, "sources", {"bamboogle/test.csv": f"{base}/bamboogle.csv"})
+    monkeypatch.setattr(fireact.HotpotQAOffline, "sources", {"hotpotqa/dev.json": f"{base}/dev.json",
+                                                             "hotpotqa/hotpot_dev_distractor_v1.json": f"{base}/distractor.json"})
+    monkeypatch.setattr(fireact.MMLU, "sources", {"mmlu/data.tar": f"{base}/data.tar"})
+    monkeypatch.setattr(fireact.HotpotQA, "sources", {"hotpotqa/dev.json": f"{base}/dev.json"})
+    for t in (fireact.StrategyQA,):
+        monkeypatch.setattr(t, "sources", {})
+    monkeypatch.setattr(fireact, "FIREACT_FILES", {"missing/x.json": f"{base}/nope.json"})
+    assert all(url.startswith(base) for url in fireact.sources().values())  # nothing leaves this machine
+    dest = tmp_path / "data"
+    fireact.download(fireact.DownloadConfig(dest=str(dest), only=["bamboogle", "hotpotqa", "mmlu"]))
+    assert json.loads((dest / "bamboogle" / "test.json").read_text()) == clean
+    ours = {r["dev_index"]: r for r in map(json.loads, (dest / "hotpotqa" / "dev_distractor.jsonl").read_text().splitlines())}
+    assert len(ours) == 957 and all(ours[r["dev_index"]] == r for r in shared)
+    assert not (dest / "mmlu" / "auxiliary_train" / "race.csv").exists()
+    monkeypatch.setenv("FIREACT_DATA", str(dest))
+    assert len(fireact.load_questions("hotpotqa_offline")) == 957 and len(fireact.load_questions("bamboogle")) == 125
+    assert len(fireact.load_questions("mmlu", "train")) == 4956 and len(fireact.load_questions("mmlu", "dev")) == 5
+    with pytest.raises(Exception, match="404"):
+        fireact.download(fireact.DownloadConfig(dest=str(dest), only=["missing"]))
+    assert not (dest / "missing" / "x.json").exists()
 
 
 @pytest.mark.skipif(not (fireact.REPO / "data" / "toy" / "corpus.jsonl").exists(), reason="data/toy not generated")

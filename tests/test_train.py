@@ -154,7 +154,7 @@ def test_show_mask_visualiser(tmp_path, capsys):
     ('{"question": "q", "steps": [{"thought": "t", "action": "search[x]"}]}\n{"question": "q", "steps": [}\n',
      ":2: invalid JSON"),
     ('{"question": "q", "steps": []}\n', ":1: 'question' must be a string and 'steps' a non-empty list"),
-    ('\n\n{"question": "q", "steps": [{"thought": "t"}]}\n', ":3: steps[0] has no 'action'"),
+    ('\n\n{"question": "q", "steps": [{"thought": "t"}]}\n', ":3: steps[0] needs an 'action' string"),
     ('{"id": "1", "question": "q", "answer": "a", "chain": []}\n', ":1: this is a question file"),
     ('{"instruction": "q", "input": "", "output": "no actions here"}\n', ":1: expected 'Thought: ...'"),
     ('{"foo": 1}\n', ":1: unknown record format"),
