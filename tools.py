@@ -424,7 +424,7 @@ class Teacher:
     reply is returned again; vary the request, e.g. `seed=`, to get a fresh sample)."""
 
     def __init__(self, model, base_url=None, api_key_env="OPENAI_API_KEY", timeout=60.0, max_retries=6,
-                 cache_dir=None, rpm=None, backoff=1.0, max_wait=120.0, sleep=time.sleep, seed=None, deadline=600.0):
+                 cache_dir=None, rpm=None, backoff=1.0, max_wait=120.0, sleep=time.sleep, seed=None, deadline=300.0):
         self.model = model
         self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1").rstrip("/")
         key = os.environ.get(api_key_env, "") if api_key_env else ""
