@@ -3,26 +3,32 @@ The agent's world: the teacher LLM client and the tools the agent acts with. No 
 
     python tools.py build-corpus OUT.jsonl ../shared/data/hotpotqa/dev_distractor.jsonl   # HotpotQA context -> corpus
     python tools.py search OUT.jsonl "Scott Derrickson" "lookup[horror]"                  # try the offline tool
+    python tools.py search OUT.jsonl "who directed Sinister?" --tool snippet             # one Google-like snippet
 
 In code:
     teacher = Teacher("gpt-4", cache_dir=".cache/teacher", rpm=500)      # key from $OPENAI_API_KEY
     teacher.chat([{"role": "user", "content": "hi"}]); teacher.usage
     tool = LocalWiki("corpus.jsonl").fork()                               # one fork per episode
     tool.step("Action 1: Search[Paris]"); tool.step("lookup[Eiffel]"); tool.step("finish[France]")
+    SnippetSearch("corpus.jsonl").fork().step("search[what river flows through Paris?]")   # FireAct-style
 
-One HTTP mechanism (`Client`: timeouts, retries with backoff + jitter, Retry-After, fail-fast 4xx, malformed-body
-handling, secret redaction, an on-disk cache) serves the teacher, Wikipedia and the Google-snippet search.
-One episode mechanism (`Tool`: search / lookup / finish with ReAct's semantics) serves every tool.
+One HTTP mechanism (`Client`: a per-attempt and an overall wall-clock deadline, retries with backoff + jitter,
+Retry-After, fail-fast 4xx, malformed-body handling, secret redaction, an on-disk cache) serves the teacher,
+Wikipedia and the Google-snippet search. One episode mechanism (`Tool`: search / lookup / finish with ReAct's
+semantics) serves every tool; `tool.name` says which ("wikipedia", "local", "snippet", "google"). One ranking
+mechanism (`BM25`, deterministic ties) serves both offline tools.
 """
 import copy
 import email.utils
 import hashlib
+import http
 import itertools
 import json
 import logging
 import os
 import random
 import re
+import socket
 import sys
 import threading
 import time
@@ -33,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import requests
+import urllib3
 
 log = logging.getLogger("fireact.tools")
 USER_AGENT = "fireact-from-scratch/0.1 (research agent; https://github.com/anchen1011/FireAct) python-requests"
@@ -182,21 +189,21 @@ def _one_line(text, n=300):
     return text if len(text) <= n else text[:n] + "..."
 
 
-def _server_message(resp):
+def _server_message(body, reason=""):
     """The human part of an error body: OpenAI {'error': {'message'}}, MediaWiki {'error': {'info'}}, or text."""
     try:
-        data = resp.json()
+        data = json.loads(body)
     except ValueError:
-        return _one_line(resp.text or resp.reason or "")
+        return _one_line(body.decode("utf-8", "replace") or reason)
     err = data.get("error", data) if isinstance(data, dict) else data
     if isinstance(err, dict):
         err = err.get("message") or err.get("info") or err.get("detail") or err
     return _one_line(err if isinstance(err, str) else json.dumps(err))
 
 
-def _retry_after(resp):
+def _retry_after(headers):
     """Retry-After in seconds (delta-seconds or an HTTP date), or None."""
-    value = resp.headers.get("Retry-After")
+    value = headers.get("Retry-After")
     if not value:
         return None
     try:
@@ -208,27 +215,68 @@ def _retry_after(resp):
             return None
 
 
+def _connection_error(e):
+    """A short cause for a requests connection error: its innermost OS error ('connection refused'), if any."""
+    seen, stack = set(), [e]
+    while stack:
+        x = stack.pop()
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(x, socket.gaierror):
+            return f"cannot resolve host ({x.strerror})"
+        stack += [a for a in getattr(x, "args", ()) if isinstance(a, BaseException)]
+        stack += [a for a in (getattr(x, "reason", None), x.__cause__, x.__context__) if isinstance(a, BaseException)]
+    msg = e.args[0] if e.args and isinstance(e.args[0], str) else e  # urllib3 repeats its cause in args[1]
+    return f"connection error: {type(e).__name__}: {_one_line(msg, 160)}"
+
+
+def _phrase(status):
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return ""
+
+
+class _Deadline(Exception):
+    pass
+
+
 class Client:
-    """requests.Session + timeouts + retries. Retries 429/5xx, timeouts, dropped connections and malformed bodies
+    """requests.Session + deadlines + retries. Retries 429/5xx, timeouts, dropped connections and malformed bodies
     with exponential backoff and jitter (or the server's Retry-After); fails at once on any other 4xx.
 
+    Two wall-clock limits, because a socket timeout alone bounds only each read (a server trickling a byte every
+    half second would hold a request forever, and a hanging one cost timeout x attempts):
+      `timeout`  : one attempt, start to last body byte (the body is streamed and the clock checked per chunk);
+      `deadline` : the whole request, all attempts and the waits between them.
+    Errors are `APIError`s of one line: '{name}: 401 Unauthorized from URL: <the server's message> (hint)'.
     `check(data)` validates a decoded body and may raise KeyError/IndexError/TypeError/ValueError, which count as
-    a malformed (transient) reply. `secrets` are scrubbed from every error message and from urllib3's logs."""
+    a malformed (transient) reply. `secrets` are scrubbed from every error message and from urllib3's logs.
+    `auth_hint` is appended to 401/403 errors (e.g. 'check OPENAI_API_KEY')."""
 
     def __init__(self, headers=None, timeout=30.0, max_retries=6, backoff=1.0, max_wait=120.0, rpm=None,
-                 secrets=(), sleep=time.sleep, seed=None):
+                 secrets=(), sleep=time.sleep, seed=None, deadline=300.0, name="http", auth_hint=""):
         self.session = requests.Session()
         self.session.headers.update(headers or {})
         adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=64)  # >= worker threads
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
+        for what, v in (("timeout", timeout), ("deadline", deadline)):
+            if not v or v <= 0:
+                raise ValueError(f"{name}: {what} must be > 0 seconds, got {v!r}")
+        if max_retries < 0:
+            raise ValueError(f"{name}: max_retries must be >= 0, got {max_retries!r}")
         self.timeout, self.max_retries, self.backoff, self.max_wait = timeout, max_retries, backoff, max_wait
+        self.deadline, self.name, self.auth_hint = deadline, name, auth_hint
         self.sleep, self.rng = sleep, random.Random(seed)
         self.limiter = RateLimiter(rpm, sleep) if rpm else None
         self.secrets = [s for s in secrets if s]
         for s in self.secrets:
-            for name in ("urllib3.connectionpool", "urllib3", "requests"):
-                logging.getLogger(name).addFilter(_Redact(s))
+            for logger in ("urllib3.connectionpool", "urllib3", "requests"):
+                logging.getLogger(logger).addFilter(_Redact(s))
         self.stats, self.lock = Counter(), threading.Lock()
 
     def redact(self, text):
@@ -239,6 +287,27 @@ class Client:
     def _count(self, **kw):
         with self.lock:
             self.stats.update(kw)
+
+    def _attempt(self, method, url, params, json_body, limit):
+        """One HTTP exchange within `limit` seconds of wall clock -> (status, reason, headers, body bytes)."""
+        end = time.monotonic() + limit
+        r = self.session.request(method, url, params=params, json=json_body, timeout=limit, stream=True)
+        try:
+            read = getattr(r.raw, "read1", None) or r.raw.read  # read1: whatever one recv() gives (urllib3 >= 2.3)
+            sock = getattr(getattr(r.raw, "connection", None), "sock", None)
+            chunks = []
+            while True:
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise _Deadline()
+                if sock is not None:
+                    sock.settimeout(left)  # so no single read outlives the attempt either
+                chunk = read(65536)
+                if not chunk:
+                    return r.status_code, r.reason, r.headers, b"".join(chunks)
+                chunks.append(chunk)
+        finally:
+            r.close()
 
     def request(self, method, url, *, params=None, json_body=None, check=None, cache=None):
         """-> (data, from_cache). The cache key is the whole request minus secret-valued params."""
@@ -254,44 +323,59 @@ class Client:
                     return hit["response"], True
                 except (KeyError, IndexError, TypeError, ValueError):
                     pass  # an entry from an older format: fetch again
-        last, retry_after = "", None
+        start = time.monotonic()
+        last, retry_after, attempts = "", None, 0
         for attempt in range(self.max_retries + 1):
             if attempt:
                 delay = retry_after if retry_after is not None else \
                     self.backoff * 2 ** (attempt - 1) * self.rng.uniform(0.5, 1.0)  # jitter de-synchronises threads
                 delay = min(delay, self.max_wait)
-                log.warning("retry %d/%d in %.2fs after: %s", attempt, self.max_retries, delay, last)
+                if time.monotonic() + delay >= start + self.deadline:
+                    break  # the next attempt could not start before the deadline
+                log.warning("%s: retry %d/%d in %.2fs after: %s", self.name, attempt, self.max_retries, delay, last)
                 self._count(retries=1)
                 self.sleep(delay)
             if self.limiter:
                 self.limiter.wait()
-            retry_after = None
+            limit = min(self.timeout, start + self.deadline - time.monotonic())
+            if limit <= 0:
+                break
+            retry_after, attempts = None, attempts + 1
             try:
-                r = self.session.request(method, url, params=params, json=json_body, timeout=self.timeout)
-                if r.status_code in RETRY_STATUS:
-                    raise _Transient(f"HTTP {r.status_code}: {_server_message(r)}", _retry_after(r))
-                if r.status_code >= 400:
-                    raise APIError(self.redact(f"{method} {url} -> HTTP {r.status_code}: {_server_message(r)}"))
+                status, reason, headers, body = self._attempt(method, url, params, json_body, limit)
+                if status in RETRY_STATUS:
+                    raise _Transient(f"HTTP {status}: {_server_message(body, reason)}", _retry_after(headers))
+                if status >= 400:
+                    reason = reason or _phrase(status)
+                    hint = f" ({self.auth_hint})" if status in (401, 403) and self.auth_hint else ""
+                    self._count(failures=1)
+                    raise APIError(self.redact(f"{self.name}: {status} {reason} from {url}: "
+                                               f"{_server_message(body, reason)}{hint}"))
                 try:
-                    data = r.json()
+                    data = json.loads(body)
                     if check:
                         check(data)
                 except (ValueError, KeyError, IndexError, TypeError) as e:
                     raise _Transient(f"malformed response body ({type(e).__name__}: {_one_line(e, 80)}): "
-                                     f"{_one_line(repr(r.text), 80)}") from None
+                                     f"{_one_line(repr(body.decode('utf-8', 'replace')), 80)}") from None
                 self._count(requests=1)
                 if cache is not None:
                     cache.put(key, {"request": {"method": method, "url": url, "json": json_body}, "response": data})
                 return data, False
             except _Transient as e:
                 last, retry_after = self.redact(_one_line(e)), e.retry_after
-            except requests.Timeout:
-                last = f"timeout after {self.timeout}s"
+            except (requests.Timeout, _Deadline):
+                last = f"no complete reply within {limit:.3g}s"
             except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError,
-                    requests.exceptions.ContentDecodingError) as e:  # refused, reset, or dropped mid-body
-                last = self.redact(f"connection error: {type(e).__name__}: {_one_line(e, 160)}")
+                    requests.exceptions.ContentDecodingError, urllib3.exceptions.HTTPError, OSError) as e:
+                # refused, reset, dropped mid-body; a socket timeout inside the streamed body read is an OSError too
+                timed_out = isinstance(e, (socket.timeout, urllib3.exceptions.ReadTimeoutError))
+                last = f"no complete reply within {limit:.3g}s" if timed_out else self.redact(_connection_error(e))
         self._count(failures=1)
-        raise APIError(f"{method} {url}: gave up after {self.max_retries + 1} attempts; last error: {last}")
+        spent = time.monotonic() - start
+        why = f"deadline of {self.deadline:g}s reached" if attempts < self.max_retries + 1 else "gave up"
+        raise APIError(f"{self.name}: {method} {url}: {why} after {attempts} attempts in {spent:.1f}s; "
+                       f"last error: {last}")
 
 
 def run_concurrently(fn, items, workers=8, rpm=None, sleep=time.sleep):
@@ -339,15 +423,17 @@ class Teacher:
     With `cache_dir`, responses are cached by the whole request, so a rerun costs nothing (note: a cached sampled
     reply is returned again; vary the request, e.g. `seed=`, to get a fresh sample)."""
 
-    def __init__(self, model, base_url=None, api_key_env="OPENAI_API_KEY", timeout=60, max_retries=6,
-                 cache_dir=None, rpm=None, backoff=1.0, max_wait=120.0, sleep=time.sleep, seed=None):
+    def __init__(self, model, base_url=None, api_key_env="OPENAI_API_KEY", timeout=60.0, max_retries=6,
+                 cache_dir=None, rpm=None, backoff=1.0, max_wait=120.0, sleep=time.sleep, seed=None, deadline=300.0):
         self.model = model
         self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1").rstrip("/")
         key = os.environ.get(api_key_env, "") if api_key_env else ""
         if not key and "api.openai.com" in self.base_url:
-            raise ValueError(f"Teacher: set the environment variable {api_key_env} (or pass base_url= for a local server)")
+            raise ValueError(f"teacher: set the environment variable {api_key_env} (or pass base_url= for a local server)")
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self.client = Client(headers, timeout, max_retries, backoff, max_wait, rpm, [key], sleep, seed)
+        hint = (f"check {api_key_env}" if key else f"{api_key_env} is not set") if api_key_env else ""
+        self.client = Client(headers, timeout, max_retries, backoff, max_wait, rpm, [key], sleep, seed,
+                             deadline=deadline, name="teacher", auth_hint=hint)
         self.cache = Cache(cache_dir) if cache_dir else None
         self._tokens, self._lock = Counter(), threading.Lock()
 
@@ -388,6 +474,8 @@ class Teacher:
 
 def _fold(text):
     """Lower case, diacritics stripped: 'Béyoncé' -> 'beyonce'."""
+    if text.isascii():  # most text: skip the per-character pass (it dominates index build time)
+        return text.lower()
     text = unicodedata.normalize("NFKD", text)
     return "".join(c for c in text if not unicodedata.combining(c)).lower()
 
@@ -416,7 +504,15 @@ class Tool:
     """ReAct's episode: search[entity] shows a page's first 5 sentences and makes it the current page;
     lookup[keyword] walks the current page's sentences that contain keyword, '(Result i / n) sentence', then
     'No more results.'; finish[answer] ends the episode (done, answer). Subclasses implement
-    `_search(query) -> (observation, sentences of the page found or None)`."""
+    `_search(query) -> (observation, sentences of the page found or None)`.
+
+    `name` says which tool made an observation (recorded in trajectories and results); `noise` is (p, mode) for
+    a NoisyTool and None otherwise. Snippet tools (has_lookup = False) answer lookup with NO_LOOKUP, as FireAct's
+    Google search had no lookup."""
+
+    name = "tool"
+    noise = None
+    has_lookup = True
 
     def __init__(self):
         self.reset()
@@ -445,6 +541,8 @@ class Tool:
             obs, self.page = self._search(arg)
             self._keyword = None
             return obs
+        if not self.has_lookup:
+            return NO_LOOKUP
         if arg != self._keyword:  # a new keyword restarts the walk (ReAct)
             kw = arg.lower()
             self._keyword, self._next = arg, 0
@@ -458,6 +556,9 @@ class Tool:
         raise NotImplementedError
 
 
+NO_LOOKUP = "lookup is not available with this search tool. Use search[...] with a question or a phrase instead."
+
+
 def _not_found(query, similar):
     return f"Could not find [{query}]. Similar: {list(similar)}."
 
@@ -468,11 +569,14 @@ class Wikipedia(Tool):
     such page, or it is a disambiguation page). Responses are cached in memory (shared by forks) and, with
     `cache_dir`, on disk."""
 
+    name = "wikipedia"
+
     def __init__(self, endpoint=WIKI_API, user_agent=USER_AGENT, timeout=10.0, retries=3, cache_dir=None,
-                 sleep=time.sleep):
+                 sleep=time.sleep, deadline=60.0):
         super().__init__()
         self.endpoint = endpoint
-        self.client = Client({"User-Agent": user_agent}, timeout, retries, sleep=sleep)
+        self.client = Client({"User-Agent": user_agent}, timeout, retries, sleep=sleep, deadline=deadline,
+                             name="wikipedia")
         self.cache = Cache(cache_dir, memory=True)
 
     def _search(self, query, follow=True):
@@ -508,91 +612,137 @@ def _check_mediawiki(data):
         raise APIError(f"MediaWiki error {err.get('code')}: {_one_line(err.get('info', ''))}")
 
 
-class LocalWiki(Tool):
-    """Offline Wikipedia over a JSONL corpus of {"title", "sentences"} (see build_corpus).
-
-    search[x]: an exact title match wins, tried in order: case-folded title, then normalize_title(), then the
-    normalised title without a '(...)' qualifier when that is unambiguous. Otherwise, with retrieve=True (the
-    default, for agents that search with free text as FireAct's teacher did), BM25 over title + sentences picks the
-    best page and the observation says so: 'No page titled [x]; best text match [Title]: ...'. With
-    retrieve=False (pure ReAct): 'Could not find [x]. Similar: [...]' with BM25-ranked titles.
-    `last_search` records how the last search was answered: 'title', 'bm25' or 'none'.
-
-    Speed: an inverted index in CSR form whose postings already hold each (term, doc) BM25 weight (IDF and
-    document-length norm folded in), so a query is a few numpy scatter-adds over its terms' postings."""
-
-    def __init__(self, corpus_path, retrieve=True, k1=1.2, b=0.75):
-        super().__init__()
-        self.retrieve, self.last_search = retrieve, None
-        self.titles, self.pages = [], []
-        with open(corpus_path, encoding="utf-8") as f:
+def read_corpus(path):
+    """Corpus JSONL ({"title": str, "sentences": [str]} per line) -> (titles, pages as lists of sentences).
+    Errors are one line naming the file (and line) and what to do."""
+    path = Path(path)
+    make = "make one with: python tools.py build-corpus OUT.jsonl HOTPOT.jsonl"
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: is a directory, expected a corpus JSONL file ({make})")
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such corpus file ({make})")
+    titles, pages, lineno = [], [], 0
+    try:
+        with open(path, encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
                 try:
                     rec = json.loads(line)
                     title, sents = rec["title"], rec["sentences"]
+                    if not isinstance(title, str) or not isinstance(sents, list) or \
+                            not all(isinstance(s, str) for s in sents):
+                        raise TypeError("title must be a string and sentences a list of strings")
                 except (ValueError, KeyError, TypeError) as e:
-                    raise ValueError(f"{corpus_path}:{lineno}: bad corpus line ({e}); "
+                    raise ValueError(f"{path}:{lineno}: bad corpus line ({_one_line(e, 120)}); "
                                      'expected {"title": str, "sentences": [str]}') from None
-                self.titles.append(title)
-                self.pages.append([s.strip() for s in sents if s.strip()])
-        if not self.titles:
-            raise ValueError(f"{corpus_path}: empty corpus")
-        self._build_title_index()
-        self._build_bm25(k1, b)
+                titles.append(title)
+                pages.append([s.strip() for s in sents if s.strip()])
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}:{lineno + 1}: not UTF-8 text; expected a corpus JSONL file ({make})") from None
+    if not titles:
+        raise ValueError(f"{path}: empty corpus ({make})")
+    return titles, pages
 
-    def _build_title_index(self):
-        self.by_title = [{}, {}, {}]  # tried in order; the first page with a key keeps it
+
+class TitleIndex:
+    """Exact title lookup, tried in order: case-folded title, then normalize_title(), then the normalised title
+    without a '(...)' qualifier when that is unambiguous ('Ed Wood' -> 'Ed Wood (film)' only if no other 'Ed
+    Wood (...)'). The first page with a key keeps it."""
+
+    def __init__(self, titles):
+        self.keys = [{}, {}, {}]
         base_count = Counter()
-        for i, t in enumerate(self.titles):
-            self.by_title[0].setdefault(" ".join(_fold(t).split()), i)
-            self.by_title[1].setdefault(normalize_title(t), i)
+        for i, t in enumerate(titles):
+            self.keys[0].setdefault(" ".join(_fold(t).split()), i)
+            self.keys[1].setdefault(normalize_title(t), i)
             base_count[normalize_title(re.sub(r"\s*\([^)]*\)\s*$", "", t))] += 1
-        for i, t in enumerate(self.titles):  # 'Ed Wood (film)' answers 'Ed Wood' only if no other 'Ed Wood (...)'
+        for i, t in enumerate(titles):
             base = normalize_title(re.sub(r"\s*\([^)]*\)\s*$", "", t))
-            if base_count[base] == 1 and base not in self.by_title[1]:
-                self.by_title[2][base] = i
+            if base_count[base] == 1 and base not in self.keys[1]:
+                self.keys[2][base] = i
 
-    def _build_bm25(self, k1, b):
-        vocab, term, doc, tf, lengths = {}, [], [], [], []
-        for i, (title, sents) in enumerate(zip(self.titles, self.pages)):
-            toks = _tokens(title) * 2 + _tokens(" ".join(sents))  # title words count twice
-            lengths.append(len(toks))
-            for t, c in Counter(toks).items():
-                term.append(vocab.setdefault(t, len(vocab)))
-                doc.append(i)
-                tf.append(c)
-        term, doc, tf = np.array(term), np.array(doc, np.int32), np.array(tf, np.float32)
-        order = np.argsort(term, kind="stable")  # CSR: postings of term j are [offsets[j], offsets[j+1])
-        term, self.post_doc, tf = term[order], doc[order], tf[order]
-        n, df = len(self.titles), np.bincount(term, minlength=len(vocab))
-        self.offsets = np.concatenate([[0], np.cumsum(df)])
+    def find(self, query):
+        """-> page index or None."""
+        wanted = (" ".join(_fold(query).split()), normalize_title(query), normalize_title(query))
+        for index, key in zip(self.keys, wanted):
+            if key in index:
+                return index[key]
+        return None
+
+
+class BM25:
+    """Okapi BM25 over documents given as token lists (the one ranking mechanism of LocalWiki and SnippetSearch).
+
+    Speed: an inverted index in CSR form whose postings already hold each (term, doc) BM25 weight (IDF and
+    document-length norm folded in), so a query is a few numpy scatter-adds over its terms' postings.
+    Determinism: query terms are added in first-occurrence order (not set order, which varies with Python's hash
+    seed, and float sums depend on order) and ties rank the lower document index first (numpy's argpartition
+    orders ties differently on different CPUs)."""
+
+    def __init__(self, docs, k1=1.2, b=0.75):
+        vocab = {}
+        ids = [[vocab.setdefault(t, len(vocab)) for t in d] for d in docs]
+        n = len(ids)
+        lengths = np.array([len(d) for d in ids], np.int64)  # [N]
+        doc = np.repeat(np.arange(n, dtype=np.int64), lengths)  # [T] doc of each token
+        term = np.fromiter(itertools.chain.from_iterable(ids), np.int64, count=int(lengths.sum()))  # [T]
+        key, tf = np.unique(term * n + doc, return_counts=True)  # sorted by (term, doc): CSR postings at once
+        term, self.post_doc, tf = key // n, (key % n).astype(np.int32), tf.astype(np.float32)  # [nnz]
+        df = np.bincount(term, minlength=len(vocab))  # [V]
+        self.offsets = np.concatenate([[0], np.cumsum(df)])  # postings of term j are [offsets[j], offsets[j+1])
         idf = np.log1p((n - df + 0.5) / (df + 0.5)).astype(np.float32)  # [V]
-        lengths = np.array(lengths, np.float32)  # [N]
+        lengths = lengths.astype(np.float32)
         norm = k1 * (1 - b + b * lengths / max(lengths.mean(), 1.0))  # [N] precomputed length norms
         self.post_w = idf[term] * tf * (k1 + 1) / (tf + norm[self.post_doc])  # [nnz] per-posting BM25 weight
-        self.vocab = vocab
+        self.vocab, self.n = vocab, n
 
-    def rank(self, query, k=5):
-        """Top-k (doc index, BM25 score) for free text, best first; only docs sharing a term with the query."""
-        scores = np.zeros(len(self.titles), np.float32)  # [N]
-        for t in set(_tokens(query)):
+    def scores(self, query):
+        """Free text -> BM25 score of every document [N]."""
+        scores = np.zeros(self.n, np.float32)  # [N]
+        for t in dict.fromkeys(_tokens(query)):  # unique terms, first-occurrence order
             j = self.vocab.get(t)
             if j is not None:
                 s, e = self.offsets[j], self.offsets[j + 1]
                 scores[self.post_doc[s:e]] += self.post_w[s:e]  # doc ids are unique within a term's postings
-        k = min(k, len(scores))
-        top = np.argpartition(-scores, k - 1)[:k]
-        top = top[np.argsort(-scores[top], kind="stable")]
-        return [(int(i), float(scores[i])) for i in top if scores[i] > 0]
+        return scores
+
+    def rank(self, query, k=5):
+        """Top-k (doc index, score), best first, ties by lower index; only docs sharing a term with the query."""
+        scores = self.scores(query)
+        cand = np.flatnonzero(scores > 0)  # ascending doc index
+        if len(cand) > k:
+            kth = -np.partition(-scores[cand], k - 1)[k - 1]  # the k-th best score
+            cand = cand[scores[cand] >= kth]  # keeps every doc tied at the cut
+        top = cand[np.argsort(-scores[cand], kind="stable")[:k]]  # stable on ascending ids: ties -> lower index
+        return [(int(i), float(scores[i])) for i in top]
+
+
+class LocalWiki(Tool):
+    """Offline Wikipedia over a JSONL corpus of {"title", "sentences"} (see build_corpus).
+
+    search[x]: an exact title match wins (TitleIndex). Otherwise, with retrieve=True (the default, for agents that
+    search with free text as FireAct's teacher did), BM25 over title + sentences picks the best page and the
+    observation says so: 'No page titled [x]; best text match [Title]: ...'. With retrieve=False (pure ReAct):
+    'Could not find [x]. Similar: [...]' with BM25-ranked titles.
+    `last_search` records how the last search was answered: 'title', 'bm25' or 'none'."""
+
+    name = "local"
+
+    def __init__(self, corpus_path, retrieve=True, k1=1.2, b=0.75):
+        super().__init__()
+        self.retrieve, self.last_search = retrieve, None
+        self.titles, self.pages = read_corpus(corpus_path)
+        self.title_index = TitleIndex(self.titles)
+        # a page is its title (counted twice: title words matter most) followed by its sentences
+        self.bm25 = BM25([_tokens(t) * 2 + _tokens(" ".join(p)) for t, p in zip(self.titles, self.pages)], k1, b)
+
+    def rank(self, query, k=5):
+        """Top-k (page index, BM25 score) for free text, best first (ties: the earlier page)."""
+        return self.bm25.rank(query, k)
 
     def find_title(self, query):
-        keys = (" ".join(_fold(query).split()), normalize_title(query), normalize_title(query))
-        for index, key in zip(self.by_title, keys):
-            if key in index:
-                return index[key]
-        return None
+        return self.title_index.find(query)
 
     def _search(self, query):
         i = self.find_title(query)
@@ -609,20 +759,90 @@ class LocalWiki(Tool):
         return _not_found(query, [self.titles[i] for i, _ in hits]), None
 
 
+def clip(text, max_chars):
+    """Cut text to at most max_chars at a word boundary, marked ' ...' as Google marks a cut snippet."""
+    if len(text) <= max_chars:
+        return text
+    cut = text.rfind(" ", 0, max_chars - 3)
+    return text[:cut if cut > 0 else max_chars - 4].rstrip(" ,;:") + " ..."
+
+
+class SnippetSearch(Tool):
+    """Offline stand-in for FireAct's Google search: a free-text query returns ONE short passage of the corpus
+    (no page, no lookup), as SerpAPI returned one snippet (median 155 characters over FireAct's 2,250 searches).
+
+    The passages ('windows') are each sentence of a page, joined with the next one when both fit in window_chars,
+    so a snippet is shown whole as it was scored (clipped at max_chars, ' ...', only for a very long sentence).
+    Title-aware: each window is indexed with its page title's tokens, so 'when did the band Velvet Foxes split'
+    finds the window of page 'Velvet Foxes' that says 'The band split ...'; the page's lead (first window) gets
+    the title tokens twice, as Google favours a page's lead. A query that is exactly a page title (TitleIndex) gets
+    that lead. Nothing found: 'None', as FireAct's tool said.
+    `last_search` records how the last search was answered: 'title', 'bm25' or 'none', and from which page.
+
+    Measured (searching each question as it is) on the 9,366-page HotpotQA corpus (957 questions) and the toy
+    corpus (each hop's goal of the 100 dev questions): window_chars 250 keeps the median snippet at 167 characters
+    (Google's 155; 300 gives 188). The top snippet holds a supporting sentence for 66.8% of HotpotQA questions and
+    comes from a supporting page for 77.8% (LocalWiki's best page: 77.6%; no title tokens: 63.5%); it holds the
+    hop's fact for 178/200 toy goals (title tokens once everywhere: 166, twice everywhere: 165).
+    No 'Title: ' prefix: it would put the answer in 30% of snippets instead of 27% (titles answer comparison
+    questions), but FireAct's snippets carry no title (under 5% start with any 'Xxx: ' label), and a student
+    trained on them must meet the same kind of text at evaluation."""
+
+    name = "snippet"
+    has_lookup = False
+
+    def __init__(self, corpus_path, max_chars=300, window_chars=250, k1=1.2, b=0.75):
+        super().__init__()
+        self.max_chars, self.last_search = max_chars, None
+        self.titles, pages = read_corpus(corpus_path)
+        self.title_index = TitleIndex(self.titles)
+        self.texts, page_of, self.first = [], [], []  # window text, its page, each page's first window (or -1)
+        docs = []
+        for i, (title, sents) in enumerate(zip(self.titles, pages)):
+            head, toks = _tokens(title), [_tokens(s) for s in sents]
+            self.first.append(len(self.texts) if sents else -1)
+            for j, s in enumerate(sents):
+                pair = j + 1 < len(sents) and len(s) + 1 + len(sents[j + 1]) <= window_chars
+                self.texts.append(f"{s} {sents[j + 1]}" if pair else s)
+                page_of.append(i)
+                docs.append(head * (2 if j == 0 else 1) + toks[j] + (toks[j + 1] if pair else []))
+        if not docs:
+            raise ValueError(f"{corpus_path}: no page has a sentence; nothing to search")
+        self.page_of = np.array(page_of, np.int32)  # [W]
+        self.bm25 = BM25(docs, k1, b)
+
+    def _search(self, query):
+        i = self.title_index.find(query)
+        if i is not None and self.first[i] >= 0:
+            w, how = self.first[i], "title"
+        else:
+            hits = self.bm25.rank(query, 1)
+            if not hits:
+                self.last_search = {"query": query, "how": "none", "title": None}
+                return "None", None
+            w, how = hits[0][0], "bm25"
+        self.last_search = {"query": query, "how": how, "title": self.titles[self.page_of[w]]}
+        return clip(self.texts[w], self.max_chars), None
+
+
 class GoogleSearch(Tool):
     """FireAct's own tool: a SerpAPI-style Google search returning one snippet (the answer box's answer, else its
     snippet, else its highlighted words, else the first organic result's snippet, else 'None', as FireAct did).
-    No pages, so lookup finds nothing. The key (from `api_key_env`) travels as a query parameter, so it is scrubbed
+    No pages, so no lookup (NO_LOOKUP). The key (from `api_key_env`) travels as a query parameter, so it is scrubbed
     from errors and urllib3's logs and left out of cache keys."""
 
+    name = "google"
+    has_lookup = False
+
     def __init__(self, api_key_env="SERPAPI_API_KEY", endpoint="https://serpapi.com/search", timeout=20.0,
-                 retries=3, cache_dir=None, sleep=time.sleep):
+                 retries=3, cache_dir=None, sleep=time.sleep, deadline=60.0):
         super().__init__()
         key = os.environ.get(api_key_env, "")
         if not key:
-            raise ValueError(f"GoogleSearch: set the environment variable {api_key_env}")
+            raise ValueError(f"google: set the environment variable {api_key_env} (a SerpAPI key)")
         self.endpoint, self._params = endpoint, {"engine": "google", "hl": "en", "gl": "us", "api_key": key}
-        self.client = Client({"User-Agent": USER_AGENT}, timeout, retries, secrets=[key], sleep=sleep)
+        self.client = Client({"User-Agent": USER_AGENT}, timeout, retries, secrets=[key], sleep=sleep,
+                             deadline=deadline, name="google", auth_hint=f"check {api_key_env}")
         self.cache = Cache(cache_dir, memory=True)
 
     def _search(self, query):
@@ -653,6 +873,8 @@ class NoisyTool:
 
     done = property(lambda self: self.tool.done)
     answer = property(lambda self: self.tool.answer)
+    name = property(lambda self: self.tool.name)  # the wrapped tool's name; the noise setting is separate:
+    noise = property(lambda self: (self.p, self.mode))
 
     def fork(self):
         return NoisyTool(self.tool.fork(), self.p, self.mode, self.seed, self._shared)
@@ -660,7 +882,7 @@ class NoisyTool:
     def step(self, action):
         obs = self.tool.step(action)
         parsed = parse_action(action)
-        if parsed is None or parsed[0] == "finish" or obs.startswith("Invalid action"):
+        if parsed is None or parsed[0] == "finish" or obs.startswith("Invalid action") or obs == NO_LOOKUP:
             return obs
         noisy = self.rng.random() < self.p  # drawn on every call, so the noise pattern depends only on the seed
         with self._shared["lock"]:
@@ -682,9 +904,12 @@ class NoisyTool:
 
 def _read_records(path):
     """A JSON array (HotpotQA's original files) or JSONL (one record per line)."""
-    text = Path(path).read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        return json.loads(text)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+        if text.lstrip().startswith("["):
+            return json.loads(text)
+    except ValueError as e:  # bad JSON or not UTF-8
+        raise ValueError(f"{path}: not a HotpotQA JSON/JSONL file ({_one_line(e, 120)})") from None
     out = []
     for lineno, line in enumerate(text.splitlines(), 1):
         if line.strip():
@@ -705,8 +930,11 @@ def build_corpus(hotpot_paths, out_path):
         for n, rec in enumerate(_read_records(path)):
             if not isinstance(rec, dict) or "context" not in rec:
                 raise ValueError(f"{path}: record {n} has no 'context' (is this a HotpotQA file with context?)")
-            for title, sents in rec["context"]:
-                pages.setdefault(title, [s.strip() for s in sents if s.strip()])
+            try:
+                for title, sents in rec["context"]:
+                    pages.setdefault(title, [s.strip() for s in sents if s.strip()])
+            except (ValueError, TypeError, AttributeError):
+                raise ValueError(f"{path}: record {n}: context must be [[title, [sentences]], ...]") from None
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + f".{os.getpid()}.tmp")
@@ -737,6 +965,9 @@ def parse_config(cls, argv=None, description=None, prog=None, positional=()):
     return cls(**vars(p.parse_args(argv)))
 
 
+TOOLS = {"local": LocalWiki, "snippet": SnippetSearch}  # the offline tools, by `name`
+
+
 def main(argv=None):
     import argparse
     ap = argparse.ArgumentParser(description="tools.py: offline corpus builder and search")
@@ -748,17 +979,23 @@ def main(argv=None):
     s.add_argument("corpus")
     s.add_argument("query")
     s.add_argument("actions", nargs="*")
-    s.add_argument("--no-retrieve", action="store_true", help="pure ReAct: no BM25 fallback page")
+    s.add_argument("--tool", choices=sorted(TOOLS), default="local",
+                   help="local: a page's first sentences (title, else BM25 page); snippet: one Google-like snippet")
+    s.add_argument("--no-retrieve", action="store_true", help="local only, pure ReAct: no BM25 fallback page")
     args = ap.parse_args(argv)
-    if args.cmd == "build-corpus":
-        for f in args.files:
-            if not Path(f).exists():
-                raise SystemExit(f"build-corpus: no such file: {f}")
-        print(f"wrote {build_corpus(args.files, args.out)} pages to {args.out}")
-        return
-    if not Path(args.corpus).exists():
-        raise SystemExit(f"search: no such corpus: {args.corpus}")
-    tool = LocalWiki(args.corpus, retrieve=not args.no_retrieve).fork()
+    try:
+        if args.cmd == "build-corpus":
+            for f in args.files:
+                if not Path(f).is_file():
+                    raise SystemExit(f"build-corpus: {f}: " + ("is a directory, expected a HotpotQA file"
+                                                               if Path(f).is_dir() else "no such file"))
+            print(f"wrote {build_corpus(args.files, args.out)} pages to {args.out}")
+            return
+        tool = LocalWiki(args.corpus, retrieve=not args.no_retrieve) if args.tool == "local" \
+            else SnippetSearch(args.corpus)
+    except (ValueError, OSError) as e:  # user error: one line, no traceback
+        raise SystemExit(f"{args.cmd}: {_one_line(e, 500)}") from None
+    tool = tool.fork()
     for action in [f"search[{args.query}]"] + args.actions:
         print(f"Action: {action}\nObservation: {tool.step(action)}")
 

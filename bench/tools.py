@@ -1,14 +1,15 @@
 """
-Benchmarks for tools.py: LocalWiki search latency over the HotpotQA corpus, and the teacher client's reliability
-against a local server that fails a share of requests transiently.
+Benchmarks for tools.py: LocalWiki and SnippetSearch index build time and search latency over the HotpotQA corpus,
+and the teacher client's reliability against a local server that fails a share of requests transiently.
 
     python bench/tools.py                      # both
     python bench/tools.py --what search        # search latency only
     python bench/tools.py --what teacher --requests 1000 --fail-rate 0.3 --workers 16
 
 Search: the corpus is built from ../shared/data/hotpotqa/dev_distractor.jsonl (9,366 paragraphs) into a temp dir;
-each query runs `tool.fork().step("search[...]")` as the agent would. Three query sets: exact titles (title index),
-the HotpotQA questions as free text (BM25 path), and titles with one typo (BM25, mostly misses of the title index).
+each query runs `tool.fork().step("search[...]")` as the agent would, for both offline tools (`local`: a page's first
+sentences; `snippet`: one Google-like passage). Three query sets: exact titles (title index), the HotpotQA questions
+as free text (BM25 path), and titles with one typo (BM25, mostly misses of the title index).
 Teacher: N distinct chat requests through `run_concurrently` to the loopback OpenAI server of tests/test_tools.py,
 which fails each attempt with probability --fail-rate (500/503/429/dropped connection/malformed JSON).
 """
@@ -57,8 +58,13 @@ def bench_search(cfg, tmp):
     t1 = time.perf_counter()
     wiki = tools.LocalWiki(tmp / "corpus.jsonl")
     t2 = time.perf_counter()
-    print(f"corpus: {n} paragraphs; build {t1 - t0:.2f} s; load + index {t2 - t1:.2f} s "
-          f"({len(wiki.vocab)} terms, {len(wiki.post_w)} postings)")
+    snip = tools.SnippetSearch(tmp / "corpus.jsonl")
+    t3 = time.perf_counter()
+    print(f"corpus: {n} paragraphs; build {t1 - t0:.2f} s")
+    print(f"local   load + index {t2 - t1:.2f} s ({len(wiki.bm25.vocab)} terms, {len(wiki.bm25.post_w)} postings, "
+          f"{wiki.bm25.n} pages)")
+    print(f"snippet load + index {t3 - t2:.2f} s ({len(snip.bm25.vocab)} terms, {len(snip.bm25.post_w)} postings, "
+          f"{snip.bm25.n} windows)")
     rng = random.Random(cfg.seed)
     questions = [json.loads(line)["question"] for line in path.open()]
 
@@ -67,21 +73,22 @@ def bench_search(cfg, tmp):
         return t[:i] + "x" + t[i + 1:]
 
     sets = {"exact title": rng.choices(wiki.titles, k=cfg.queries),
-            "free-text question (BM25)": rng.choices(questions, k=cfg.queries),
+            "free-text question": rng.choices(questions, k=cfg.queries),
             "title with a typo": [typo(t) for t in rng.choices(wiki.titles, k=cfg.queries)]}
-    everything = []
-    for name, queries in sets.items():
-        times, how = [], {}
-        for q in queries:
-            tool = wiki.fork()
-            s = time.perf_counter()
-            tool.step(f"search[{q}]")
-            times.append(time.perf_counter() - s)
-            how[tool.last_search["how"]] = how.get(tool.last_search["how"], 0) + 1
-        everything += times
-        print(f"search {name:28s} n={len(times)}: {percentiles(times)}  answered by {how}")
-    print(f"search {'all':28s} n={len(everything)}: {percentiles(everything)}  "
-          f"(target: median < 5 ms) {'OK' if np.median(everything) < 0.005 else 'MISSED'}")
+    for tool in (wiki, snip):
+        everything = []
+        for name, queries in sets.items():
+            times, how = [], {}
+            for q in queries:
+                episode = tool.fork()
+                s = time.perf_counter()
+                episode.step(f"search[{q}]")
+                times.append(time.perf_counter() - s)
+                how[episode.last_search["how"]] = how.get(episode.last_search["how"], 0) + 1
+            everything += times
+            print(f"{tool.name:7s} search {name:20s} n={len(times)}: {percentiles(times)}  answered by {how}")
+        print(f"{tool.name:7s} search {'all':20s} n={len(everything)}: {percentiles(everything)}  "
+              f"(target: median < 5 ms) {'OK' if np.median(everything) < 0.005 else 'MISSED'}")
 
 
 def bench_teacher(cfg, tmp):
