@@ -923,7 +923,7 @@ class GenerateConfig:
     dtype: str = ""            # float32 | bfloat16 | float16; empty = float32 on CPU, bfloat16 on GPU
 
 def main(argv=None):
-    from tools import parse_config  # the project's one config -> CLI mechanism (torch-free)
+    from cli import parse_config  # the project's one config -> CLI mechanism (torch-free)
     c = parse_config(GenerateConfig, argv, description=__doc__)
     try:
         model, tok = load_model(c.model or None, c.device, getattr(torch, c.dtype) if c.dtype else None)
