@@ -166,6 +166,11 @@ RESUME_FREE = {"recipe", "out", "eval_every", "save_every", "stop_after", "devic
                "merge", "show_mask", "progress"}
 
 
+def default_lr(n_params):
+    """--lr 0: 2e-3 up to 1B parameters (measured on the toy demo), 3e-4 above (FireAct's and alpaca-lora's 7B+)."""
+    return 2e-3 if n_params <= 1e9 else 3e-4
+
+
 def apply_recipe(cfg):
     """Fill in cfg.recipe's values for the settings not given explicitly (on the command line, in --config or,
     for a config built in code, by differing from the default)."""
@@ -667,7 +672,7 @@ def train(cfg):
     n_params = sum(p.numel() for p in model.parameters())
     auto_lr = cfg.lr == 0
     if auto_lr:
-        cfg.lr = 2e-3 if n_params <= 1e9 else 3e-4
+        cfg.lr = default_lr(n_params)
     if cfg.resume:
         check_resume(out, saved, cfg)
     train_ex, trunc, skip = encode_records(train_recs, tok, cfg)
@@ -683,7 +688,7 @@ def train(cfg):
         f"({n_sup / sum(lengths):.0%}); {trunc} truncated, {skip} skipped (--max-len {cfg.max_len}, "
         f"--overlong {cfg.overlong}); padding waste {padding_waste(lengths, plan0):.1%}")
     log(f"settings: --recipe {cfg.recipe}: lr {cfg.lr:g}"
-        + (f" (by model size: {n_params / 1e6:.0f}M parameters)" if auto_lr else "")
+        + (f" (by model size: {n_params / 1e6:.1f}M parameters)" if auto_lr else "")
         + f", LoRA r={cfg.lora_r} alpha {cfg.lora_alpha} dropout {cfg.lora_dropout}, --max-len {cfg.max_len}, "
           f"--train-on {cfg.train_on}, --template {cfg.template}, {cfg.epochs} epoch(s)")
 
@@ -711,8 +716,10 @@ def train(cfg):
         log(f"resumed from {out / 'state.pt'} at step {step}")
     if master:   # what made this run: every setting (resolved) and the code, torch and python versions
         out.mkdir(parents=True, exist_ok=True)
-        # resume is how it ran, not a setting: `--config OUT/config.json` starts the same run afresh
-        cli.atomic_write(out / "config.json", json.dumps({**dataclasses.asdict(cfg), "resume": False}, indent=1))
+        # resume and stop_after say how this session ran, not what it trains: `--config OUT/config.json` reruns
+        # the whole run afresh, `--config OUT/config.json --resume` continues it
+        cli.atomic_write(out / "config.json", json.dumps({**dataclasses.asdict(cfg), "resume": False, "stop_after": 0},
+                                                         indent=1))
         runs = []
         if cfg.resume and (out / "run.json").exists():
             try:
