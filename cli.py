@@ -68,6 +68,10 @@ def field_help(cls) -> dict:
     return helps
 
 
+def _default(f):
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
 def _kind(f, hints, default):
     """-> (python type of one value, choices or None, is_list)."""
     hint = hints.get(f.name, type(default))
@@ -82,8 +86,8 @@ def _kind(f, hints, default):
 
 def _check_value(name, value, typ, choices, is_list):
     """A --config file's value against the field's type -> the value, or a ValueError saying what is wrong."""
-    ok = lambda v: (isinstance(v, typ) and not (typ is not bool and isinstance(v, bool))) or \
-        (typ is float and isinstance(v, int) and not isinstance(v, bool))
+    def ok(v):    # exact types: True is an int to Python, not to a setting; an int is a fine float
+        return type(v) is typ or (typ is float and type(v) is int)
     if is_list:
         if not isinstance(value, list) or not all(ok(v) for v in value):
             raise ValueError(f"key {name!r}: expected a list of {typ.__name__}, got {value!r}")
@@ -109,12 +113,14 @@ def parse_config(cls, argv=None, prog=None, description=None, positional=()):
     p = _Parser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", metavar="FILE.json", help="load the settings saved in FILE.json (a run's config.json); "
                    "flags given explicitly override it")
-    helps, hints = field_help(cls), typing.get_type_hints(cls)
-    kinds, defaults = {}, {}
+    try:
+        hints = typing.get_type_hints(cls)
+    except NameError:                   # an unresolvable annotation: the defaults' types serve
+        hints = {}
+    helps, kinds = field_help(cls), {}
     for f in dataclasses.fields(cls):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        default = _default(f)
         typ, choices, is_list = kinds[f.name] = _kind(f, hints, default)
-        defaults[f.name] = default
         shown = " ".join(map(str, default)) or "none" if isinstance(default, list) else \
             (repr(default) if default == "" else default)
         text = helps.get(f.name, "")
@@ -143,7 +149,7 @@ def parse_config(cls, argv=None, prog=None, description=None, positional=()):
             p.error(f"--config {path}: {msg.removeprefix(f'{path}: ')}")
     values.update(given)
     try:
-        cfg = cls(**{k: v for k, v in values.items()})
+        cfg = cls(**values)
         if hasattr(cfg, "check"):
             cfg.check()
     except ValueError as e:
@@ -157,8 +163,7 @@ def explicit(cfg) -> set:
     built in code, the fields that differ from their defaults. Presets (train.py's --recipe) fill in the rest."""
     if hasattr(cfg, "_explicit"):
         return set(cfg._explicit)
-    return {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != (
-        f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)}
+    return {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != _default(f)}
 
 
 def one_line(e) -> str:

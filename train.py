@@ -162,8 +162,8 @@ RECIPES = {"default": {},
            "fireact": dict(lora_r=8, lora_alpha=16, lora_dropout=0.05, lora_targets="q_proj,v_proj", lr=3e-4,
                            max_len=512, train_on="all", template="alpaca")}
 # the settings a resumed run may change: they do not change the trained weights (every other one does)
-RESUME_FREE = {"recipe", "out", "eval_every", "save_every", "stop_after", "device", "grad_checkpointing", "compile", "resume",
-               "merge", "show_mask", "progress"}
+RESUME_FREE = {"recipe", "out", "eval_every", "save_every", "stop_after", "device", "grad_checkpointing", "compile",
+               "resume", "merge", "show_mask", "progress"}
 
 
 def default_lr(n_params):
