@@ -8,6 +8,8 @@ imitate the tool. One readable PyTorch loop; no Trainer.
     python train.py --data FILE --show-mask 3        # print record 3 with the trained tokens highlighted
     python train.py --data FILE --max-steps 5        # smoke run
     python train.py --resume                         # continue an interrupted run in --out exactly
+    python train.py --config out/train/config.json --out out/again   # rerun a run's recorded settings
+    python train.py --recipe fireact --data FILE     # FireAct's own settings (LoRA r=8 on q/v, lr 3e-4, ...)
     python train.py --merge                          # also write a full HF checkpoint to OUT/merged
     torchrun --nproc_per_node=2 train.py ...         # data parallel (gloo on CPU, NCCL on GPU)
 
