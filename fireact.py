@@ -16,11 +16,13 @@ The LLM writes `Thought: ...\nAction: ...`; we cut after the first complete Acti
 `Thought: ...\nAnswer: X`, read as the one step `finish[X]`. A reflection prompt uses data/prompts/reflexion_*.txt
 and ends with `Reflection:`; the reflection then opens the next Thought.
 """
-import csv, dataclasses, hashlib, json, os, random, re, string, subprocess, sys, threading, time
+import csv, dataclasses, hashlib, json, os, random, re, string, sys, threading, time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
+import cli  # flags, one-line errors, atomic writes, provenance (torch-free)
 import tools  # no torch: cheap to import
 
 REPO = Path(__file__).resolve().parent
@@ -51,28 +53,6 @@ def read_json(path):
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid UTF-8 JSON ({e})") from None
-
-
-def atomic_write(path, data):
-    """Write a whole file so that a reader sees the old one or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def provenance() -> dict:
-    """What made a result: the project's git commit (if a checkout) and the versions that matter."""
-    try:
-        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return dict(git_commit=commit, python=sys.version.split()[0], time=time.strftime("%Y-%m-%dT%H:%M:%S"))
 
 
 # ----------------------------------------------------------------------------------------------------- metrics
@@ -293,11 +273,11 @@ def _from_json(path, lineno, d, i):
         if not isinstance(d["steps"], list) or not d["steps"] or not isinstance(d.get("question"), str):
             raise ValueError(f"{path}:{lineno}: 'question' must be a string and 'steps' a non-empty list")
         for j, s in enumerate(d["steps"]):
-            if not isinstance(s, dict) or not isinstance(s.get("action"), str) or \
-                    not isinstance(s.get("thought", ""), (str, type(None))) or \
-                    not isinstance(s.get("observation"), (str, type(None))):
-                raise ValueError(f"{path}:{lineno}: steps[{j}] needs an 'action' string (and string 'thought'/"
-                                 f"'observation')")
+            if not isinstance(s, dict) or not isinstance(s.get("action"), str):
+                raise ValueError(f"{path}:{lineno}: steps[{j}] has no 'action' string")
+            for k in ("thought", "observation"):
+                if not isinstance(s.get(k), (str, type(None))):
+                    raise ValueError(f"{path}:{lineno}: steps[{j}].{k} must be a string, got {s[k]!r}")
         if len(check_steps(d["steps"], f"{path}:{lineno}")) < len(d["steps"]):
             raise ValueError(f"{path}:{lineno}: steps after finish; a trajectory ends at its only finish")
         return {"id": f"{Path(path).stem}:{i}", "source": str(path), **d}
@@ -312,8 +292,9 @@ def _from_json(path, lineno, d, i):
         rest = msgs[1:] if q else msgs
         return _record(path, lineno, q, "\n".join(m["content"] for m in rest), i)
     if "instruction" in d and "output" in d:  # FireAct alpaca format
-        if not all(isinstance(d.get(k) or "", str) for k in ("instruction", "input", "output")):
-            raise ValueError(f"{path}:{lineno}: 'instruction', 'input' and 'output' must be strings")
+        for k in ("instruction", "input", "output"):
+            if not isinstance(d.get(k) or "", str):
+                raise ValueError(f"{path}:{lineno}: '{k}' must be a string, got {d[k]!r} (wrong type)")
         q = "\n".join(x for x in (d["instruction"], d.get("input") or "") if x)
         return _record(path, lineno, q, d["output"], i)
     if "question" in d and "chain" in d:
@@ -360,7 +341,7 @@ def read_records(path):
 
 def write_jsonl(path: Path, records):
     """All records at once, atomically: a reader sees the old file or the new one, never half of one."""
-    atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    cli.atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def append_jsonl(f, record: dict):
@@ -487,7 +468,7 @@ class Bamboogle(Task):
             if re.fullmatch(r"\d{1,2}-[A-Z][a-z]{2}-\d{2}", r["answer"]):
                 raise ValueError(f"{src}:{i + 2}: answer {r['answer']!r} looks like a spreadsheet date with no "
                                  f"known correction; add it to Bamboogle.DATES")
-        atomic_write(dest / "bamboogle" / "test.json", json.dumps(rows, indent=1, ensure_ascii=False))
+        cli.atomic_write(dest / "bamboogle" / "test.json", json.dumps(rows, indent=1, ensure_ascii=False))
 
 
 class StrategyQA(Task):
@@ -529,7 +510,7 @@ class MMLU(Task):
                 parts = Path(m.name).parts
                 if m.isfile() and len(parts) == 3 and parts[1] in self.TAR_DIRS and parts[2].endswith(".csv") \
                         and parts[2] != "race.csv":  # FireAct dropped RACE (long passages)
-                    atomic_write(dest / "mmlu" / parts[1] / parts[2], tar.extractfile(m).read())
+                    cli.atomic_write(dest / "mmlu" / parts[1] / parts[2], tar.extractfile(m).read())
 
 
 class Toy(Task):
@@ -894,17 +875,17 @@ def error_digest(errors: list[str], k=3) -> list[str]:
 # ----------------------------------------------------------------------------------------------------- configs
 @dataclass
 class RunConfig:  # what generate and eval share
-    task: str = "toy"             # toy | hotpotqa | hotpotqa_offline | bamboogle | strategyqa | mmlu
+    task: Literal["toy", "hotpotqa", "hotpotqa_offline", "bamboogle", "strategyqa", "mmlu"] = "toy"  # toy | hotpotqa | hotpotqa_offline | bamboogle | strategyqa | mmlu
     split: str = ""               # "" = generate: the task's training split; eval: its first evaluation split
     n: int = 0                    # first n questions (0 = all)
-    tool: str = ""                # local | snippet | wikipedia | google; "" = eval: the tool family of the adapter's training data, else the task's default
+    tool: Literal["", "local", "snippet", "wikipedia", "google"] = ""  # local = page tool over the offline corpus, snippet = offline search engine (FireAct-style); "" = eval: the tool family of the adapter's training data, else the task's default
     max_steps: int = 11           # LLM turns per episode (FireAct 11, ReAct 7); an episode out of turns scores 0
     teacher_model: str = ""       # an OpenAI-style model name, or "oracle" (toyworld.OracleTeacher)
     base_url: str = ""            # "" = OpenAI; any OpenAI-compatible server otherwise
     api_key_env: str = "OPENAI_API_KEY"  # the NAME of the variable holding the key; the key is never written
     timeout: float = 60.0         # seconds: the total deadline of one teacher request (all of its reads)
     retries: int = 6              # retries of a teacher request after 429/5xx/timeouts, with backoff
-    seed: int = 0
+    seed: int = 0                 # tool noise and re-sampling seed
 
     def check(self):
         get_task(self.task)
@@ -921,14 +902,14 @@ class RunConfig:  # what generate and eval share
 @dataclass
 class GenerateConfig(RunConfig):
     teacher_model: str = "gpt-4"
-    method: str = "react"         # react | cot | reflexion
-    out: str = "runs/trajectories.jsonl"
+    method: Literal["react", "cot", "reflexion"] = "react"  # the teacher's method
+    out: str = "runs/trajectories.jsonl"  # append-only JSONL; a rerun with the same settings resumes it
     reflect_at: list = field(default_factory=lambda: [5, 9])  # Reflexion: reflect when still unsolved after these turns (FireAct: before its 6th and 10th)
-    reflect_on: str = "rounds"    # rounds: FireAct's (no gold answer in a trajectory) | wrong: also retry after a wrong finish, judged with the gold answer; the failed attempt is dropped
+    reflect_on: Literal["rounds", "wrong"] = "rounds"  # rounds: FireAct's (no gold answer in a trajectory) | wrong: also retry after a wrong finish, judged with the gold answer; the failed attempt is dropped
     allow_eval_split: bool = False  # generate on an evaluation split (its questions then must not be evaluated on)
     workers: int = 8              # concurrent episodes
     rpm: int = 0                  # requests per minute (0 = unlimited)
-    temperature: float = 0.0
+    temperature: float = 0.0      # teacher sampling temperature (re-samples of turns with no action use 0.7)
     max_tokens: int = 512         # per teacher turn; a turn ends at its first complete Action line anyway
 
     def check(self):
@@ -949,10 +930,10 @@ class GenerateConfig(RunConfig):
 class EvalConfig(RunConfig):
     model: str = ""               # local checkpoint dir / hub name; "" = the embedded SmolLM2-135M-Instruct
     adapter: str = ""             # LoRA adapter dir: fine-tuned, zero-shot prompt
-    template: str = ""            # react | alpaca: the student's prompt layout; "" = what the adapter was trained with
+    template: Literal["", "react", "alpaca"] = ""  # react | alpaca: the student's prompt layout; "" = what the adapter was trained with
     noise: float = 0.0            # probability that an observation is replaced (NoisyTool)
-    noise_mode: str = "none"      # none: the observation becomes "None" | random: another question's observation
-    out: str = "runs/eval.json"
+    noise_mode: Literal["none", "random"] = "none"  # none: the observation becomes "None" | random: another question's observation
+    out: str = "runs/eval.json"   # per-question results (FireAct's trajs schema) + OUT.summary.json
     max_new_tokens: int = 512     # per turn (FireAct allowed 1,000; a turn ends at its first complete Action line)
     batch_size: int = 32          # live episodes per batched generate call
     prefix_cache_mb: int = 2048   # K/V kept between agent turns, so a turn prefills only its new tokens (0 = off)
@@ -961,7 +942,7 @@ class EvalConfig(RunConfig):
     force_answer: bool = False    # an episode out of turns gets one more turn that must finish (ReAct scores it 0)
     exclude_overlap: list = field(default_factory=list)  # training files: drop eval questions that appear in them
     max_failures: float = 0.0     # exit non-zero when more than this fraction of episodes failed (server errors)
-    device: str = ""
+    device: str = ""              # cpu | cuda | mps; "" = the best available
 
     def check(self):
         super().check()
@@ -985,8 +966,8 @@ class EvalConfig(RunConfig):
 
 @dataclass
 class FilterConfig:
-    files: list = field(default_factory=list)
-    out: str = "runs/filtered.jsonl"
+    files: list = field(default_factory=list)    # trajectory files written by generate
+    out: str = "runs/filtered.jsonl"  # the kept records
     keep_forced: bool = False     # keep episodes whose answer was forced out of them (not successful trajectories)
 
     def check(self):
@@ -995,13 +976,13 @@ class FilterConfig:
 
 @dataclass
 class MixConfig:
-    files: list = field(default_factory=list)
-    out: str = "runs/train.jsonl"
+    files: list = field(default_factory=list)    # trajectory files (ours, or FireAct's alpaca/gpt files)
+    out: str = "runs/train.jsonl"  # the training file for train.py --data
     tasks: list = field(default_factory=list)    # [] = every task found
     methods: list = field(default_factory=list)  # [] = every method found
     per_group: int = 0                           # at most this many per (task, method); 0 = all
     per_method: list = field(default_factory=list)  # METHOD=N caps that override per_group: react=450 cot=0
-    seed: int = 0
+    seed: int = 0                                # shuffle seed
 
     def check(self):
         check_out_path(self.out)
@@ -1011,8 +992,8 @@ class MixConfig:
 
 @dataclass
 class ScoreConfig:
-    files: list = field(default_factory=list)
-    metric: str = ""              # qa | yesno | mc; "" = from the records' task (qa for FireAct trajs)
+    files: list = field(default_factory=list)    # results files or directories (ours, or FireAct's trajs/*.json)
+    metric: Literal["", "qa", "yesno", "mc"] = ""  # qa | yesno | mc; "" = from the records' task (qa for FireAct trajs)
     n: int = 0                    # denominator override
 
     def check(self):
@@ -1032,10 +1013,10 @@ class DownloadConfig:
 
 
 def parse_config(cls, argv):
-    """CLI flags from the dataclass fields (tools.parse_config): --max-steps 11, --compare / --no-compare, positional `files`."""
-    cfg = tools.parse_config(cls, argv, prog=f"fireact.py {cls.__name__[:-6].lower()}", positional=("files",))
-    cfg.check()
-    return cfg
+    """Flags from the dataclass fields (cli.parse_config): --max-steps 11, --compare / --no-compare, positional
+    `files`, --config FILE.json; each config's check() runs before any work."""
+    name = next(k for k, v in COMMANDS.items() if v[0] is cls)
+    return cli.parse_config(cls, argv, prog=f"fireact.py {name}", description=COMMANDS[name][2], positional=("files",))
 
 
 # ---------------------------------------------------------------------------------------------------- commands
@@ -1271,7 +1252,7 @@ def run_eval(cfg: EvalConfig, llm, prompt_fn, label: str, out: Path, tool: str, 
 
 
 def write_json(path: Path, obj):
-    atomic_write(path, json.dumps(obj, indent=1, ensure_ascii=False))
+    cli.atomic_write(path, json.dumps(obj, indent=1, ensure_ascii=False))
 
 
 def print_table(summaries: list[dict]):
@@ -1326,7 +1307,7 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
     template = cfg.template or trained.get("template", "react")
     meta = dict(model=cfg.teacher_model or cfg.model or "SmolLM2-135M-Instruct", adapter=cfg.adapter or None,
                 template=template, noise=cfg.noise, noise_mode=cfg.noise_mode, force_answer=cfg.force_answer,
-                seed=cfg.seed, provenance=provenance())
+                seed=cfg.seed, provenance=cli.provenance())
     if cfg.teacher_model:
         llm = TeacherLLM(make_teacher(cfg.teacher_model, cfg.base_url, cfg.api_key_env, timeout=cfg.timeout,
                                       retries=cfg.retries))
@@ -1337,7 +1318,9 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
                                   out, tool, meta)]
     else:
         import model as M
-        net, tok = M.load_model(cfg.model or None, device=cfg.device or None)
+        device = M.pick_device(cfg.device)
+        print(f"device: {device}", file=sys.stderr)
+        net, tok = M.load_model(cfg.model or None, device=device)
         runs = [("prompted", False), ("fine-tuned", True)] if cfg.compare else [
             ("fine-tuned" if cfg.adapter else "zero-shot" if cfg.zero_shot else "prompted", bool(cfg.adapter))]
         summaries = []
@@ -1419,11 +1402,9 @@ def main(argv=None):
     if argv[0] not in COMMANDS:
         raise ValueError(f"unknown command {argv[0]!r}; choose {' | '.join(COMMANDS)}")
     cls, fn, _ = COMMANDS[argv[0]]
-    return fn(parse_config(cls, argv[1:]))
+    fn(parse_config(cls, argv[1:]))
+    return 0
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError) as e:
-        raise SystemExit(f"fireact.py: error: {' '.join(str(e).split())}") from None
+    sys.exit(cli.run(main, prog="fireact.py") or 0)

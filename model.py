@@ -1205,7 +1205,7 @@ class GenerateConfig:
     dtype: str = ""            # float32 | bfloat16 | float16; empty = float32 on CPU, bfloat16 on GPU
 
 def main(argv=None):
-    from tools import parse_config  # the project's one config -> CLI mechanism (torch-free)
+    from cli import parse_config  # the project's one config -> CLI mechanism (torch-free)
     c = parse_config(GenerateConfig, argv, description=__doc__)
     try:  # user errors (a bad path, a broken file, no network) are one line, no traceback; stdout is the answer only
         device = pick_device(c.device)

@@ -945,26 +945,6 @@ def build_corpus(hotpot_paths, out_path):
     return len(pages)
 
 
-def parse_config(cls, argv=None, description=None, prog=None, positional=()):
-    """The project's one config -> CLI mechanism: a flag per dataclass field (--max-steps 11, --merge/--no-merge,
-    --data A B); fields named in `positional` become positional arguments taking one or more values."""
-    import argparse
-    import dataclasses
-    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(cls):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        flag = "--" + f.name.replace("_", "-")
-        if f.name in positional:
-            p.add_argument(f.name, nargs="+")
-        elif isinstance(default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
-        elif isinstance(default, list):
-            p.add_argument(flag, nargs="+", default=default)
-        else:
-            p.add_argument(flag, type=type(default), default=default)
-    return cls(**vars(p.parse_args(argv)))
-
-
 TOOLS = {"local": LocalWiki, "snippet": SnippetSearch}  # the offline tools, by `name`
 
 

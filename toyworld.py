@@ -573,5 +573,6 @@ def detect_method(prompt):
 
 
 if __name__ == "__main__":
-    from tools import parse_config  # the project's one dataclass -> CLI mechanism: --seed 1 --n-train 100
-    print(json.dumps(generate(parse_config(WorldConfig, sys.argv[1:], description=__doc__.split("\n\n")[1]))))
+    import cli  # the project's one dataclass -> CLI mechanism: --seed 1 --n-train 100; one-line errors
+    cli.run(lambda: print(json.dumps(generate(cli.parse_config(WorldConfig, sys.argv[1:],
+                                                               description=__doc__.split("\n\n")[1])))))

@@ -8,6 +8,8 @@ imitate the tool. One readable PyTorch loop; no Trainer.
     python train.py --data FILE --show-mask 3        # print record 3 with the trained tokens highlighted
     python train.py --data FILE --max-steps 5        # smoke run
     python train.py --resume                         # continue an interrupted run in --out exactly
+    python train.py --config out/train/config.json --out out/again   # rerun a run's recorded settings
+    python train.py --recipe fireact --data FILE     # FireAct's own settings (LoRA r=8 on q/v, lr 3e-4, ...)
     python train.py --merge                          # also write a full HF checkpoint to OUT/merged
     torchrun --nproc_per_node=2 train.py ...         # data parallel (gloo on CPU, NCCL on GPU)
 
@@ -30,74 +32,168 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import cli
+from fireact import read_records, render, show_mask
 from model import apply_lora, load_model, save_adapter, save_checkpoint
-from tools import parse_config
+
+try:
+    from model import pick_device
+except ImportError:     # until model.py has it (cuda, then mps, then cpu): today's choice
+    def pick_device(name=""):
+        return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_DATA = "data/toy/train.jsonl"
+LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass
 class TrainConfig:
-    model: str = ""                     # HF dir or org/name; "" = embedded SmolLM2-135M-Instruct
-    data: list = field(default_factory=lambda: [DEFAULT_DATA])  # FILE or FILE:N (sample N records)
-    val_data: list = field(default_factory=list)  # separate validation files; else hold out val_frac
-    val_frac: float = 0.05
-    val_max: int = 64                   # cap on held-out records (validation runs every eval_every steps)
-    out: str = "out/train"
-    train_on: str = "actions"           # "actions" (Thought/Action only) | "all" (FireAct's own behaviour)
-    max_len: int = 1024                 # tokens per example
-    overlong: str = "truncate"          # "truncate" | "skip"
-    # Defaults, chosen so `python train.py` finishes in <= 15 min on a 2-core CPU with a falling loss. The toy
-    # set is 518 trajectories x ~290 tokens = ~150k tokens; an idle 2-core CPU trains SmolLM2-135M at ~220
-    # tokens/s (fp32, frozen weights still cost 4N FLOPs/token): one epoch, 130 steps of 4, takes ~13 min.
-    # Measured on the toy test split (README): what the student needs in so little compute is many updates on
-    # varied data. 196 trajectories x 3 epochs in steps of 8 gave EM 49; 518 x 1 epoch in steps of 8, EM 58;
-    # the same in steps of 4 (twice the updates, same tokens), EM 86. Also for few steps: LoRA on all seven
-    # projections (more capacity per step than FireAct's q/v-only; ~1% more FLOPs at r=16) and a high LR
-    # (2e-3 suits LoRA on a 135M model; FireAct's 3e-4 was for 7B+ and 3+ epochs).
-    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lr: float = 2e-3
-    min_lr_frac: float = 0.1            # cosine decays to lr * min_lr_frac
-    warmup: int = 10                    # optimizer steps
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    epochs: int = 0                     # 0 = 1 on CPU (the 15-minute budget), 3 on CUDA
-    batch_size: int = 0                 # sequences per optimizer step (global); 0 = micro_batch x processes
+    # `python train.py --help` shows each setting with the comment on its line. The defaults make `python train.py`
+    # the offline toy demo (README): <= 15 min on a 2-core CPU with a falling loss. The toy set is 545 trajectories
+    # x ~290 tokens = ~160k tokens; an idle 2-core CPU trains SmolLM2-135M at ~220 tokens/s (fp32; frozen weights
+    # still cost 4N FLOPs/token). Measured on the toy test split (README): what the student needs in so little
+    # compute is many updates on varied data. 196 trajectories x 3 epochs in steps of 8 gave EM 49; 518 x 1 epoch
+    # in steps of 8, EM 58; the same in steps of 4 (twice the updates, same tokens), EM 86.
+    model: str = ""                     # HF checkpoint dir, a .gguf file or a hub id org/name; "" = the embedded
+                                        # SmolLM2-135M-Instruct (offline; the demo's student)
+    data: list = field(default_factory=lambda: [DEFAULT_DATA])  # trajectory files (our JSONL, FireAct's alpaca
+                                        # JSON or gpt JSONL), mixed; FILE:N samples N records of FILE
+    val_data: list = field(default_factory=list)  # validation files; none = hold out --val-frac of --data
+    val_frac: float = 0.05              # share of --data held out for validation (only with >= 10 records)
+    val_max: int = 64                   # cap on held-out records: validation runs every --eval-every steps
+    out: str = "out/train"              # run dir: adapter, config.json, run.json, metrics.jsonl, state.pt
+    recipe: Literal["default", "fireact"] = "default"  # presets for the settings below that are not given:
+                                        # default = the field defaults; fireact = what FireAct's code did: LoRA r=8,
+                                        # alpha 16, dropout 0.05 on q_proj,v_proj, lr 3e-4, max_len 512 (its
+                                        # cutoff), train_on all (its mask was built and never used), template alpaca
+    template: Literal["react", "alpaca"] = "react"  # prompt around the question, at training and inference:
+                                        # react = ours (Question: ... then the steps), alpaca = FireAct's Alpaca
+                                        # template (what its Llama adapters were trained with)
+    train_on: Literal["actions", "all"] = "actions"  # trained tokens: actions = Thought/Action only (the
+                                        # observations are the tool's words, not the student's); all = every token
+                                        # (FireAct's actual behaviour; its authors never settled the ablation)
+    max_len: int = 1024                 # tokens per example: toy trajectories are ~290 and most of FireAct's fit
+                                        # (FireAct cut at 512)
+    overlong: Literal["truncate", "skip"] = "truncate"  # examples over --max-len: keep their start, or drop them
+    # LoRA: all seven projections give more capacity per step than FireAct's q/v only (~1% more FLOPs at r=16),
+    # and the demo has few steps; FireAct's 3e-4 lr was for 7B+ models and 3+ epochs.
+    lora_targets: str = ",".join(LLAMA_PROJECTIONS)  # comma-separated Llama projections that get LoRA: all
+                                        # seven (measured on the toy demo; FireAct: q_proj,v_proj)
+    lora_r: int = 16                    # LoRA rank: 16 measured on the toy demo (FireAct: 8)
+    lora_alpha: int = 32                # LoRA scale is alpha / r: 2, as FireAct's 16 / 8
+    lora_dropout: float = 0.05          # dropout on the LoRA input (FireAct's and alpaca-lora's value)
+    lr: float = 0.0                     # peak learning rate; 0 = by model size: 2e-3 up to 1B parameters (measured
+                                        # on the toy demo: few steps need a high rate), 3e-4 above (FireAct's and
+                                        # alpaca-lora's value for 7B+)
+    min_lr_frac: float = 0.1            # cosine decays to lr x min_lr_frac (nanoGPT's choice)
+    warmup: int = 10                    # linear warmup, optimizer steps (capped at a fifth of short runs)
+    weight_decay: float = 0.0           # AdamW weight decay: 0 as in alpaca-lora (LoRA B starts at zero)
+    grad_clip: float = 1.0              # clip the gradient norm to this (0 = off): guards the high lr
+    epochs: int = 0                     # passes over --data; 0 = 1 on CPU (the 15-minute demo), 3 on CUDA (FireAct)
+    batch_size: int = 0                 # sequences per optimizer step (global); 0 = micro_batch x processes (many
+                                        # small updates: steps of 4 gave EM 86 vs 58 with steps of 8 on the demo)
     micro_batch: int = 0                # sequences per forward per process; 0 = 4 on CPU, 16 on CUDA
-    max_steps: int = 0                  # >0: the run (and its schedule) is this many optimizer steps
-    stop_after: int = 0                 # >0: stop after N steps keeping the schedule (an interruption)
-    eval_every: int = 50
-    save_every: int = 100
-    seed: int = 0
-    device: str = ""                    # "" = cuda if available else cpu
-    grad_checkpointing: bool = False
-    compile: bool = False
-    resume: bool = False
+    max_steps: int = 0                  # > 0: the run (and its lr schedule) is this many optimizer steps;
+                                        # 0 = --epochs decide (a smoke run: --max-steps 5)
+    stop_after: int = 0                 # > 0: stop after N steps but keep the schedule (continue with --resume)
+    eval_every: int = 50                # validation loss every N optimizer steps, and at the end
+    save_every: int = 100               # adapter + resumable state every N optimizer steps
+    seed: int = 0                       # data order, validation split and dropout masks = f(seed, step)
+    device: str = ""                    # cpu | cuda | cuda:N | mps; "" = the best available
+    grad_checkpointing: bool = False    # recompute activations in backward: less memory, more time
+    compile: bool = False               # torch.compile the loss (pays off on CUDA; slow to start)
+    resume: bool = False                # continue the run in --out exactly (refused if a setting that changes
+                                        # the result differs from its config.json)
     merge: bool = False                 # also write a full HF checkpoint (LoRA merged) to OUT/merged
-    show_mask: int = -1                 # >=0: print that record's rendering with trained tokens highlighted
-    progress: bool = True
+    show_mask: int = -1                 # >= 0: print that record's rendering, trained tokens highlighted, and exit
+    progress: bool = True               # progress bar
+
+    def check(self):
+        """Ranges and paths, checked before anything expensive (cli.parse_config and train call it)."""
+        rules = [("max_steps", self.max_steps >= 0, ">= 0"), ("stop_after", self.stop_after >= 0, ">= 0"),
+                 ("save_every", self.save_every >= 1, ">= 1"), ("eval_every", self.eval_every >= 1, ">= 1"),
+                 ("lora_r", self.lora_r >= 1, ">= 1"), ("lora_alpha", self.lora_alpha > 0, "> 0"),
+                 ("lora_dropout", 0 <= self.lora_dropout < 1, "in [0, 1)"), ("lr", self.lr >= 0, "> 0 (0 = auto)"),
+                 ("min_lr_frac", 0 <= self.min_lr_frac <= 1, "in [0, 1]"), ("warmup", self.warmup >= 0, ">= 0"),
+                 ("weight_decay", self.weight_decay >= 0, ">= 0"), ("grad_clip", self.grad_clip >= 0, ">= 0"),
+                 ("epochs", self.epochs >= 0, ">= 0"), ("batch_size", self.batch_size >= 0, ">= 0"),
+                 ("micro_batch", self.micro_batch >= 0, ">= 0"), ("val_frac", 0 <= self.val_frac < 1, "in [0, 1)"),
+                 ("val_max", self.val_max >= 0, ">= 0"), ("max_len", self.max_len >= 16, ">= 16"),
+                 ("show_mask", self.show_mask >= -1, ">= 0, or -1 (off)")]
+        for name, ok, want in rules:
+            if not ok:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be {want}")
+        if self.batch_size and self.micro_batch and self.batch_size % self.micro_batch:
+            raise ValueError(f"--batch-size {self.batch_size} must be a multiple of --micro-batch {self.micro_batch}")
+        targets = self.lora_targets.split(",")
+        if not all(t in LLAMA_PROJECTIONS for t in targets):
+            raise ValueError(f"--lora-targets {self.lora_targets}: choose from {','.join(LLAMA_PROJECTIONS)}")
+        if not re.fullmatch(r"|cpu|mps|cuda(:\d+)?", self.device):
+            raise ValueError(f"--device {self.device}: expected cpu, cuda, cuda:N or mps")
+        if not self.data:
+            raise ValueError("--data: give at least one file")
+        for flag, specs in (("--data", self.data), ("--val-data", self.val_data)):
+            for spec in specs:
+                path, n = split_spec(spec) if flag == "--data" else (spec, None)
+                if path == str(REPO / DEFAULT_DATA) and not Path(path).exists():
+                    raise ValueError(f"no training data at {DEFAULT_DATA}: build the offline default task with "
+                                     f"`python toyworld.py`, then `python fireact.py generate --task toy --split "
+                                     f"train --teacher-model oracle ...` -> filter -> mix (README, the demo); or "
+                                     f"pass --data FILE")
+                if not Path(path).exists():
+                    raise ValueError(f"{flag} {path}: no such file")
+                if not Path(path).is_file():
+                    raise ValueError(f"{flag} {path}: not a file (a directory?); pass the trajectory file itself")
+                if n == 0:
+                    raise ValueError(f"{flag} {spec}: FILE:N needs N >= 1")
+        out = Path(self.out)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out}: is a file; --out is the run directory")
+        if self.resume and not (out / "state.pt").is_file():
+            raise ValueError(f"--resume: no {out / 'state.pt'} (nothing to resume in --out {out})")
+
+
+# --recipe: values for the settings the user did not give explicitly (cli.explicit); "default" = the field defaults
+RECIPES = {"default": {},
+           "fireact": dict(lora_r=8, lora_alpha=16, lora_dropout=0.05, lora_targets="q_proj,v_proj", lr=3e-4,
+                           max_len=512, train_on="all", template="alpaca")}
+# the settings a resumed run may change: they do not change the trained weights (every other one does)
+RESUME_FREE = {"recipe", "out", "eval_every", "save_every", "stop_after", "device", "grad_checkpointing", "compile",
+               "resume", "merge", "show_mask", "progress"}
+
+
+def default_lr(n_params):
+    """--lr 0: 2e-3 up to 1B parameters (measured on the toy demo), 3e-4 above (FireAct's and alpaca-lora's 7B+)."""
+    return 2e-3 if n_params <= 1e9 else 3e-4
+
+
+def apply_recipe(cfg):
+    """Fill in cfg.recipe's values for the settings not given explicitly (on the command line, in --config or,
+    for a config built in code, by differing from the default)."""
+    given = cli.explicit(cfg)
+    for k, v in RECIPES[cfg.recipe].items():
+        if k not in given:
+            setattr(cfg, k, v)
+    return cfg
 
 
 # ------------------------------------------------------------------------------------------------------ data
 # The trajectory format (readers of the three file formats, render + mask, the mask visualiser) has one owner,
 # fireact.py, torch-free, so that `fireact.py mix` needs no torch and inference renders exactly as training.
-from fireact import read_records, render, show_mask  # noqa: E402
 
 
 def encode_records(recs, tokenizer, cfg):
     """Records -> list of (ids, mask) clipped to max_len; returns (examples, n_truncated, n_skipped)."""
     out, trunc, skip = [], 0, 0
     for r in recs:
-        ids, mask = render(r["question"], r["steps"], tokenizer, cfg.train_on)
+        ids, mask = render(r["question"], r["steps"], tokenizer, cfg.train_on, template=cfg.template)
         if len(ids) > cfg.max_len:
             if cfg.overlong == "skip":
                 skip += 1
@@ -116,18 +212,40 @@ def split_spec(spec):
     return (str(REPO / path) if path == DEFAULT_DATA else path), n
 
 
+def read_data_file(path):
+    """read_records, plus one-line errors naming the file for what it leaves raw: a file that is not UTF-8, a
+    record field of the wrong type, no records at all."""
+    try:
+        recs = read_records(path)
+    except UnicodeDecodeError as e:
+        raise cli.not_utf8(path, e) from None
+    except (TypeError, AttributeError) as e:
+        raise ValueError(f"{path}: a record field has the wrong type ({e}); questions, thoughts, actions and "
+                         f"observations must be strings") from None
+    if not recs:
+        raise ValueError(f"{path}: no records (an empty file?)")
+    for i, r in enumerate(recs, 1):
+        if not isinstance(r.get("question"), str):
+            raise ValueError(f"{path}: record {i}: 'question' must be a string, got {r.get('question')!r:.40}")
+        for j, s in enumerate(r["steps"]):
+            for k in ("thought", "observation"):
+                if s.get(k) is not None and not isinstance(s[k], str):
+                    raise ValueError(f"{path}: record {i}: steps[{j}].{k} must be a string, got {s[k]!r:.40}")
+    return recs
+
+
 def load_data(cfg, log=print):
     """Mix the data files (FILE:N samples N records), hold out a validation split. -> (train, val) records."""
     rng, train, val = random.Random(cfg.seed), [], []
     for spec in cfg.data:
         path, n = split_spec(spec)
-        recs = read_records(path)
+        recs = read_data_file(path)
         if n:
             recs = rng.sample(recs, min(n, len(recs)))
         log(f"data: {path}: {len(recs)} records" + (f" (sampled {n})" if n else ""))
         train += recs
     for path in cfg.val_data:
-        val += read_records(path)
+        val += read_data_file(path)
     if not val and cfg.val_frac > 0 and len(train) >= 10:
         rng.shuffle(train)
         k = min(cfg.val_max, max(1, round(cfg.val_frac * len(train))))
@@ -218,14 +336,16 @@ def train_flops(model, n_tokens, n_sup, seq_len):
 def setup_dist(cfg):
     """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: NCCL on GPU, gloo on CPU. -> (rank, world, device)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    dev = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(pick_device(cfg.device))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {cfg.device}: CUDA is not available here; use --device cpu (or leave it out)")
     if world > 1:
-        if dev == "cuda":
-            dev = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        if dev.type == "cuda":
+            dev = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}")
             torch.cuda.set_device(dev)
-        dist.init_process_group("nccl" if dev.startswith("cuda") else "gloo")
-        return dist.get_rank(), world, torch.device(dev)
-    return 0, 1, torch.device(dev)
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        return dist.get_rank(), world, dev
+    return 0, 1, dev
 
 
 def sync(lora_params, loss, world):
@@ -258,10 +378,24 @@ def evaluate(model, val, cfg, device, pad_id, rank, world, autocast):
     return (tot[0] / tot[1].clamp(min=1)).item()
 
 
-def atomic_save(obj, path):
-    tmp = Path(str(path) + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def read_metrics(path, warn=print):
+    """metrics.jsonl -> [(line, row)]. A torn last line (a crash in mid-append) is cut off with a warning; a bad
+    line before it means the history is damaged: an error naming file:line."""
+    lines = [(i, l) for i, l in enumerate(cli.read_text(path).split("\n"), 1) if l.strip()]
+    rows = []
+    for k, (i, line) in enumerate(lines):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError("no integer 'step'")
+        except ValueError as e:
+            if k == len(lines) - 1:
+                warn(f"warning: {path}:{i}: cut off a torn last line ({cli.one_line(e)}); its step reruns")
+                break
+            raise ValueError(f"{path}:{i}: corrupt metrics line ({cli.one_line(e)}); delete that line, or start "
+                             f"afresh without --resume") from None
+        rows.append((line, row))
+    return rows
 
 
 def plot_losses(out):
@@ -272,7 +406,7 @@ def plot_losses(out):
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    rows = [r for _, r in read_metrics(out / "metrics.jsonl")]
     tr = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     va = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -290,37 +424,107 @@ def plot_losses(out):
     return out / "loss.png"
 
 
+def saved_config(out):
+    """The config.json of the run in `out` (None for a run from before config.json existed)."""
+    path = out / "config.json"
+    if not path.exists():
+        return None
+    try:
+        saved = json.loads(cli.read_text(path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); restore it, or delete it to resume unchecked") \
+            from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path}: expected a JSON object of settings")
+    return saved
+
+
+def check_resume(out, saved, cfg, skip=()):
+    """Refuse to resume with a setting that changes the result (all but RESUME_FREE): one line naming each change
+    with both values. A setting missing from an older config.json had its default then."""
+    if saved is None:
+        return
+    default = dataclasses.asdict(TrainConfig())
+    diff = [f"{k} {saved.get(k, default[k])!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
+            if k not in RESUME_FREE and k not in skip and saved.get(k, default[k]) != v]
+    if diff:
+        raise ValueError(f"--resume: {out / 'config.json'} has other settings: {'; '.join(diff)}. Resuming would "
+                         f"train something else: resume with `--config {out / 'config.json'} --resume`, or use "
+                         f"a new --out")
+
+
+def load_state(out, model, opt):
+    """Restore LoRA weights, optimizer, step and RNG from out/state.pt -> the step. A state of another model or
+    LoRA shape is refused in one line (not a raw shape error)."""
+    path = out / "state.pt"
+    try:
+        st = torch.load(path, map_location="cpu", weights_only=True)
+        saved = st["lora"]
+    except (OSError, RuntimeError, KeyError, TypeError, EOFError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable ({cli.one_line(e)}); start afresh without --resume") from None
+    ours = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    bad = sorted(set(ours) ^ set(saved)) or [n for n in ours if ours[n].shape != saved[n].shape]
+    if bad:
+        n = bad[0]
+        got = tuple(saved[n].shape) if n in saved else "absent"
+        want = tuple(ours[n].shape) if n in ours else "absent"
+        raise ValueError(f"{path}: made for another model or LoRA shape ({n}: saved {got}, now {want}); resume "
+                         f"with its --model/--lora-r/--lora-targets, or use a new --out")
+    with torch.no_grad():
+        for n, p in ours.items():
+            p.copy_(saved[n])
+    opt.load_state_dict(st["optimizer"])
+    torch.set_rng_state(st["rng"])
+    random.seed(st["py_seed"])
+    return st["step"]
+
+
+def load_base(cfg, device=None, dtype=None):
+    """load_model with its errors (missing files, bad config, unknown name) as one line naming --model."""
+    try:
+        return load_model(cfg.model or None, device=device, dtype=dtype)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ValueError(f"--model {cfg.model or '(embedded)'}: cannot load it: {cli.one_line(e)}") from None
+
+
 def train(cfg):
-    """Fine-tune per cfg. -> the output directory (adapter, metrics.jsonl, loss.png, state.pt)."""
+    """Fine-tune per cfg. -> the output directory (adapter, config.json, run.json, metrics.jsonl, loss.png,
+    state.pt). Bad settings or data raise a one-line ValueError before anything is written."""
+    apply_recipe(cfg)
+    cfg.check()
     rank, world, device = setup_dist(cfg)
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
+    warn = (lambda m: print(m, file=sys.stderr)) if master else log
     cuda = device.type == "cuda"
     cfg.micro_batch = cfg.micro_batch or (16 if cuda else 4)
     cfg.batch_size = cfg.batch_size or cfg.micro_batch * world  # one micro-batch per process (more updates)
     cfg.epochs = cfg.epochs or (3 if cuda else 1)
     if cfg.batch_size % cfg.micro_batch:
-        raise SystemExit(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch {cfg.micro_batch}")
-    if cfg.train_on not in ("actions", "all") or cfg.overlong not in ("truncate", "skip"):
-        raise SystemExit("--train-on must be actions|all and --overlong truncate|skip")
-    if cfg.data == [DEFAULT_DATA] and not (REPO / DEFAULT_DATA).exists():
-        raise SystemExit(f"no training data at {DEFAULT_DATA}: build the offline default task with "
-                         f"`python toyworld.py`, then `python fireact.py generate --task toy --split train "
-                         f"--teacher-model oracle ...` -> filter -> mix (README, the demo); or pass --data FILE")
+        raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch {cfg.micro_batch}")
     out = Path(cfg.out)
+    saved, metrics = None, []
+    if cfg.resume:   # what we resume must be what we would train: refuse early (lr=0 resolves after the load)
+        saved = saved_config(out)
+        check_resume(out, saved, cfg, skip=("lr",) if cfg.lr == 0 else ())
+        if (out / "metrics.jsonl").exists():
+            metrics = read_metrics(out / "metrics.jsonl", warn)
     torch.manual_seed(cfg.seed)   # CPU runs are bitwise deterministic (the resume test checks it): the data
     random.seed(cfg.seed)         # order and every dropout mask are functions of (seed, step, micro-batch)
 
     # data
-    try:
-        train_recs, val_recs = load_data(cfg, log)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
-    model, tok = load_model(cfg.model or None, device=device, dtype=torch.bfloat16 if cuda else torch.float32)
+    train_recs, val_recs = load_data(cfg, log)
+    model, tok = load_base(cfg, device=device, dtype=torch.bfloat16 if cuda else torch.float32)
+    n_params = sum(p.numel() for p in model.parameters())
+    auto_lr = cfg.lr == 0
+    if auto_lr:
+        cfg.lr = default_lr(n_params)
+    if cfg.resume:
+        check_resume(out, saved, cfg)
     train_ex, trunc, skip = encode_records(train_recs, tok, cfg)
     val_ex, _, _ = encode_records(val_recs, tok, cfg)
     if not train_ex:
-        raise SystemExit("no trainable examples after rendering (all skipped as over-long or fully masked?)")
+        raise ValueError("no trainable examples after rendering (all skipped as over-long or fully masked?)")
     lengths = [len(ids) for ids, _ in train_ex]
     plan0 = plan_epoch(lengths, cfg, 0)
     steps_per_epoch = len(plan0)
@@ -329,6 +533,10 @@ def train(cfg):
     log(f"data: {len(train_ex)} train / {len(val_ex)} val examples, {sum(lengths)} tokens, {n_sup} trained "
         f"({n_sup / sum(lengths):.0%}); {trunc} truncated, {skip} skipped (--max-len {cfg.max_len}, "
         f"--overlong {cfg.overlong}); padding waste {padding_waste(lengths, plan0):.1%}")
+    log(f"settings: --recipe {cfg.recipe}: lr {cfg.lr:g}"
+        + (f" (by model size: {n_params / 1e6:.1f}M parameters)" if auto_lr else "")
+        + f", LoRA r={cfg.lora_r} alpha {cfg.lora_alpha} dropout {cfg.lora_dropout}, --max-len {cfg.max_len}, "
+          f"--train-on {cfg.train_on}, --template {cfg.template}, {cfg.epochs} epoch(s)")
 
     # model: LoRA on the targets, everything else frozen. LoRA weights stay fp32 under bf16 autocast.
     apply_lora(model, targets=tuple(cfg.lora_targets.split(",")), r=cfg.lora_r, alpha=cfg.lora_alpha,
@@ -350,36 +558,37 @@ def train(cfg):
     # (seed, step), so restoring the step restores them exactly.
     step = 0
     if cfg.resume:
-        if not (out / "state.pt").exists():
-            raise SystemExit(f"--resume: no {out / 'state.pt'} (nothing to resume in --out {out})")
-        st = torch.load(out / "state.pt", map_location="cpu", weights_only=True)
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if n in st["lora"]:
-                    p.copy_(st["lora"][n])
-        opt.load_state_dict(st["optimizer"])
-        step = st["step"]
-        torch.set_rng_state(st["rng"])
-        random.seed(st["py_seed"])
+        step = load_state(out, model, opt)
         log(f"resumed from {out / 'state.pt'} at step {step}")
-    if master:
+    if master:   # what made this run: every setting (resolved) and the code, torch and python versions
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-        mpath = out / "metrics.jsonl"
-        keep = [l for l in mpath.read_text().splitlines() if json.loads(l)["step"] <= step] \
-            if cfg.resume and mpath.exists() else []
-        mpath.write_text("".join(l + "\n" for l in keep))
+        # resume and stop_after say how this session ran, not what it trains: `--config OUT/config.json` reruns
+        # the whole run afresh, `--config OUT/config.json --resume` continues it
+        cli.atomic_write(out / "config.json", json.dumps({**dataclasses.asdict(cfg), "resume": False, "stop_after": 0},
+                                                         indent=1))
+        runs = []
+        if cfg.resume and (out / "run.json").exists():
+            try:
+                runs = json.loads(cli.read_text(out / "run.json"))["sessions"]
+            except (ValueError, KeyError, TypeError):
+                warn(f"warning: {out / 'run.json'}: unreadable; its earlier sessions are dropped")
+        runs.append({**cli.provenance(), "start_step": step, "steps": total, "device": str(device),
+                     "processes": world, "model_parameters": n_params})
+        cli.atomic_write(out / "run.json", json.dumps({"sessions": runs}, indent=1))
+        cli.atomic_write(out / "metrics.jsonl", "".join(line + "\n" for line, r in metrics if r["step"] <= step))
 
     def save(final=False):
-        """Adapter (PEFT format, atomic) + resumable state; periodic adapters under OUT/checkpoints/."""
+        """Adapter (PEFT format) + resumable state, flushed to disk before it replaces the old one; periodic
+        adapters under OUT/checkpoints/."""
         if not master:
             return
         save_adapter(model, out, base_model=cfg.model or "HuggingFaceTB/SmolLM2-135M-Instruct")
         if not final:
             save_adapter(model, out / "checkpoints" / f"step_{step:06d}", base_model=cfg.model or "")
-        atomic_save({"lora": {n: p.detach().cpu() for n, p in model.named_parameters() if "lora_" in n},
-                     "optimizer": opt.state_dict(), "step": step, "rng": torch.get_rng_state(),
-                     "py_seed": cfg.seed + step}, out / "state.pt")
+        state = {"lora": {n: p.detach().cpu() for n, p in model.named_parameters() if "lora_" in n},
+                 "optimizer": opt.state_dict(), "step": step, "rng": torch.get_rng_state(),
+                 "py_seed": cfg.seed + step}
+        cli.atomic_write(out / "state.pt", lambda f: torch.save(state, f))
 
     def log_metrics(row):
         if master:
@@ -466,27 +675,26 @@ def train(cfg):
 
 # ------------------------------------------------------------------------------------------------------- CLI
 def parse_args(argv=None):
-    """CLI flags generated from TrainConfig's fields: --lora-r 16, --data A B, --merge, --no-progress."""
-    return parse_config(TrainConfig, argv, description=__doc__.split("\n\n")[1])
+    """CLI flags generated from TrainConfig's fields (cli.parse_config): --lora-r 16, --data A B, --merge,
+    --no-progress, --config OUT/config.json; checked by TrainConfig.check before anything loads."""
+    return cli.parse_config(TrainConfig, argv, description=__doc__.split("\n\n")[1])
 
 
 def main(argv=None):
     cfg = parse_args(argv)
     if cfg.show_mask >= 0:   # records of all --data files in order (no sampling), after the per-file counts
+        apply_recipe(cfg)
         recs = []
         for d in cfg.data:
-            try:
-                recs += read_records(split_spec(d)[0])
-            except ValueError as e:
-                raise SystemExit(str(e)) from None
+            recs += read_data_file(split_spec(d)[0])
             print(f"data: {split_spec(d)[0]}: {len(recs)} records so far")
         if cfg.show_mask >= len(recs):
-            raise SystemExit(f"--show-mask {cfg.show_mask}: only {len(recs)} records")
-        _, tok = load_model(cfg.model or None)
-        show_mask(recs[cfg.show_mask], tok, cfg.train_on)
+            raise ValueError(f"--show-mask {cfg.show_mask}: only {len(recs)} records")
+        _, tok = load_base(cfg)
+        show_mask(recs[cfg.show_mask], tok, cfg.train_on, template=cfg.template)
         return
     train(cfg)
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

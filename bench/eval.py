@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import cli  # noqa: E402
 import fireact  # noqa: E402
 import model as M  # noqa: E402
 
@@ -27,7 +28,7 @@ class BenchConfig:
 
 
 def main(argv=None):
-    cfg = fireact.parse_config(BenchConfig, sys.argv[1:] if argv is None else argv)
+    cfg = cli.parse_config(BenchConfig, argv, description=__doc__.split("\n\n")[0])
     task = cfg.task or ("toy" if (fireact.REPO / "data" / "toy" / "dev.jsonl").exists() else "hotpotqa_offline")
     qs = fireact.load_questions(task, n=cfg.n)
     tool = fireact.make_tool(task)

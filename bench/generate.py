@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import model as M  # noqa: E402
-import tools  # noqa: E402
+import cli  # noqa: E402
 
 
 @dataclass
@@ -116,7 +116,7 @@ def load_memory(d: Path, hf: bool):
 
 
 def main(argv=None):
-    c = tools.parse_config(BenchConfig, argv, description=__doc__)
+    c = cli.parse_config(BenchConfig, argv, description=__doc__)
     if c.threads:
         torch.set_num_threads(c.threads)
     from transformers import LlamaForCausalLM

@@ -27,6 +27,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+import cli  # noqa: E402
 import tools  # noqa: E402
 
 
@@ -119,7 +120,7 @@ def bench_teacher(cfg, tmp):
 
 
 def main():
-    cfg = tools.parse_config(BenchConfig, description=__doc__.split("\n\n")[0])
+    cfg = cli.parse_config(BenchConfig, description=__doc__.split("\n\n")[0])
     logging.getLogger("fireact.tools").setLevel(logging.ERROR)  # hundreds of expected retry warnings
     if cfg.what not in ("all", "search", "teacher"):
         raise SystemExit(f"--what must be all, search or teacher, got {cfg.what!r}")

@@ -3,6 +3,7 @@ overfitting, resume, DDP, PEFT/transformers interop, errors.
 
     python -m pytest -q -x tests/test_train.py
 """
+import dataclasses
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ from safetensors.torch import load_file
 
 from conftest import make_tiny_llama, make_tokenizer
 
+import cli
 import model as M
 import train as T
 
@@ -154,7 +156,7 @@ def test_show_mask_visualiser(tmp_path, capsys):
     ('{"question": "q", "steps": [{"thought": "t", "action": "search[x]"}]}\n{"question": "q", "steps": [}\n',
      ":2: invalid JSON"),
     ('{"question": "q", "steps": []}\n', ":1: 'question' must be a string and 'steps' a non-empty list"),
-    ('\n\n{"question": "q", "steps": [{"thought": "t"}]}\n', ":3: steps[0] needs an 'action' string"),
+    ('\n\n{"question": "q", "steps": [{"thought": "t"}]}\n', ":3: steps[0] has no 'action'"),
     ('{"id": "1", "question": "q", "answer": "a", "chain": []}\n', ":1: this is a question file"),
     ('{"instruction": "q", "input": "", "output": "no actions here"}\n', ":1: expected 'Thought: ...'"),
     ('{"foo": 1}\n', ":1: unknown record format"),
@@ -168,14 +170,14 @@ def test_bad_data_errors_name_file_and_line(tmp_path, content, err):
     with pytest.raises(ValueError) as e:
         T.read_records(f)
     assert str(e.value).startswith(str(f) + ":") and err in str(e.value), str(e.value)
-    with pytest.raises(SystemExit) as e:                      # the CLI turns it into a one-line exit message
+    with pytest.raises(ValueError) as e:                      # cli.run prints it as one line (test below)
         T.train(T.TrainConfig(data=[str(f)], progress=False))
     assert err in str(e.value)
 
 
 def test_missing_default_data_names_the_command(tmp_path, monkeypatch):
     monkeypatch.setattr(T, "REPO", tmp_path)
-    with pytest.raises(SystemExit, match="python toyworld.py"):
+    with pytest.raises(ValueError, match="python toyworld.py"):
         T.train(T.TrainConfig(progress=False))
 
 
@@ -204,11 +206,13 @@ def test_overlong_truncate_or_skip(tok):
     assert (len(ex), trunc, skip) == (1, 0, 2)
 
 
-def test_cli_flags_come_from_the_dataclass():
-    cfg = T.parse_args(["--lora-r", "4", "--data", "a.jsonl", "b.json:10", "--merge", "--no-progress",
+def test_cli_flags_come_from_the_dataclass(tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.json"
+    a.write_text(""), b.write_text("")
+    cfg = T.parse_args(["--lora-r", "4", "--data", str(a), f"{b}:10", "--merge", "--no-progress",
                         "--lr", "1e-4", "--train-on", "all"])
     assert (cfg.lora_r, cfg.data, cfg.merge, cfg.progress, cfg.lr, cfg.train_on) == \
-        (4, ["a.jsonl", "b.json:10"], True, False, 1e-4, "all")
+        (4, [str(a), f"{b}:10"], True, False, 1e-4, "all")
     assert T.split_spec("b.json:10") == ("b.json", 10) and T.split_spec("c:/x.json") == ("c:/x.json", None)
 
 
@@ -329,3 +333,195 @@ def test_peft_and_transformers_load_adapter_and_merged_checkpoint(tiny, tmp_path
         torch.testing.assert_close(merged(x).logits, want, rtol=1e-4, atol=1e-4)
         base = LlamaForCausalLM.from_pretrained(tiny[0]).eval()
         assert not torch.allclose(base(x).logits, want, atol=1e-4)    # the adapter did change the model
+
+
+# ------------------------------------------------------------------- CLI: settings, errors, resume checks, records
+def run_cli(*args, timeout=120):
+    return subprocess.run([sys.executable, "train.py", *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def assert_one_line_error(code, err, got_code, *words):
+    """Exit code `code`, exactly one line on stderr (`train.py: error: ...`), no traceback, the key words in it."""
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert got_code == code and "Traceback" not in err and len(lines) == 1, err[-2000:]
+    assert lines[0].split(": error: ")[0].endswith(".py") and all(w in lines[0] for w in words), lines[0]
+
+
+def test_help_shows_every_setting_with_help_default_and_choices(capsys):
+    with pytest.raises(SystemExit) as e:
+        T.parse_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert e.value.code == 0
+    helps = cli.field_help(T.TrainConfig)
+    for f in dataclasses.fields(T.TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        assert f.name in helps and flag in out, f.name                   # every setting says what it is for
+        assert " ".join(helps[f.name].split()[:4]) in out, f.name
+    assert out.count("(default: ") == len(dataclasses.fields(T.TrainConfig))
+    for choices in ("{actions,all}", "{truncate,skip}", "{default,fireact}", "{react,alpaca}"):
+        assert choices in out
+    assert "0 = by model size: 2e-3 up to 1B parameters" in out
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--max-steps", "-3"], ["--max-steps -3: must be >= 0"]),
+    (["--save-every", "0"], ["--save-every 0"]), (["--eval-every", "0"], ["--eval-every 0"]),
+    (["--lora-r", "0"], ["--lora-r 0"]), (["--lora-alpha", "0"], ["--lora-alpha 0"]),
+    (["--lora-dropout", "1"], ["--lora-dropout 1.0", "[0, 1)"]), (["--lr", "-0.001"], ["--lr -0.001"]),
+    (["--epochs", "-1"], ["--epochs -1"]), (["--batch-size", "-4"], ["--batch-size -4"]),
+    (["--micro-batch", "-1"], ["--micro-batch -1"]), (["--val-frac", "1"], ["--val-frac 1.0"]),
+    (["--max-len", "8"], ["--max-len 8", ">= 16"]), (["--warmup", "-1"], ["--warmup -1"]),
+    (["--batch-size", "6", "--micro-batch", "4"], ["multiple of --micro-batch 4"]),
+    (["--train-on", "observations"], ["invalid choice: 'observations'", "'actions', 'all'"]),
+    (["--overlong", "cut"], ["'truncate', 'skip'"]), (["--recipe", "alpaca"], ["'default', 'fireact'"]),
+    (["--template", "chatml"], ["'react', 'alpaca'"]), (["--lora-targets", "q_proj,wq"], ["--lora-targets", "k_proj"]),
+    (["--device", "tpu"], ["--device tpu"]), (["--data", "{tmp}"], ["not a file"]),
+    (["--data", "{tmp}/none.jsonl"], ["none.jsonl: no such file"]),
+    (["--val-data", "{tmp}/v.jsonl"], ["--val-data", "v.jsonl: no such file"]),
+    (["--data", "{data}:0"], ["N >= 1"]), (["--out", "{data}"], ["is a file"]),
+    (["--resume", "--out", "{tmp}/o"], ["--resume: no", "state.pt"]),
+])
+def test_bad_settings_are_one_line_errors_before_anything_loads(tiny, tmp_path, capsys, args, words):
+    args = [a.format(tmp=tmp_path, data=tiny[1]) for a in args]
+    with pytest.raises(SystemExit) as e:
+        T.parse_args(["--data", str(tiny[1]), *args])
+    assert_one_line_error(2, capsys.readouterr().err, e.value.code, *words)
+
+
+def test_negative_max_steps_writes_nothing_and_help_exits_0(tiny, tmp_path):
+    r = run_cli("--model", tiny[0], "--data", tiny[1], "--out", tmp_path / "o", "--max-steps", "-3")
+    assert_one_line_error(2, r.stderr, r.returncode, "--max-steps -3: must be >= 0")
+    assert not (tmp_path / "o").exists()                     # no untrained adapter
+    r = run_cli("--help")
+    assert r.returncode == 0 and "--recipe {default,fireact}" in r.stdout and not r.stderr
+
+
+@pytest.mark.parametrize("case", ["not-utf8", "model-dir-without-weights"])
+def test_load_errors_are_one_line_via_the_cli(tiny, tmp_path, case):
+    data, model = tiny[1], tiny[0]
+    if case == "not-utf8":
+        data = tmp_path / "latin1.jsonl"
+        data.write_bytes(json.dumps({"question": "café?", "steps": [{"action": "finish[x]"}]}).encode("latin-1")
+                         .replace(b"\\u00e9", b"\xe9") + b"\n")
+        words = ["latin1.jsonl: not UTF-8"]
+    else:
+        model = tmp_path / "m"
+        model.mkdir()
+        words = [f"--model {model}: cannot load it", "config.json"]
+    r = run_cli("--model", model, "--data", data, "--out", tmp_path / "o", "--no-progress")
+    assert_one_line_error(1, r.stderr, r.returncode, *words)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("content,words", [
+    ('{"question": "q", "steps": [{"thought": 5, "action": "finish[x]"}]}\n', [":1: steps[0].thought", "5"]),
+    ('{"question": "q", "steps": [{"action": "finish[x]", "observation": ["a"]}]}\n', ["steps[0].observation"]),
+    ('{"instruction": 7, "output": "Action: finish[x]"}\n', ["wrong type"]),
+    ("\n\n", ["no records"]),
+])
+def test_bad_records_name_the_file(tmp_path, content, words):
+    f = tmp_path / "d.jsonl"
+    f.write_text(content)
+    with pytest.raises(ValueError) as e:
+        T.main(["--data", str(f), "--out", str(tmp_path / "o"), "--no-progress"])
+    assert str(e.value).startswith(str(f)) and all(w in str(e.value) for w in words), str(e.value)
+
+
+@pytest.fixture(scope="module")
+def partial(tiny, tmp_path_factory):
+    """A run interrupted after 3 of its 4 steps (state saved at step 2 and 3). Copy it before changing it."""
+    out = tmp_path_factory.mktemp("partial") / "run"
+    T.train(cfg_for(tiny, out, stop_after=3, save_every=2))
+    return out
+
+
+def copy_run(partial, tmp_path):
+    import shutil
+    return Path(shutil.copytree(partial, tmp_path / "run"))
+
+
+def test_run_dir_records_config_and_provenance(partial, tmp_path, capsys):
+    run = copy_run(partial, tmp_path)
+    cfg = json.loads((run / "config.json").read_text())
+    assert set(cfg) == {f.name for f in dataclasses.fields(T.TrainConfig)}
+    assert (cfg["lr"], cfg["micro_batch"], cfg["template"], cfg["recipe"], cfg["resume"]) == \
+        (5e-3, 2, "react", "default", False)
+    T.main(["--config", str(run / "config.json"), "--out", str(run), "--resume"])   # the saved settings resume
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 4
+    sessions = json.loads((run / "run.json").read_text())["sessions"]
+    assert [s["start_step"] for s in sessions] == [0, 3] and sessions[1]["torch"] == torch.__version__
+    assert sessions[0]["device"] == "cpu" and "git_commit" in sessions[0] and "python" in sessions[0]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    if head.returncode == 0:
+        assert sessions[0]["git_commit"] == head.stdout.strip()
+    assert "settings: --recipe default: lr 0.005, LoRA r=4 alpha 8" in capsys.readouterr().out
+
+
+def test_resume_refuses_changed_settings_and_keeps_the_run(partial, tmp_path):
+    run = copy_run(partial, tmp_path)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    r = run_cli("--config", run / "config.json", "--resume", "--lr", "0.001", "--lora-r", "8", "--no-progress")
+    assert_one_line_error(1, r.stderr, r.returncode, "config.json has other settings", "lr 0.005 -> 0.001",
+                          "lora_r 4 -> 8", "new --out")
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before   # nothing rewritten
+
+
+def test_resume_from_another_lora_shape_says_so(partial, tmp_path, tiny):
+    run = copy_run(partial, tmp_path)
+    (run / "config.json").unlink()                            # a run from before config.json: state.pt decides
+    with pytest.raises(ValueError, match=r"state.pt: made for another model or LoRA shape \(.*lora_A: saved "
+                                         r"\(4, 64\), now \(8, 64\)\)"):
+        T.train(cfg_for(tiny, run, resume=True, lora_r=8))
+
+
+def test_corrupt_metrics_line_torn_tail_cut_middle_refused(partial, tmp_path, tiny, capsys):
+    run = copy_run(partial, tmp_path)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text(lines[0] + "\n{\"step\": 2, \"lo\n" + lines[2] + "\n")
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: corrupt metrics line"):
+        T.train(cfg_for(tiny, run, resume=True))
+    (run / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 4, "loss": 0.1')   # a crash mid-append
+    T.train(cfg_for(tiny, run, resume=True))
+    assert "metrics.jsonl:4: cut off a torn last line" in capsys.readouterr().err
+    assert [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_state_is_flushed_before_it_replaces_the_old_one(tiny, tmp_path, monkeypatch):
+    real_save, calls = torch.save, []
+
+    def crashing_save(obj, f, *a, **k):                       # the second save dies half-way through writing
+        calls.append(obj["step"])
+        if len(calls) == 2:
+            f.write(b"PK\x03\x04 half a zip")
+            raise OSError("No space left on device")
+        return real_save(obj, f, *a, **k)
+    monkeypatch.setattr(torch, "save", crashing_save)
+    with pytest.raises(OSError, match="No space left"):
+        T.train(cfg_for(tiny, tmp_path / "o", max_steps=3, save_every=1))
+    st = torch.load(tmp_path / "o/state.pt", weights_only=True)
+    assert calls == [1, 2] and st["step"] == 1                # the old state survives, complete
+    assert not [p for p in (tmp_path / "o").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_recipes_and_lr_by_model_size(tiny, tmp_path, monkeypatch, capsys):
+    cfg = T.apply_recipe(T.parse_args(["--data", str(tiny[1]), "--recipe", "fireact", "--lora-r", "4"]))
+    assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, cfg.lr, cfg.max_len, cfg.train_on,
+            cfg.template) == (4, 16, 0.05, "q_proj,v_proj", 3e-4, 512, "all", "alpaca")   # explicit flags win
+    cfg = T.apply_recipe(T.parse_args(["--data", str(tiny[1]), "--recipe", "fireact", "--lora-r", "16"]))
+    assert cfg.lora_r == 16                                   # explicit even when equal to the default
+    assert T.apply_recipe(T.TrainConfig(recipe="fireact", max_len=300)).max_len == 300   # in code: non-defaults win
+    assert T.apply_recipe(T.parse_args(["--data", str(tiny[1])])) == T.TrainConfig(data=[str(tiny[1])])
+    assert (T.default_lr(135e6), T.default_lr(1e9), T.default_lr(7e9)) == (2e-3, 2e-3, 3e-4)
+
+    templates, render = [], T.render
+    monkeypatch.setattr(T, "render", lambda *a, template="react", **k: templates.append(template) or render(*a, **k))
+    T.main(["--model", str(tiny[0]), "--data", str(tiny[1]), "--out", str(tmp_path / "f"), "--recipe", "fireact",
+            "--max-steps", "1", "--micro-batch", "2", "--no-progress"])
+    saved = json.loads((tmp_path / "f/config.json").read_text())
+    assert (saved["template"], saved["train_on"], saved["lr"], saved["lora_r"]) == ("alpaca", "all", 3e-4, 8)
+    assert set(templates) == {"alpaca"}                       # the renderer was asked for FireAct's template
+    T.main(["--model", str(tiny[0]), "--data", str(tiny[1]), "--out", str(tmp_path / "d"), "--max-steps", "1",
+            "--micro-batch", "2", "--no-progress"])
+    assert "lr 0.002 (by model size: 0.1M parameters)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "d/config.json").read_text())["lr"] == 2e-3
