@@ -613,7 +613,7 @@ class TeacherLLM:
     """An agent-loop LLM over tools.Teacher (or toyworld.OracleTeacher): concurrent HTTP chat requests. A prompt
     is text (sent as one user message) or a list of chat messages (FireAct's gpt format, `chat_messages`)."""
 
-    def __init__(self, teacher, workers=8, max_tokens=512, temperature=0.0, rpm=None):
+    def __init__(self, teacher, workers=8, max_tokens=1000, temperature=0.0, rpm=None):
         self.teacher, self.workers, self.max_tokens, self.temperature, self.rpm = teacher, workers, max_tokens, temperature, rpm
         self.draws, self.lock = Counter(), threading.Lock()
 
@@ -653,7 +653,7 @@ class TeacherLLM:
 class LocalLLM:
     """An agent-loop LLM over model.generate: one batched generate call advances every prompt together."""
 
-    def __init__(self, model, tokenizer, max_new_tokens=512, temperature=0.0, seed=0, prefix_cache_mb=2048):
+    def __init__(self, model, tokenizer, max_new_tokens=1000, temperature=0.0, seed=0, prefix_cache_mb=2048):
         import model as M
         self.model, self.tok, self.max_new_tokens, self.temperature, self.seed = model, tokenizer, max_new_tokens, temperature, seed
         self._usage = Counter()
@@ -910,7 +910,7 @@ class GenerateConfig(RunConfig):
     workers: int = 8              # concurrent episodes
     rpm: int = 0                  # requests per minute (0 = unlimited)
     temperature: float = 0.0      # teacher sampling temperature (re-samples of turns with no action use 0.7)
-    max_tokens: int = 512         # per teacher turn; a turn ends at its first complete Action line anyway
+    max_tokens: int = 1000        # per teacher turn (FireAct's cap); a turn ends at its first complete Action line anyway
 
     def check(self):
         super().check()
@@ -934,7 +934,7 @@ class EvalConfig(RunConfig):
     noise: float = 0.0            # probability that an observation is replaced (NoisyTool)
     noise_mode: Literal["none", "random"] = "none"  # none: the observation becomes "None" | random: another question's observation
     out: str = "runs/eval.json"   # per-question results (FireAct's trajs schema) + OUT.summary.json
-    max_new_tokens: int = 512     # per turn (FireAct allowed 1,000; a turn ends at its first complete Action line)
+    max_new_tokens: int = 1000    # per turn, FireAct's cap (its longest assistant turn is 526 tokens; 128 cut 12.5% of its MMLU turns); a turn ends at its first complete Action line anyway
     batch_size: int = 32          # live episodes per batched generate call
     prefix_cache_mb: int = 2048   # K/V kept between agent turns, so a turn prefills only its new tokens (0 = off)
     zero_shot: bool = False       # no few-shot prompt: the student's layout (local model) or FireAct's chat format (--teacher-model)

@@ -582,9 +582,12 @@ def train(cfg):
         adapters under OUT/checkpoints/."""
         if not master:
             return
-        save_adapter(model, out, base_model=cfg.model or "HuggingFaceTB/SmolLM2-135M-Instruct")
+        # the card and config say what made the adapter: the run's settings (eval follows its template) and step
+        meta = {"step": step, "template": cfg.template, "train_on": cfg.train_on, "data": cfg.data,
+                "config": dataclasses.asdict(cfg), "provenance": cli.provenance()}
+        save_adapter(model, out, base_model=cfg.model or "", meta=meta)
         if not final:
-            save_adapter(model, out / "checkpoints" / f"step_{step:06d}", base_model=cfg.model or "")
+            save_adapter(model, out / "checkpoints" / f"step_{step:06d}", base_model=cfg.model or "", meta=meta)
         state = {"lora": {n: p.detach().cpu() for n, p in model.named_parameters() if "lora_" in n},
                  "optimizer": opt.state_dict(), "step": step, "rng": torch.get_rng_state(),
                  "py_seed": cfg.seed + step}

@@ -4,6 +4,7 @@ resumable generation after a crash, scoring FireAct's released runs, download ov
     python -m pytest -q tests/test_fireact.py
 """
 import csv
+import dataclasses
 import functools
 import http.server
 import io
@@ -394,3 +395,277 @@ def test_noisy_tool_wiring():
     assert tool.step(f"search[{title}]") == "None"  # p = 1: every observation is replaced
     assert tool.step("finish[x]") == "Episode finished." and tool.done and tool.answer == "x"
     assert fireact.make_tool("toy").fork().step(f"search[{title}]") != "None"
+
+
+# --------------------------------------------------------------------------- the command line, as a user meets it
+# `python fireact.py ...` in a subprocess against a scripted loopback OpenAI-style server and an offline world:
+# exit codes, one-line errors without tracebacks, what lands in the files.
+CONTEXT = [["Atacama Desert", ["The Atacama Desert is a desert plateau in the north of Chile."]],
+           ["Santiago", ["Santiago is the capital of Chile.", "The Mapocho River crosses the city."]]]
+WORLD_QS = [("Which river crosses the capital of the country of the Atacama Desert?", "Mapocho River"),
+            ("Which country holds the Atacama Desert?", "Chile"),
+            ("What is the capital of Chile?", "Santiago")]
+
+
+class ScriptedOpenAI(http.server.BaseHTTPRequestHandler):
+    """POST /v1/chat/completions. The model name picks a behaviour: `stuck` searches vaguely until the loop asks
+    for a reflection, then solves the question; `wrong-first` finishes wrong, then (after a reflection) right;
+    `loop` never finishes; `chat` answers FireAct's zero-shot chat format. Key `sk-bad` gets a 401."""
+    requests = []
+
+    def reply(self, body):
+        msgs = body["messages"]
+        if body["model"] == "chat":
+            return "Thought: t\nAction: search[Santiago]" if len(msgs) == 1 else "Thought: t\nAction: finish[Mapocho River]"
+        prompt = msgs[-1]["content"]
+        if prompt.endswith("Action: finish["):
+            return "Mapocho River]"
+        if prompt.endswith("Reflection:"):
+            return " I searched vague words. I should search the exact names."
+        q = re.findall(r"^Question: (.*)$", prompt, re.M)[-1]
+        tail = prompt.split(f"Question: {q}")[-1]
+        if fireact.REFLECT_INTRO in tail:
+            k = tail.split(fireact.REFLECT_INTRO)[1].count("\nObservation:")
+            return "Action: search[Santiago]" if k == 0 else "Thought: It is the Mapocho.\nAction: finish[Mapocho River]"
+        n = tail.count("\nObservation:")
+        if body["model"] == "stuck":
+            return f"Thought: vague\nAction: search[desert plateau {n}]"
+        if body["model"] == "wrong-first":
+            return "Thought: guess\nAction: finish[Lima]"
+        return "Thought: again\nAction: search[Santiago]"
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        ScriptedOpenAI.requests.append(body)
+        if self.headers.get("Authorization") == "Bearer sk-bad":
+            code, out = 401, {"error": {"message": "Incorrect API key provided: sk-bad.", "type": "invalid_request_error"}}
+        else:
+            text = self.reply(body)
+            code, out = 200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                           "finish_reason": "stop"}], "usage": {"prompt_tokens": 9, "completion_tokens": 3}}
+        data = json.dumps(out).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *a):
+        pass
+
+
+@pytest.fixture
+def cli_world(tmp_path):
+    """-> run(*args, key=...): `python fireact.py ARGS` with an offline 3-question hotpotqa_offline world and a
+    scripted server (its URL is passed as --base-url to generate/eval)."""
+    import os
+    import subprocess
+    import sys
+    data = tmp_path / "data"
+    (data / "hotpotqa").mkdir(parents=True)
+    rows = [dict(question=q, answer=a, dev_index=i, context=CONTEXT) for i, (q, a) in enumerate(WORLD_QS)]
+    (data / "hotpotqa" / "dev_distractor.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ScriptedOpenAI)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}/v1"
+    ScriptedOpenAI.requests = []
+
+    def run(*args, key="sk-good"):
+        args = [str(a) for a in args]
+        if args[0] in ("generate", "eval"):
+            args += ["--base-url", url, "--timeout", "10", "--retries", "0"]
+        env = dict(os.environ, FIREACT_DATA=str(data), FIREACT_CACHE=str(tmp_path / "cache"), OPENAI_API_KEY=key)
+        return subprocess.run([sys.executable, str(fireact.REPO / "fireact.py"), *args], capture_output=True,
+                              text=True, env=env, cwd=tmp_path, timeout=120)
+    yield run, tmp_path
+    server.shutdown()
+
+
+def one_line_error(r, code, *words):
+    lines = [l for l in r.stderr.splitlines() if l.strip() and "it/s]" not in l and "q/s]" not in l and "%|" not in l]
+    assert r.returncode == code, (r.returncode, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr and lines, r.stderr
+    for w in words:
+        assert w in lines[-1], (w, lines[-1])
+    return lines[-1]
+
+
+def test_cli_reflexion_reflects_without_gold_and_recovers(cli_world):
+    run, tmp = cli_world
+    out = tmp / "refl.jsonl"
+    r = run("generate", "--task", "hotpotqa_offline", "--split", "dev", "--allow-eval-split", "--method", "reflexion",
+            "--reflect-at", "2", "--teacher-model", "stuck", "--n", "1", "--out", out)
+    assert r.returncode == 0, r.stderr
+    (rec,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rec["em"] == 1 and rec["reflections"] == 1 and rec["tool"] == "local" and rec["run"]["reflect_at"] == [2]
+    assert [s["action"] for s in rec["steps"]] == ["search[desert plateau 0]", "search[desert plateau 1]",
+                                                  "search[Santiago]", "finish[Mapocho River]"]
+    assert rec["steps"][2]["thought"].startswith(fireact.REFLECT_INTRO + " I searched vague words")
+    # the gold answer never reached a prompt: no "Answer is incorrect" feedback inside the trajectory
+    tails = [m["content"].rsplit("Question: ", 1)[-1] for b in ScriptedOpenAI.requests for m in b["messages"]]
+    assert len(tails) == 5 and not any("incorrect" in t or "Mapocho" in t.split("\n")[0] for t in tails)
+    # opt-in gold-judged retry: the failed attempt (finish[Lima]) is not in the record
+    out2 = tmp / "retry.jsonl"
+    r = run("generate", "--task", "hotpotqa_offline", "--split", "dev", "--allow-eval-split", "--method", "reflexion",
+            "--reflect-on", "wrong", "--teacher-model", "wrong-first", "--n", "1", "--out", out2)
+    assert r.returncode == 0, r.stderr
+    (rec,) = [json.loads(line) for line in out2.read_text().splitlines()]
+    assert rec["em"] == 1 and "Lima" not in json.dumps(rec["steps"])
+    assert [s["action"] for s in rec["steps"]] == ["search[Santiago]", "finish[Mapocho River]"]
+    # ... and the default (no gold) keeps the wrong finish as the episode's end: filter drops it
+    out3 = tmp / "fireact_way.jsonl"
+    assert run("generate", "--task", "hotpotqa_offline", "--split", "dev", "--allow-eval-split", "--method",
+               "reflexion", "--teacher-model", "wrong-first", "--n", "1", "--out", out3).returncode == 0
+    assert json.loads(out3.read_text())["em"] == 0 and json.loads(out3.read_text())["reflections"] == 0
+    # a record that breaks the invariant (a step after finish) is refused by every reader, with file:line
+    bad = json.loads(out2.read_text())
+    bad["steps"] = [dict(thought="g", action="finish[Lima]", observation="Episode finished.")] + bad["steps"]
+    (tmp / "bad.jsonl").write_text(json.dumps(rec) + "\n" + json.dumps(bad) + "\n")
+    one_line_error(run("mix", tmp / "bad.jsonl", "--out", tmp / "m.jsonl"), 1, "bad.jsonl:2", "follows finish")
+
+
+def test_cli_splits_are_training_splits_unless_told(cli_world):
+    run, tmp = cli_world
+    one_line_error(run("generate", "--task", "hotpotqa_offline", "--teacher-model", "stuck", "--out", tmp / "g.jsonl"),
+                   1, "hotpotqa_offline has no training split")
+    one_line_error(run("generate", "--task", "toy", "--split", "dev", "--teacher-model", "oracle", "--out",
+                       tmp / "g.jsonl"), 1, "--split dev", "evaluation split", "--allow-eval-split")
+    r = run("generate", "--task", "toy", "--teacher-model", "oracle", "--n", "2", "--out", tmp / "toy.jsonl")
+    assert r.returncode == 0 and "toy/train/react" in r.stdout, r.stderr
+    assert {json.loads(l)["id"][:9] for l in (tmp / "toy.jsonl").read_text().splitlines()} == {"toy-train"}
+    one_line_error(run("eval", "--task", "toy", "--split", "nope", "--teacher-model", "loop"), 1, "no split 'nope'")
+
+
+def test_cli_unfinished_episodes_score_zero_unless_forced(cli_world):
+    run, tmp = cli_world
+    r = run("eval", "--task", "hotpotqa_offline", "--teacher-model", "loop", "--max-steps", "2", "--out", tmp / "e.json")
+    assert r.returncode == 0, r.stderr
+    s = json.loads((tmp / "e.summary.json").read_text())
+    assert (s["em"], s["finished"], s["n"], s["failures"], s["force_answer"]) == (0.0, 0, 3, 0, False)
+    assert all(len(v["steps"]) == 2 and v["pred"] == "" for v in json.loads((tmp / "e.json").read_text()).values())
+    r = run("eval", "--task", "hotpotqa_offline", "--teacher-model", "loop", "--max-steps", "2", "--force-answer",
+            "--out", tmp / "f.json")
+    s = json.loads((tmp / "f.summary.json").read_text())
+    assert r.returncode == 0 and s["finished"] == 0 and s["em"] > 0  # forced guesses score, and are marked
+    assert s["config"]["force_answer"] and s["provenance"]["python"]
+
+
+def test_cli_teacher_errors_are_loud(cli_world):
+    """A 401 (or any dead teacher) is never a result: generate/eval exit non-zero with the server's message,
+    eval's summary records the failures, score refuses to report it as a result; the key is never printed."""
+    run, tmp = cli_world
+    r = run("generate", "--task", "toy", "--teacher-model", "m", "--n", "2", "--out", tmp / "g.jsonl", key="sk-bad")
+    line = one_line_error(r, 1, "every episode failed", "401", "Incorrect API key")
+    assert "401" in r.stderr and "sk-bad" not in r.stderr + r.stdout and not (tmp / "g.jsonl").read_text()
+    r = run("eval", "--task", "hotpotqa_offline", "--teacher-model", "m", "--out", tmp / "e.json", key="sk-bad")
+    one_line_error(r, 1, "3 of 3 episodes failed", "401")
+    s = json.loads((tmp / "e.summary.json").read_text())
+    assert s["failures"] == 3 and "401" in s["errors"][0] and "sk-bad" not in json.dumps(s)
+    r = run("score", tmp / "e.json")
+    assert r.returncode == 1 and "3 FAILED episodes: not a result" in r.stdout
+    one_line_error(run("generate", "--task", "toy", "--teacher-model", "oracle", "--n", "1", "--out",
+                       tmp / "o.jsonl", "--split", "dev", "--allow-eval-split", "--task", "hotpotqa_offline"),
+                   1, "every episode failed", "OracleTeacher")
+
+
+def test_cli_bad_arguments_fail_before_any_work(cli_world):
+    run, tmp = cli_world
+    (tmp / "adir").mkdir()
+    for args, words in ((["eval", "--batch-size", "-1"], ["--batch-size -1", ">= 0"]),
+                        (["eval", "--n", "-98"], ["--n -98"]),
+                        (["eval", "--noise", "-0.5"], ["--noise -0.5"]),
+                        (["eval", "--out", tmp / "adir"], ["is a directory"]),
+                        (["eval", "--out", tmp / "data" / "hotpotqa" / "dev_distractor.jsonl" / "x.json"], ["is a file"]),
+                        (["generate", "--workers", "0"], ["--workers 0"]),
+                        (["generate", "--method", "tot"], ["invalid choice", "reflexion"]),
+                        (["eval", "--tool", "bing"], ["invalid choice", "snippet"]),
+                        (["eval", "--exclude-overlap", tmp / "none.jsonl"], ["none.jsonl", "no such file"]),
+                        (["mix", tmp / "missing.jsonl"], ["missing.jsonl", "no such file"]),
+                        (["frobnicate"], ["unknown command"])):
+        r = run(*args)
+        assert r.returncode in (1, 2) and "Traceback" not in r.stderr, (args, r.stderr)
+        for w in words:
+            assert w in r.stderr, (args, w, r.stderr)
+    r = run("--help")
+    assert r.returncode == 0 and all(c in r.stdout for c in fireact.COMMANDS)
+
+
+def test_cli_generate_output_is_locked_and_keyed_by_settings(cli_world):
+    import fcntl
+    run, tmp = cli_world
+    out = tmp / "g.jsonl"
+    assert run("generate", "--task", "toy", "--teacher-model", "oracle", "--n", "2", "--out", out).returncode == 0
+    one_line_error(run("generate", "--task", "toy", "--method", "cot", "--teacher-model", "oracle", "--n", "2",
+                       "--out", out), 1, "other settings", "method 'react' -> 'cot'")
+    with open(out, "a") as f:  # a second writer (another generate) holds the file
+        fcntl.flock(f, fcntl.LOCK_EX)
+        one_line_error(run("generate", "--task", "toy", "--teacher-model", "oracle", "--n", "3", "--out", out),
+                       1, "another generate is writing")
+    lines = out.read_text().splitlines()
+    assert len(lines) == 2
+    out.write_text(lines[0] + "\n{not json\n" + lines[1] + "\n")  # a corrupt middle line
+    for args in (["generate", "--task", "toy", "--teacher-model", "oracle", "--n", "3", "--out", out],
+                 ["filter", out, "--out", tmp / "ok.jsonl"]):
+        one_line_error(run(*args), 1, "g.jsonl:2")
+    assert out.read_text().count("\n") == 3 and not (tmp / "ok.jsonl").exists()  # nothing damaged or half-written
+
+
+def test_cli_exclude_overlap_and_zero_shot_chat(cli_world):
+    run, tmp = cli_world
+    train = tmp / "train.jsonl"
+    train.write_text(json.dumps({"messages": [{"role": "user", "content": WORLD_QS[1][0].upper() + " "},
+                                              {"role": "assistant", "content": "Thought: t\nAction: finish[Chile]"}]}) + "\n")
+    r = run("eval", "--task", "hotpotqa_offline", "--teacher-model", "chat", "--zero-shot", "--exclude-overlap",
+            train, "--out", tmp / "z.json")
+    assert r.returncode == 0, r.stderr
+    assert "dropped 1 of 3 questions" in r.stdout
+    s = json.loads((tmp / "z.summary.json").read_text())
+    assert s["n"] == 2 and s["excluded_overlap"] == 1 and s["finished"] == 2
+    first = [b["messages"] for b in ScriptedOpenAI.requests if len(b["messages"]) == 1]
+    assert sorted(m[0]["content"] for m in first) == sorted([WORLD_QS[0][0], WORLD_QS[2][0]])  # no few-shot prompt
+    second = [b["messages"] for b in ScriptedOpenAI.requests if len(b["messages"]) == 3][0]
+    assert [m["role"] for m in second] == ["user", "assistant", "user"] and second[2]["content"].startswith("Observation: ")
+
+
+def test_mix_and_filter_need_no_torch(tmp_path):
+    import subprocess
+    import sys
+    recs = [dict(id=str(i), task="toy", method="react", question=f"q{i}", answer="a", em=1.0,
+                 steps=[dict(thought="t", action="finish[a]", observation="Episode finished.")]) for i in range(4)]
+    (tmp_path / "g.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    code = ("import sys; sys.modules['torch'] = None; sys.path.insert(0, sys.argv[1]); import fireact; "
+            "fireact.main(['filter', 'g.jsonl', '--out', 'ok.jsonl']); fireact.main(['mix', 'ok.jsonl', '--out', 'm.jsonl'])")
+    r = subprocess.run([sys.executable, "-c", code, str(fireact.REPO)], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert len((tmp_path / "m.jsonl").read_text().splitlines()) == 4
+
+
+@needs_data
+def test_no_turn_of_fireacts_data_is_cut_by_the_token_cap():
+    """FireAct allowed 1,000 new tokens a turn; 12.5% of its MMLU and 8.1% of its StrategyQA assistant turns are
+    longer than 128 tokens. Our cap (eval --max-new-tokens, generate --max-tokens) must cut none of them."""
+    M = pytest.importorskip("model")
+    root = M.cache_root() / "SmolLM2-135M-Instruct"
+    if not (root / M.PROVENANCE).exists():  # tests never go online; .ci/run fetches the default model first
+        pytest.skip("the default model is not here yet: run `python model.py` once")
+    tok = M.load_tokenizer(root)
+    turns = [m["content"] for line in (DATA / "fireact/finetune/gpt_format/multitask_multimethod.jsonl").read_text().splitlines()
+             for m in json.loads(line)["messages"] if m["role"] == "assistant"]
+    longest = max(len(tok.encode(t)) for t in turns)
+    assert len(turns) > 4000 and 128 < longest < fireact.EvalConfig.max_new_tokens
+    assert fireact.GenerateConfig.max_tokens >= fireact.EvalConfig.max_new_tokens
+
+
+def test_every_flag_of_every_command_has_help(capsys):
+    import cli
+    for name, (cls, _, doc) in fireact.COMMANDS.items():
+        helps = cli.field_help(cls)
+        missing = [f.name for f in dataclasses.fields(cls) if not helps.get(f.name)]
+        assert not missing, (name, missing)
+        with pytest.raises(SystemExit) as e:
+            fireact.main([name, "--help"])
+        out = capsys.readouterr().out
+        assert e.value.code == 0 and doc in out and "(default:" in out
+    assert fireact.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(c in out for c in fireact.COMMANDS)
