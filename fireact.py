@@ -833,7 +833,10 @@ def episode_record(ep: Episode, task: str, method: str, source: str, tool: str) 
 def read_results(path: Path) -> list[dict]:
     """Our eval JSON / FireAct's trajs/*.json (dict id -> {pred, gt, ...}) or our trajectory JSONL -> rows."""
     if path.suffix == ".jsonl":
-        return [dict(r, gold=r["answer"]) for r in read_records(path)]
+        rows = [dict(r, gold=r["answer"]) for r in read_records(path)]
+        if not rows:
+            raise ValueError(f"{path}: no records in the file")
+        return rows
     d = read_json(path)
     if not isinstance(d, dict) or not all(isinstance(v, dict) for v in d.values()):
         raise ValueError(f"{path}: expected a JSON object id -> result (FireAct trajs schema)")
@@ -960,6 +963,8 @@ class EvalConfig(RunConfig):
         for f in self.exclude_overlap + ([self.adapter] if self.adapter else []):
             if not Path(f).exists():
                 raise ValueError(f"{f}: no such file or directory")
+        if self.adapter and not (Path(self.adapter) / "adapter_config.json").is_file():
+            raise ValueError(f"--adapter {self.adapter}: no adapter_config.json there; pass train.py's --out dir")
         if self.compare and not self.adapter:
             raise ValueError("--compare needs --adapter (the fine-tuned run)")
 
@@ -1009,7 +1014,10 @@ class DownloadConfig:
     only: list = field(default_factory=list)     # path prefixes from `sources()`, e.g. mmlu fireact/trajs
 
     def check(self):
-        pass
+        for o in self.only:
+            if not any(rel.startswith(o) for rel in sources()):
+                raise ValueError(f"--only {o}: matches no source; prefixes: "
+                                 f"{', '.join(sorted({r.split('/')[0] for r in sources()}))}")
 
 
 def parse_config(cls, argv):

@@ -50,12 +50,21 @@ DEFAULT_OUT = ROOT / "data" / "toy"
 
 @dataclasses.dataclass
 class WorldConfig:
-    seed: int = 1234
-    out: str = str(DEFAULT_OUT)
-    n_train: int = 600  # questions per split
-    n_dev: int = 100
-    n_test: int = 200
+    seed: int = 1234         # the world, its questions and their split are a function of this seed
+    out: str = str(DEFAULT_OUT)  # folder for corpus.jsonl, train_questions.jsonl, dev.jsonl, test.jsonl
+    n_train: int = 600       # training questions (generate's split "train")
+    n_dev: int = 100         # dev questions (choices are made on dev)
+    n_test: int = 200        # test questions (reported once)
     namesake_p: float = 0.3  # chance that an entity on a bridge path has a namesake page with a hatnote
+
+    def check(self):
+        for name in ("n_train", "n_dev", "n_test"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
+        if not 0 <= self.namesake_p <= 1:
+            raise ValueError(f"--namesake-p {self.namesake_p}: must be a probability in [0, 1]")
+        if Path(self.out).exists() and not Path(self.out).is_dir():
+            raise ValueError(f"--out {self.out}: is a file; --out is a folder")
 
 
 # ----------------------------------------------------------------------------- name pools (all invented)

@@ -571,6 +571,7 @@ def test_cli_teacher_errors_are_loud(cli_world):
 def test_cli_bad_arguments_fail_before_any_work(cli_world):
     run, tmp = cli_world
     (tmp / "adir").mkdir()
+    (tmp / "adir" / "empty.jsonl").write_text("")
     for args, words in ((["eval", "--batch-size", "-1"], ["--batch-size -1", ">= 0"]),
                         (["eval", "--n", "-98"], ["--n -98"]),
                         (["eval", "--noise", "-0.5"], ["--noise -0.5"]),
@@ -581,6 +582,9 @@ def test_cli_bad_arguments_fail_before_any_work(cli_world):
                         (["eval", "--tool", "bing"], ["invalid choice", "snippet"]),
                         (["eval", "--exclude-overlap", tmp / "none.jsonl"], ["none.jsonl", "no such file"]),
                         (["mix", tmp / "missing.jsonl"], ["missing.jsonl", "no such file"]),
+                        (["eval", "--adapter", tmp / "adir"], ["no adapter_config.json"]),
+                        (["download", "--only", "nothing"], ["matches no source"]),
+                        (["score", tmp / "adir" / "empty.jsonl"], ["no records"]),
                         (["frobnicate"], ["unknown command"])):
         r = run(*args)
         assert r.returncode in (1, 2) and "Traceback" not in r.stderr, (args, r.stderr)

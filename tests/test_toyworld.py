@@ -211,3 +211,13 @@ def test_default_training_data_regenerates_from_the_documented_recipe(tmp_path, 
     fireact.main(["mix", str(tmp_path / "ok.jsonl"), "--methods", "react", "reflexion", "--per-method", "react=470",
                   "reflexion=75", "--out", str(tmp_path / "train.jsonl")])
     assert (tmp_path / "train.jsonl").read_bytes() == (TOY / "train.jsonl").read_bytes()
+
+
+def test_world_cli_rejects_bad_sizes(tmp_path):
+    import subprocess
+    import sys
+    for args, words in ((["--n-train", "-5"], "--n-train -5: must be >= 1"), (["--namesake-p", "2"], "--namesake-p 2")):
+        r = subprocess.run([sys.executable, str(toyworld.ROOT / "toyworld.py"), *args, "--out", str(tmp_path / "w")],
+                           capture_output=True, text=True)
+        assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr
+        assert not (tmp_path / "w").exists()  # nothing written
