@@ -144,6 +144,9 @@ def segments(question, steps, for_inference=False, template="react"):
     if template not in TEMPLATES:
         raise ValueError(f"unknown template {template!r}; choose {' | '.join(TEMPLATES)}")
     segs = [(ALPACA.format(question=question) if template == "alpaca" else f"Question: {question}\n", 0)]
+    for i, s in enumerate(steps[:-1]):
+        if is_finish(s["action"]):  # the invariant: never render (train on) whatever came first
+            raise ValueError(f"step {i + 1} of {len(steps)} is a finish; a trajectory ends at its only finish")
     for s in steps:
         action, thought = s["action"].strip(), (s.get("thought") or "").strip()
         text = (f"Thought: {thought}\n" if thought else "") + (f"Action: {action}" if action else "")
@@ -1313,7 +1316,12 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
     trained = adapter_training(cfg.adapter)
     tool = pick_tool(cfg, task, trained)
     template = cfg.template or trained.get("template", "react")
+    base = {}
+    if cfg.adapter:  # what the adapter was really trained on (model.save_adapter records it)
+        a = json.loads((Path(cfg.adapter) / "adapter_config.json").read_text())
+        base = {k: a.get(k) for k in ("base_model_name_or_path", "base_model_source", "base_model_sha256")}
     meta = dict(model=cfg.teacher_model or cfg.model or "SmolLM2-135M-Instruct", adapter=cfg.adapter or None,
+                adapter_base=base or None,
                 template=template, noise=cfg.noise, noise_mode=cfg.noise_mode, force_answer=cfg.force_answer,
                 seed=cfg.seed, provenance=cli.provenance())
     if cfg.teacher_model:

@@ -95,6 +95,7 @@ def test_loaders_and_subsets():
     assert len(fireact.load_questions("bamboogle")) == 125
     sq = fireact.load_questions("strategyqa")
     assert len(sq) == 229 and {q["answer"] for q in sq} == {"yes", "no"}
+    assert len(fireact.load_questions("mmlu", "train")) == 12126  # the auxiliary train set FireAct generated on
     mm = fireact.load_questions("mmlu", "dev")
     assert len(mm) == 285 and "\nD. " in mm[0]["question"] and {q["answer"] for q in mm} <= set("ABCD")
     assert len(fireact.load_questions("hotpotqa", "dev", n=7)) == 7
@@ -673,3 +674,32 @@ def test_every_flag_of_every_command_has_help(capsys):
     assert fireact.main(["--help"]) == 0
     out = capsys.readouterr().out
     assert all(c in out for c in fireact.COMMANDS)
+
+
+def test_alpaca_template_and_the_adapters_own_settings(tmp_path, capsys):
+    """--recipe fireact trains with FireAct's Alpaca template; eval follows what the adapter was trained with:
+    its template, and the tool family of its data (FireAct's files: Google -> snippet offline, google online)."""
+    class Chars:  # a character tokenizer: enough to see the layout
+        add_bos, bos_id, eos_id = False, 0, 1
+        encode = staticmethod(lambda t: [ord(c) for c in t])
+    steps = [dict(thought="t", action="search[x]", observation="o"), dict(thought="u", action="finish[y]", observation="")]
+    ids, mask = fireact.render("Q?", steps, Chars, template="alpaca")
+    text = "".join(chr(i) for i in ids[:-1])
+    assert text.startswith("Below is an instruction that describes a task.") and "### Instruction:\nQ?\n\n### Response:\nThought: t" in text
+    assert ids[-1] == Chars.eos_id and sum(mask) == len("Thought: t\nAction: search[x]\n") + len("Thought: u\nAction: finish[y]") + 1
+    prompt = fireact.zero_shot(Chars, "alpaca")("Q?", steps[:1])
+    assert "".join(map(chr, prompt)).endswith("### Response:\nThought: t\nAction: search[x]\nObservation: o\n")
+    with pytest.raises(ValueError, match="step 1 of 2 is a finish"):
+        fireact.render("Q?", [dict(thought="", action="finish[a]", observation="")] + steps[1:], Chars)
+    data = tmp_path / "fa.json"
+    data.write_text(json.dumps([{"instruction": "Q?", "input": "", "output": "Thought: t\nAction: finish[y]"}]))
+    (tmp_path / "ad").mkdir()
+    (tmp_path / "ad" / "config.json").write_text(json.dumps({"template": "alpaca", "data": [f"{data}:1"]}))
+    trained = fireact.adapter_training(str(tmp_path / "ad"))
+    assert trained == {"template": "alpaca", "data_tools": {"google": 1}}
+    cfg = fireact.EvalConfig(task="hotpotqa_offline")
+    assert fireact.pick_tool(cfg, fireact.TASKS["hotpotqa_offline"], trained) == "snippet"
+    assert fireact.pick_tool(cfg, fireact.TASKS["strategyqa"], trained) == "google"
+    assert "the adapter's training data came from the google tool" in capsys.readouterr().out
+    assert fireact.pick_tool(fireact.EvalConfig(tool="local"), fireact.TASKS["toy"], trained) == "local"
+    assert fireact.pick_tool(cfg, fireact.TASKS["toy"], {}) == "local"
