@@ -1,16 +1,22 @@
-"""FireAct pipeline: tasks, metrics, prompts, ONE agent loop, and the generate/filter/mix/eval/score/download CLI.
+"""FireAct pipeline: the trajectory format, tasks and metrics, prompts, ONE agent loop, and the CLI:
+generate / filter / mix / eval / score / download.
 
-    python fireact.py generate --task toy --split train --method react --teacher-model oracle --out runs/toy_react.jsonl
-    python fireact.py generate --task hotpotqa --split train --method cot --teacher-model gpt-4 --n 500 --out runs/hp_cot.jsonl
+    python fireact.py --help                                  # the commands; `python fireact.py eval --help`: every flag
+    python fireact.py generate --task toy --method react --teacher-model oracle --out runs/toy_react.jsonl
+    python fireact.py generate --task hotpotqa --method cot --teacher-model gpt-4 --n 500 --out runs/hp_cot.jsonl
     python fireact.py filter runs/toy_react.jsonl --out runs/toy_ok.jsonl
     python fireact.py mix runs/toy_ok.jsonl runs/hp_ok.jsonl --tasks toy hotpotqa --methods react cot --out runs/train.jsonl
     python fireact.py eval --task hotpotqa_offline --adapter runs/lora --n 100 --out runs/eval.json [--compare]
     python fireact.py score ../shared/data/fireact/trajs/          # prints EM 26.2 / 34.4 / 40.0
     python fireact.py download --dest ~/.cache/fireact/data
 
-Prompt text layout (few-shot LLMs; the zero-shot student prompt is train.render(..., for_inference=True), the same
+This file owns the trajectory format (torch-free: `mix` and `filter` need no torch): its schema is in the
+"trajectories" section, with every reader and the one render function that training (train.py) and inference
+share. Each task is a small class owning its splits, loader, metric, prompt family, default tool and sources.
+
+Prompt text layout (few-shot LLMs; the zero-shot student prompt is render(..., for_inference=True), the same
 layout without the prefix):
-    {prefix from data/prompts/{method}_{family}.txt}\n\nQuestion: {question}\n
+    {prefix from data/prompts/{method}_{family}[_snippet].txt}\n\nQuestion: {question}\n
     Thought: {thought}\nAction: {action}\nObservation: {observation}\n      <- once per step so far
 The LLM writes `Thought: ...\nAction: ...`; we cut after the first complete Action line (DESIGN §5). CoT writes
 `Thought: ...\nAnswer: X`, read as the one step `finish[X]`. A reflection prompt uses data/prompts/reflexion_*.txt

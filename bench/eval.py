@@ -3,7 +3,7 @@
     python bench/eval.py                       # 64 toy dev episodes (else the offline HotpotQA subset)
     python bench/eval.py --n 16 --max-steps 2 --max-new-tokens 24
 
-Both runs use fireact.run_agent with the zero-shot prompt (train.render) and greedy decoding without re-sampling,
+Both runs use fireact.run_agent with the zero-shot prompt (fireact.render) and greedy decoding without re-sampling,
 so they do the same work and must give the same episodes. Batched: all live episodes advance together through
 one model.generate call per step. Sequential: one episode at a time. Last line: `eval speedup vs sequential: X.XXx`.
 """

@@ -117,7 +117,7 @@ def test_pipeline_generate_filter_mix_train_eval(world, tiny_llama, capsys):
     assert dict(ratio) == {("hotpotqa_offline", "react"): 2, ("hotpotqa_offline", "cot"): 0}
     with pytest.raises(ValueError, match="react=x.*METHOD=N"):
         fireact.mix(fireact.MixConfig(files=[str(runs / "react_ok.jsonl")], per_method=["react=x"]))
-    mixed = train.read_records(str(runs / "train.jsonl"))
+    mixed = fireact.read_records(str(runs / "train.jsonl"))
     assert len(mixed) == 5 and all(r["steps"][-1]["action"].startswith("finish[") for r in mixed)
 
     # train a tiny model a few steps, then evaluate prompted vs fine-tuned on the offline corpus tool
