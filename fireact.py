@@ -1489,7 +1489,7 @@ def finetune_api(cfg: FinetuneAPIConfig) -> str:
     try:
         name = tools.finetune(api, train, cfg.base_model, cfg.validation, cfg.epochs, cfg.suffix, cfg.poll)
     except tools.APIError as e:  # one line with the server's message (cli.run prints ValueErrors so)
-        raise ValueError(f"{e}; rerun to resume ({tools.finetune_state_path(train)})") from None
+        raise ValueError(f"{e}; a rerun resumes from {tools.finetune_state_path(train)}") from None
     print(f"fine-tuned model: {name}\nevaluate it: python fireact.py eval --teacher-model {name} --zero-shot" +
           (f" --base-url {cfg.base_url}" if cfg.base_url else ""))
     return name
