@@ -11,12 +11,15 @@ In code:
     tool = LocalWiki("corpus.jsonl").fork()                               # one fork per episode
     tool.step("Action 1: Search[Paris]"); tool.step("lookup[Eiffel]"); tool.step("finish[France]")
     SnippetSearch("corpus.jsonl").fork().step("search[what river flows through Paris?]")   # FireAct-style
+    check_chat_file("train.jsonl", "gpt-3.5-turbo")                      # the API's rules, file:line errors
+    finetune(FineTuneAPI(), "train.jsonl", "gpt-3.5-turbo")               # -> "ft:gpt-3.5-turbo:...", resumable
 
 One HTTP mechanism (`Client`: a per-attempt and an overall wall-clock deadline, retries with backoff + jitter,
 Retry-After, fail-fast 4xx, malformed-body handling, secret redaction, an on-disk cache) serves the teacher,
-Wikipedia and the Google-snippet search. One episode mechanism (`Tool`: search / lookup / finish with ReAct's
-semantics) serves every tool; `tool.name` says which ("wikipedia", "local", "snippet", "google"). One ranking
-mechanism (`BM25`, deterministic ties) serves both offline tools.
+Wikipedia, the Google-snippet search and OpenAI's fine-tuning API (FireAct's GPT-3.5 student). One episode
+mechanism (`Tool`: search / lookup / finish with ReAct's semantics) serves every tool; `tool.name` says which
+("wikipedia", "local", "snippet", "google"). One ranking mechanism (`BM25`, deterministic ties) serves both
+offline tools.
 """
 import copy
 import email.utils
@@ -718,8 +721,8 @@ def finetune(api, train_path, model, validation_path="", epochs=0, suffix="", po
         log(f"job {run['job']} {run['status']} before ({run.get('error') or 'no message'}); starting a new one")
         save(job=None, status=None, error=None)
     if not run.get("job"):
-        found = [j for j in api.jobs() if j.get("training_file") == run["training_file"]
-                 and j.get("validation_file") == run.get("validation_file") and j.get("status") not in FT_DONE[1:]]
+        found = [j for j in api.jobs() if j.get("status") not in ("failed", "cancelled") and
+                 (j.get("training_file"), j.get("validation_file")) == (run["training_file"], run.get("validation_file"))]
         job = found[0] if found else api.create_job(run["training_file"], model, run.get("validation_file"),
                                                      epochs, suffix)
         log(("found job " if found else "created job ") + job["id"])
