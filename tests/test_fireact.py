@@ -829,7 +829,7 @@ def ft_world(tmp_path):
     def run(*args, key="sk-ft-SECRET-42"):
         env = dict(os.environ, FIREACT_CACHE=str(tmp_path / "cache"), OPENAI_API_KEY=key)
         return subprocess.run([sys.executable, str(fireact.REPO / "fireact.py"), *map(str, args)], capture_output=True,
-                              text=True, env=env, cwd=tmp_path, timeout=120)
+                              text=True, env=env, cwd=tmp_path, timeout=300)  # a guard against hangs only
     yield run, tmp_path, f"http://127.0.0.1:{server.server_port}/v1"
     server.shutdown()
 
