@@ -1,5 +1,5 @@
 """FireAct pipeline: the trajectory format, tasks and metrics, prompts, ONE agent loop, and the CLI:
-generate / filter / mix / eval / score / download.
+generate / filter / mix / eval / score / download / export-data / finetune-api.
 
     python fireact.py --help                                  # the commands; `python fireact.py eval --help`: every flag
     python fireact.py generate --task toy --method react --teacher-model oracle --out runs/toy_react.jsonl
@@ -9,6 +9,9 @@ generate / filter / mix / eval / score / download.
     python fireact.py eval --task hotpotqa_offline --adapter runs/lora --n 100 --out runs/eval.json [--compare]
     python fireact.py score ../shared/data/fireact/trajs/          # prints EM 26.2 / 34.4 / 40.0
     python fireact.py download --dest ~/.cache/fireact/data
+    python fireact.py export-data runs/train.jsonl --format openai --out runs/train_openai.jsonl   # or alpaca, sharegpt
+    python fireact.py finetune-api runs/train_openai.jsonl --base-model gpt-3.5-turbo [--dry-run]   # FireAct's GPT-3.5
+    python fireact.py eval --task hotpotqa --teacher-model ft:gpt-3.5-turbo:... --zero-shot              # ... student
 
 This file owns the trajectory format (torch-free: `mix` and `filter` need no torch): its schema is in the
 "trajectories" section, with every reader and the one render function that training (train.py) and inference
@@ -127,7 +130,8 @@ def score_answer(metric: str, pred, gold) -> tuple[float, float]:
 # breaks it (file:line), never cut it silently: a cut would train the student on whatever came first.
 #
 # FireAct's released files load as they are: alpaca JSON ({"instruction": question, "output": ReAct text}) and
-# gpt-format JSONL ({"messages": [user question, assistant Thought/Action, user Observation, ...]}).
+# gpt-format JSONL ({"messages": [user question, assistant Thought/Action, user Observation, ...]}); so do
+# ShareGPT rows ({"conversations": [{"from": "human" | "gpt", "value"}]}). `export_row` writes all three.
 STEP_LINE = re.compile(r"^(Thought|Action|Observation)(?: \d+)?:[ \t]?(.*)$")
 ALPACA = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
           "request.\n\n### Instruction:\n{question}\n\n### Response:\n")  # FireAct's Llama prompt (alpaca-lora)
@@ -187,17 +191,44 @@ def render(question, steps, tokenizer, train_on="actions", for_inference=False, 
     return ids, mask
 
 
-def chat_messages(question, steps):
+def chat_messages(question, steps, final_observation=False):
     """FireAct's gpt format (how it fine-tuned and evaluated GPT-3.5): the question as the first user message,
-    each Thought/Action as an assistant message, each Observation as a user message."""
+    each Thought/Action as an assistant message, each Observation as a user message. final_observation: keep the
+    finish's observation too (FireAct's files end with the user message `Observation: Episode finished, reward =
+    True`); a prompt never has one, as it holds no finish."""
     msgs = [{"role": "user", "content": question}]
     for s in steps:
         action, thought = s["action"].strip(), (s.get("thought") or "").strip()
         msgs.append({"role": "assistant", "content": "\n".join(
             x for x in (f"Thought: {thought}" if thought else "", f"Action: {action}" if action else "") if x)})
-        if s.get("observation") is not None and not is_finish(action):
+        if s.get("observation") is not None and (final_observation or not is_finish(action)):
             msgs.append({"role": "user", "content": f"Observation: {s['observation']}"})
     return msgs
+
+
+EXPORT_FORMATS = ("openai", "alpaca", "sharegpt")
+MC_OPTIONS = re.compile(r"\n(A\. [^\n]*\nB\. [^\n]*\nC\. [^\n]*\nD\. [^\n]*)$")  # MMLU: options end the question
+
+
+def export_row(rec, fmt="openai", final_observation=True) -> dict:
+    """Our record -> one row of a fine-tuning format; `read_records` reads each back to the same steps.
+        openai   {"messages": chat_messages(...)}: FireAct's gpt_format, OpenAI's fine-tuning format
+        sharegpt {"conversations": [{"from": "human" | "gpt", "value": ...}]}: the same turns
+        alpaca   {"instruction": question, "input": "", "output": "Thought: ...\\nAction: ...\\nObservation: ...\\n..."}:
+                 FireAct's alpaca_format layout: MMLU's options open the output, and the output ends with a
+                 newline except in CoT rows (one step), as in FireAct's files."""
+    msgs = chat_messages(rec["question"], rec["steps"], final_observation)
+    if fmt == "openai":
+        return {"messages": msgs}
+    if fmt == "sharegpt":
+        return {"conversations": [{"from": "human" if m["role"] == "user" else "gpt", "value": m["content"]}
+                                  for m in msgs]}
+    if fmt != "alpaca":
+        raise ValueError(f"unknown export format {fmt!r}; choose {' | '.join(EXPORT_FORMATS)}")
+    m = MC_OPTIONS.search(rec["question"])
+    question, options = (rec["question"][:m.start()], [m.group(1)]) if m else (rec["question"], [])
+    output = "\n".join(options + [x["content"] for x in msgs[1:]]) + ("" if rec.get("method") == "cot" else "\n")
+    return {"instruction": question, "input": "", "output": output}
 
 
 def show_mask(rec, tokenizer, train_on="actions", color=None, template="react"):
@@ -290,6 +321,11 @@ def _from_json(path, lineno, d, i):
         if len(check_steps(d["steps"], f"{path}:{lineno}")) < len(d["steps"]):
             raise ValueError(f"{path}:{lineno}: steps after finish; a trajectory ends at its only finish")
         return {"id": f"{Path(path).stem}:{i}", "source": str(path), **d}
+    if "conversations" in d and isinstance(d["conversations"], list):  # ShareGPT: the gpt format, other names
+        roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+        if not all(isinstance(c, dict) and c.get("from") in roles for c in d["conversations"]):
+            raise ValueError(f"{path}:{lineno}: 'conversations' must be a list of {{from: human | gpt, value}}")
+        d = {"messages": [{"role": roles[c["from"]], "content": c.get("value")} for c in d["conversations"]]}
     if "messages" in d:  # FireAct gpt format
         msgs = d["messages"]
         if not isinstance(msgs, list) or not all(isinstance(m, dict) and isinstance(m.get("content"), str)
@@ -310,11 +346,11 @@ def _from_json(path, lineno, d, i):
         raise ValueError(f"{path}:{lineno}: this is a question file, not trajectories; generate them with "
                          f"`python fireact.py generate ...` (see README)")
     raise ValueError(f"{path}:{lineno}: unknown record format (keys {sorted(d)[:6]}); expected 'steps', "
-                     f"'messages' or 'instruction'/'output'")
+                     f"'messages', 'conversations' or 'instruction'/'output'")
 
 
 def read_records(path):
-    """Our trajectory JSONL, FireAct alpaca JSON (a list) or FireAct gpt JSONL -> list of our records."""
+    """Our trajectory JSONL, FireAct alpaca JSON (a list), FireAct gpt JSONL or ShareGPT -> list of our records."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: " + ("is a directory, not a data file" if path.is_dir() else "no such file"))
@@ -1018,6 +1054,43 @@ class ScoreConfig:
 
 
 @dataclass
+class ExportConfig:
+    files: list = field(default_factory=list)    # trajectory files (ours, or FireAct's alpaca/gpt files, or ShareGPT)
+    format: Literal["openai", "alpaca", "sharegpt"] = "openai"  # openai: chat messages, FireAct's gpt_format = OpenAI's fine-tuning format | alpaca: FireAct's alpaca_format (a JSON array) | sharegpt: {"conversations": [{"from", "value"}]}
+    out: str = "runs/train_openai.jsonl"  # the exported file
+    final_observation: bool = True  # end with the finish's observation, as FireAct's files do ("Observation: Episode finished, reward = True"); the API trains on assistant messages only, so that tail is billed, not learned
+
+    def check(self):
+        if not self.files:
+            raise ValueError("export-data: name at least one trajectory file")
+        check_out_path(self.out)
+
+
+@dataclass
+class FinetuneAPIConfig:
+    files: list = field(default_factory=list)    # the training file: chat JSONL (export-data --format openai)
+    base_model: str = "gpt-3.5-turbo"  # the model to fine-tune (FireAct: gpt-3.5-turbo-0613); priced: gpt-3.5-turbo, gpt-4o-mini, gpt-4o
+    validation: str = ""          # a validation file in the same format (the API reports its loss)
+    epochs: int = 0               # n_epochs; 0 = the API's auto (3 for 34 to 8,333 examples)
+    suffix: str = ""              # a tag in the fine-tuned model's name
+    dry_run: bool = False         # check the file and print the estimate, then stop: nothing is uploaded
+    base_url: str = ""            # "" = OpenAI; any server with OpenAI's files and fine-tuning endpoints otherwise
+    api_key_env: str = "OPENAI_API_KEY"  # the NAME of the variable holding the key; the key is never written
+    poll: float = 30.0            # seconds between two looks at the job
+    timeout: float = 300.0        # seconds: one request, the upload included
+    retries: int = 6              # retries of a request after 429/5xx/timeouts, with backoff
+
+    def check(self):
+        if len(self.files) != 1:
+            raise ValueError(f"finetune-api: name one training file, got {len(self.files)}")
+        for name, lo in (("epochs", 0), ("retries", 0)):
+            if getattr(self, name) < lo:
+                raise ValueError(f"--{name} {getattr(self, name)}: must be >= {lo}")
+        if self.poll <= 0 or self.timeout <= 0:
+            raise ValueError(f"--poll {self.poll} / --timeout {self.timeout}: must be > 0 seconds")
+
+
+@dataclass
 class DownloadConfig:
     dest: str = ""                # "" = ~/.cache/fireact/data (use with FIREACT_DATA=...)
     only: list = field(default_factory=list)     # path prefixes from `sources()`, e.g. mmlu fireact/trajs
@@ -1407,19 +1480,57 @@ def download(cfg: DownloadConfig) -> Path:
     return dest
 
 
+def export_data(cfg: ExportConfig) -> Path:
+    """Trajectory files -> one fine-tuning file in OpenAI's chat format (FireAct's gpt_format), alpaca or ShareGPT."""
+    rows = [export_row(r, cfg.format, cfg.final_observation) for f in cfg.files for r in read_records(f)]
+    if cfg.format == "alpaca":  # FireAct's alpaca files are one JSON array
+        cli.atomic_write(cfg.out, json.dumps(rows, indent=4, ensure_ascii=False))
+    else:
+        write_jsonl(Path(cfg.out), rows)
+    print(f"wrote {len(rows)} {cfg.format} examples -> {cfg.out}")
+    return Path(cfg.out)
+
+
+def finetune_api(cfg: FinetuneAPIConfig) -> str:
+    """Check the file, print the estimate, then (unless --dry-run) upload, fine-tune and follow the job (tools.py);
+    resumable. Evaluate the result with `eval --teacher-model ft:... --zero-shot`."""
+    train = cfg.files[0]
+    checks = [tools.check_chat_file(f, cfg.base_model) for f in [train] + ([cfg.validation] if cfg.validation else [])]
+    est = tools.estimate(checks[0], cfg.base_model, cfg.epochs)
+    usd = f"${est['usd']:,.2f} at ${est['price']:g} per 1M" if est["usd"] is not None else \
+        f"no price known for {cfg.base_model} (priced: {', '.join(tools.FT_PRICES)})"
+    print(f"{train}: {est['examples']:,} examples, {est['file_tokens']:,} tokens ({checks[0]['tokenizer']}) x "
+          f"{est['epochs']} epochs{'' if cfg.epochs else ' (auto)'} = {est['trained_tokens']:,} trained tokens; "
+          f"estimated training cost {usd}")
+    for w in [w for c in checks for w in c["warnings"]]:
+        print(f"note: {w}")
+    if cfg.dry_run:
+        return ""
+    api = tools.FineTuneAPI(cfg.base_url or None, cfg.api_key_env, timeout=cfg.timeout, max_retries=cfg.retries)
+    try:
+        name = tools.finetune(api, train, cfg.base_model, cfg.validation, cfg.epochs, cfg.suffix, cfg.poll)
+    except tools.APIError as e:  # one line with the server's message (cli.run prints ValueErrors so)
+        raise ValueError(f"{e}; a rerun resumes from {tools.finetune_state_path(train)}") from None
+    print(f"fine-tuned model: {name}\nevaluate it: python fireact.py eval --teacher-model {name} --zero-shot" +
+          (f" --base-url {cfg.base_url}" if cfg.base_url else ""))
+    return name
+
+
 COMMANDS = {"generate": (GenerateConfig, generate, "teacher trajectories on a training split (resumable)"),
             "filter": (FilterConfig, filter_records, "keep the successful trajectories"),
             "mix": (MixConfig, mix, "K tasks x M methods -> one training file"),
             "eval": (EvalConfig, evaluate, "run the agent (prompted or fine-tuned) and score it"),
             "score": (ScoreConfig, score, "EM/F1 of results files (ours or FireAct's trajs)"),
-            "download": (DownloadConfig, download, "fetch the public data sets and FireAct's files")}
+            "download": (DownloadConfig, download, "fetch the public data sets and FireAct's files"),
+            "export-data": (ExportConfig, export_data, "trajectories -> a fine-tuning file (openai chat, alpaca, sharegpt)"),
+            "finetune-api": (FinetuneAPIConfig, finetune_api, "fine-tune an API model (FireAct's GPT-3.5 student)")}
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: python fireact.py COMMAND [--help] [flags]\n\ncommands:\n" +
-              "\n".join(f"  {name:<10}{doc}" for name, (_, _, doc) in COMMANDS.items()))
+              "\n".join(f"  {name:<14}{doc}" for name, (_, _, doc) in COMMANDS.items()))
         return 0 if argv else 2
     if argv[0] not in COMMANDS:
         raise ValueError(f"unknown command {argv[0]!r}; choose {' | '.join(COMMANDS)}")

@@ -11,12 +11,15 @@ In code:
     tool = LocalWiki("corpus.jsonl").fork()                               # one fork per episode
     tool.step("Action 1: Search[Paris]"); tool.step("lookup[Eiffel]"); tool.step("finish[France]")
     SnippetSearch("corpus.jsonl").fork().step("search[what river flows through Paris?]")   # FireAct-style
+    check_chat_file("train.jsonl", "gpt-3.5-turbo")                      # the API's rules, file:line errors
+    finetune(FineTuneAPI(), "train.jsonl", "gpt-3.5-turbo")               # -> "ft:gpt-3.5-turbo:...", resumable
 
 One HTTP mechanism (`Client`: a per-attempt and an overall wall-clock deadline, retries with backoff + jitter,
 Retry-After, fail-fast 4xx, malformed-body handling, secret redaction, an on-disk cache) serves the teacher,
-Wikipedia and the Google-snippet search. One episode mechanism (`Tool`: search / lookup / finish with ReAct's
-semantics) serves every tool; `tool.name` says which ("wikipedia", "local", "snippet", "google"). One ranking
-mechanism (`BM25`, deterministic ties) serves both offline tools.
+Wikipedia, the Google-snippet search and OpenAI's fine-tuning API (FireAct's GPT-3.5 student). One episode
+mechanism (`Tool`: search / lookup / finish with ReAct's semantics) serves every tool; `tool.name` says which
+("wikipedia", "local", "snippet", "google"). One ranking mechanism (`BM25`, deterministic ties) serves both
+offline tools.
 """
 import copy
 import email.utils
@@ -40,6 +43,8 @@ from pathlib import Path
 import numpy as np
 import requests
 import urllib3
+
+import cli  # atomic writes (torch-free, HTTP-free)
 
 log = logging.getLogger("fireact.tools")
 USER_AGENT = "fireact-from-scratch/0.1 (research agent; https://github.com/anchen1011/FireAct) python-requests"
@@ -288,10 +293,10 @@ class Client:
         with self.lock:
             self.stats.update(kw)
 
-    def _attempt(self, method, url, params, json_body, limit):
+    def _attempt(self, method, url, params, json_body, limit, files=None):
         """One HTTP exchange within `limit` seconds of wall clock -> (status, reason, headers, body bytes)."""
         end = time.monotonic() + limit
-        r = self.session.request(method, url, params=params, json=json_body, timeout=limit, stream=True)
+        r = self.session.request(method, url, params=params, json=json_body, files=files, timeout=limit, stream=True)
         try:
             read = getattr(r.raw, "read1", None) or r.raw.read  # read1: whatever one recv() gives (urllib3 >= 2.3)
             sock = getattr(getattr(r.raw, "connection", None), "sock", None)
@@ -309,8 +314,9 @@ class Client:
         finally:
             r.close()
 
-    def request(self, method, url, *, params=None, json_body=None, check=None, cache=None):
-        """-> (data, from_cache). The cache key is the whole request minus secret-valued params."""
+    def request(self, method, url, *, params=None, json_body=None, check=None, cache=None, files=None):
+        """-> (data, from_cache). The cache key is the whole request minus secret-valued params. `files`: a
+        multipart body as requests takes it ({field: (filename, bytes, type)}; bytes, so a retry can resend it)."""
         key = None
         if cache is not None:
             clean = {k: v for k, v in (params or {}).items() if v not in self.secrets}
@@ -342,7 +348,7 @@ class Client:
                 break
             retry_after, attempts = None, attempts + 1
             try:
-                status, reason, headers, body = self._attempt(method, url, params, json_body, limit)
+                status, reason, headers, body = self._attempt(method, url, params, json_body, limit, files)
                 if status in RETRY_STATUS:
                     raise _Transient(f"HTTP {status}: {_server_message(body, reason)}", _retry_after(headers))
                 if status >= 400:
@@ -417,6 +423,19 @@ def _choice_texts(data):
     return [(c["message"]["content"] if "message" in c else c["text"]) or "" for c in choices]
 
 
+def openai_client(name, base_url=None, api_key_env="OPENAI_API_KEY", **client_kw):
+    """-> (base_url, Client) for an OpenAI-compatible API: the teacher's and the fine-tuning API's. The key comes
+    from the environment variable `api_key_env` and lives only in the session's Authorization header (and the
+    Client's redaction list): never logged, cached or written. A server other than OpenAI may need no key."""
+    base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1").rstrip("/")
+    key = os.environ.get(api_key_env, "") if api_key_env else ""
+    if not key and "api.openai.com" in base_url:
+        raise ValueError(f"{name}: set the environment variable {api_key_env} (or pass base_url= for a local server)")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    hint = (f"check {api_key_env}" if key else f"{api_key_env} is not set") if api_key_env else ""
+    return base_url, Client(headers, secrets=[key], name=name, auth_hint=hint, **client_kw)
+
+
 class Teacher:
     """Client for `{base_url}/chat/completions` and `{base_url}/completions`. The key comes from the environment
     variable `api_key_env` and lives only in the session's Authorization header: never logged, cached or written.
@@ -426,14 +445,9 @@ class Teacher:
     def __init__(self, model, base_url=None, api_key_env="OPENAI_API_KEY", timeout=60.0, max_retries=6,
                  cache_dir=None, rpm=None, backoff=1.0, max_wait=120.0, sleep=time.sleep, seed=None, deadline=300.0):
         self.model = model
-        self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1").rstrip("/")
-        key = os.environ.get(api_key_env, "") if api_key_env else ""
-        if not key and "api.openai.com" in self.base_url:
-            raise ValueError(f"teacher: set the environment variable {api_key_env} (or pass base_url= for a local server)")
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        hint = (f"check {api_key_env}" if key else f"{api_key_env} is not set") if api_key_env else ""
-        self.client = Client(headers, timeout, max_retries, backoff, max_wait, rpm, [key], sleep, seed,
-                             deadline=deadline, name="teacher", auth_hint=hint)
+        self.base_url, self.client = openai_client("teacher", base_url, api_key_env, timeout=timeout,
+                                                   max_retries=max_retries, backoff=backoff, max_wait=max_wait,
+                                                   rpm=rpm, sleep=sleep, seed=seed, deadline=deadline)
         self.cache = Cache(cache_dir) if cache_dir else None
         self._tokens, self._lock = Counter(), threading.Lock()
 
@@ -466,6 +480,279 @@ class Teacher:
     def complete(self, prompt, temperature=0.0, max_tokens=256, stop=None, n=1, **extra):
         """Legacy `/completions` (vLLM, llama.cpp): raw prompt in, continuation out."""
         return self._post("completions", {"prompt": prompt}, temperature, max_tokens, stop, n, extra)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fine-tuning through the API (FireAct's GPT-3.5 student): OpenAI's /files and /fine_tuning/jobs endpoints, the
+# local check of a chat training file against the API's documented rules, and the cost estimate.
+
+# USD per 1M trained tokens (tokens in the file x epochs), from OpenAI's pricing page as of 2025 (estimates: check
+# the page before spending). FireAct fine-tuned gpt-3.5-turbo-0613 in September 2023 at the same $8 (0.008 / 1K).
+FT_PRICES = {"gpt-3.5-turbo": 8.0, "gpt-4o-mini": 3.0, "gpt-4o": 25.0}
+# the longest training example each base model takes, in tokens (longer ones the API cuts, and a cut trajectory
+# would teach whatever came before its finish): gpt-3.5-turbo-0613 had 4,096; later snapshots 16,385
+FT_CONTEXT = {"gpt-3.5-turbo": 16385, "gpt-3.5-turbo-0613": 4096, "gpt-4o-mini": 65536, "gpt-4o": 65536}
+FT_MIN_EXAMPLES, FT_MAX_BYTES = 10, 512 << 20  # the API's floor on examples; its cap on one uploaded file
+FT_ROLES = ("system", "user", "assistant")
+FT_DONE = ("succeeded", "failed", "cancelled")
+
+
+def _by_prefix(table, model):
+    """The entry of the longest key that `model` starts with (gpt-4o-mini-2024-07-18 -> gpt-4o-mini), or None."""
+    keys = [k for k in table if model.startswith(k)]
+    return table[max(keys, key=len)] if keys else None
+
+
+def auto_epochs(n_examples):
+    """The API's n_epochs="auto", as OpenAI's cookbook documents it: 3 epochs, raised so that small files make at
+    least 100 example passes (at most 25 epochs), lowered so large ones make at most 25,000 (at least 1)."""
+    if n_examples * 3 < 100:
+        return min(25, -(-100 // n_examples))
+    if n_examples * 3 > 25000:
+        return max(1, 25000 // n_examples)
+    return 3
+
+
+def token_counter(model):
+    """-> (count(text) -> tokens, how). Exact with a tiktoken-compatible package (tiktoken, or bpe-openai, which
+    ships its vocabularies and so works offline); else an estimate of 4 characters a token (OpenAI's rule of
+    thumb; on FireAct's data cl100k_base gives 4.4, so the estimate runs ~10% high, on the safe side)."""
+    name = "o200k_base" if model.startswith(("gpt-4o", "gpt-4.1", "o")) else "cl100k_base"  # gpt-3.5, gpt-4
+    for package in ("tiktoken", "bpe_openai"):
+        try:
+            enc = __import__(package).get_encoding(name)
+            enc.encode_ordinary("probe")  # tiktoken fetches its vocabulary on first use: offline that fails here
+        except Exception:  # not installed, or no vocabulary: try the next, then estimate
+            continue
+        return (lambda text: len(enc.encode_ordinary(text))), f"{name} via {package}"  # special tokens as text
+    return (lambda text: -(-len(text) // 4)), "estimated at 4 characters a token (pip install tiktoken for exact counts)"
+
+
+def check_chat_file(path, model="gpt-3.5-turbo"):
+    """Check a chat fine-tuning file (JSONL of {"messages": [{role, content}, ...]}) against the API's rules before
+    paying for an upload: JSON per line, roles system/user/assistant with string content, system only first, at
+    least one non-empty assistant message, `weight` 0/1 on assistant messages only, each example within the base
+    model's token limit, at least 10 examples. A broken rule is a ValueError naming file:line.
+    -> dict(examples, tokens: per example (counted as OpenAI's cookbook counts chat tokens: 3 per message + role +
+    content, 3 per example), tokenizer, warnings: [one line each]). Warnings: examples that end with a user message
+    (FireAct's layout: the API trains on assistant messages only, so that tail is billed but not learned) or open
+    with the assistant (two rows of FireAct's multitask_multimethod data)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: " + ("is a directory, not a training file" if path.is_dir() else "no such file"))
+    if path.stat().st_size > FT_MAX_BYTES:
+        raise ValueError(f"{path}: {path.stat().st_size / 2**20:.0f} MiB, over the API's 512 MiB per file; split it")
+    count, how = token_counter(model)
+    limit = _by_prefix(FT_CONTEXT, model)
+    tokens, tail_user, head_assistant = [], [], []
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}); the API reads UTF-8 JSONL") from None
+    if lines and lines[-1] == "":
+        lines.pop()  # the newline that ends the last line
+    for n, line in enumerate(lines, 1):
+        where = f"{path}:{n}"
+        if not line.strip():
+            raise ValueError(f"{where}: blank line; the API reads one example per line (delete it)")
+        try:
+            ex = json.loads(line)
+        except ValueError as e:
+            raise ValueError(f"{where}: invalid JSON ({_one_line(e, 100)})") from None
+        msgs = ex.get("messages") if isinstance(ex, dict) else None
+        if not isinstance(msgs, list) or not msgs:
+            raise ValueError(f"{where}: expected {{\"messages\": [...]}} with at least one message (export our "
+                             f"trajectories with `fireact.py export-data --format openai`)")
+        total = 3
+        for j, m in enumerate(msgs):
+            at = f"{where}: messages[{j}]"
+            if not isinstance(m, dict):
+                raise ValueError(f"{at}: expected an object {{role, content}}, got {type(m).__name__}")
+            extra = set(m) - {"role", "content", "name", "weight"}
+            if extra:
+                raise ValueError(f"{at}: unknown key {sorted(extra)[0]!r}; a message has role, content (name, weight)")
+            if m.get("role") not in FT_ROLES:
+                raise ValueError(f"{at}: role {m.get('role')!r} is not one of {', '.join(FT_ROLES)}")
+            if m["role"] == "system" and j > 0:
+                raise ValueError(f"{at}: a system message must come first")
+            if not isinstance(m.get("content"), str):
+                raise ValueError(f"{at}: 'content' must be a string, got {m.get('content')!r:.40}")
+            if "weight" in m and (m["role"] != "assistant" or m["weight"] not in (0, 1)):
+                raise ValueError(f"{at}: 'weight' must be 0 or 1, and only on an assistant message")
+            total += 3 + count(m["role"]) + count(m["content"]) + (1 if "name" in m else 0)
+        if not any(m["role"] == "assistant" and m["content"].strip() for m in msgs):
+            raise ValueError(f"{where}: no non-empty assistant message; the API learns only from assistant messages")
+        bad = next((j for j, m in enumerate(msgs) if m["role"] == "assistant" and not m["content"].strip()), None)
+        if bad is not None:
+            raise ValueError(f"{where}: messages[{bad}]: an empty assistant message; the API refuses it")
+        if limit and total > limit:
+            raise ValueError(f"{where}: {total:,} tokens, over {model}'s {limit:,} a training example; the API "
+                             f"would cut it before its end: shorten it or leave it out")
+        tokens.append(total)
+        (tail_user if msgs[-1]["role"] != "assistant" else []).append(n)
+        (head_assistant if next(m for m in msgs if m["role"] != "system")["role"] == "assistant" else []).append(n)
+    if len(tokens) < FT_MIN_EXAMPLES:
+        raise ValueError(f"{path}: {len(tokens)} examples; the API needs at least {FT_MIN_EXAMPLES}")
+    warnings = []
+    if tail_user:
+        warnings.append(f"{len(tail_user)} of {len(tokens)} examples end with a user message (first: {path}:"
+                        f"{tail_user[0]}): billed, not trained on (FireAct's layout; --no-final-observation drops it)")
+    if head_assistant:
+        warnings.append(f"{len(head_assistant)} examples open with an assistant message, not the question (first: "
+                        f"{path}:{head_assistant[0]})")
+    return dict(examples=len(tokens), tokens=tokens, tokenizer=how, warnings=warnings)
+
+
+def estimate(check, model, epochs=0):
+    """What a job will cost: -> dict(examples, file_tokens, epochs, trained_tokens, usd or None, price)."""
+    n_epochs = epochs or auto_epochs(check["examples"])
+    trained = sum(check["tokens"]) * n_epochs
+    price = _by_prefix(FT_PRICES, model)
+    return dict(examples=check["examples"], file_tokens=sum(check["tokens"]), epochs=n_epochs,
+                trained_tokens=trained, price=price, usd=None if price is None else trained * price / 1e6)
+
+
+def _check_id(data):
+    if not isinstance(data.get("id"), str):
+        raise ValueError("no 'id' in the reply")
+
+
+def _check_list(data):
+    if not isinstance(data.get("data"), list):
+        raise ValueError("no 'data' list in the reply")
+
+
+class FineTuneAPI:
+    """OpenAI's files and fine-tuning endpoints (any server that speaks them), over the teacher's Client: retries,
+    deadlines, one-line APIErrors with the server's message, the key from the environment and never written."""
+
+    def __init__(self, base_url=None, api_key_env="OPENAI_API_KEY", timeout=300.0, max_retries=6,
+                 sleep=time.sleep, deadline=900.0):
+        self.base_url, self.client = openai_client("fine-tune", base_url, api_key_env, timeout=timeout,
+                                                   max_retries=max_retries, sleep=sleep, deadline=deadline)
+
+    def _call(self, method, path, check=_check_id, **kw):
+        return self.client.request(method, f"{self.base_url}/{path}", check=check, **kw)[0]
+
+    def upload(self, path, purpose="fine-tune"):
+        """POST /files (multipart) -> the file object {id, status, ...}."""
+        path = Path(path)
+        return self._call("POST", "files", files={"purpose": (None, purpose),
+                                                  "file": (path.name, path.read_bytes(), "application/jsonl")})
+
+    def file(self, file_id):
+        return self._call("GET", f"files/{file_id}")
+
+    def create_job(self, training_file, model, validation_file=None, epochs=0, suffix=""):
+        """POST /fine_tuning/jobs -> the job {id, status, ...}; epochs 0 = the API's "auto"."""
+        body = {"training_file": training_file, "model": model,
+                **({"validation_file": validation_file} if validation_file else {}),
+                **({"hyperparameters": {"n_epochs": epochs}} if epochs else {}), **({"suffix": suffix} if suffix else {})}
+        return self._call("POST", "fine_tuning/jobs", json_body=body)
+
+    def job(self, job_id):
+        return self._call("GET", f"fine_tuning/jobs/{job_id}")
+
+    def jobs(self, limit=100):
+        return self._call("GET", "fine_tuning/jobs", check=_check_list, params={"limit": limit})["data"]
+
+    def events(self, job_id, limit=100):
+        """The job's latest events, oldest first."""
+        data = self._call("GET", f"fine_tuning/jobs/{job_id}/events", check=_check_list, params={"limit": limit})
+        return sorted(data["data"], key=lambda e: (e.get("created_at", 0), str(e.get("id", ""))))
+
+
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def finetune_state_path(train_path):
+    return Path(f"{train_path}.finetune.json")
+
+
+def finetune(api, train_path, model, validation_path="", epochs=0, suffix="", poll=30.0, sleep=time.sleep,
+             log=print):
+    """Fine-tune `model` on a checked chat file through `api` (a FineTuneAPI) -> the fine-tuned model's name.
+
+    Resumable, so a rerun never pays twice: the run is keyed by the file's sha256, the validation file's, the base
+    model, the epochs and the server, and its state (file ids, job id, status, model name; never the key) lives
+    next to the training file in TRAIN.finetune.json, rewritten atomically after each step. A rerun follows the
+    job it finds there (or prints the finished model's name at once); a job that failed is reported and a new one
+    started on the uploaded files. Before creating a job, the server's job list is searched for one already made
+    on the same uploaded file (a crash between creating it and writing the state).
+    Follows the job with one line per change: status, trained tokens, the latest event. A failed or cancelled job
+    is a ValueError of one line with the server's message."""
+    state_path = finetune_state_path(train_path)
+    key = "|".join([_sha256(train_path), _sha256(validation_path) if validation_path else "-", model,
+                    f"epochs={epochs or 'auto'}", api.base_url])
+    try:
+        state = json.loads(state_path.read_text(encoding="utf-8")) if state_path.exists() else {}
+    except ValueError:
+        raise ValueError(f"{state_path}: not valid JSON; delete it to start over (a job made from it is then "
+                         f"found again by its uploaded file only if that file is uploaded again)") from None
+    run = state.setdefault(key, dict(base_model=model, epochs=epochs or "auto", base_url=api.base_url,
+                                     train=str(train_path), validation=str(validation_path) or None))
+
+    def save(**kw):
+        run.update(kw)
+        cli.atomic_write(state_path, json.dumps(state, indent=1))
+
+    if run.get("fine_tuned_model"):
+        log(f"already fine-tuned (job {run['job']}, {state_path}): {run['fine_tuned_model']}")
+        return run["fine_tuned_model"]
+    for role, path in (("training_file", train_path), ("validation_file", validation_path)):
+        if path and not run.get(role):
+            f = api.upload(path)
+            log(f"uploaded {path} -> {f['id']}")
+            save(**{role: f["id"]})
+        while path:  # the API takes a file once it has processed it
+            f = api.file(run[role])
+            if f.get("status") in ("error", "deleted"):
+                save(**{role: None})
+                raise ValueError(f"{path}: the API refused the file: {_one_line(f.get('status_details') or f['status'])}")
+            if f.get("status") in (None, "processed"):
+                break
+            sleep(min(poll, 5.0))
+    if run.get("job") and run.get("status") in ("failed", "cancelled"):
+        log(f"job {run['job']} {run['status']} before ({run.get('error') or 'no message'}); starting a new one")
+        save(job=None, status=None, error=None)
+    if not run.get("job"):
+        found = [j for j in api.jobs() if j.get("status") not in ("failed", "cancelled") and
+                 (j.get("training_file"), j.get("validation_file")) == (run["training_file"], run.get("validation_file"))]
+        job = found[0] if found else api.create_job(run["training_file"], model, run.get("validation_file"),
+                                                     epochs, suffix)
+        log(("found job " if found else "created job ") + job["id"])
+        save(job=job["id"], status=job.get("status"))
+    seen, last = set(), None
+    while True:
+        job = api.job(run["job"])
+        new = [e for e in api.events(run["job"]) if e.get("id") not in seen]
+        seen.update(e.get("id") for e in new)
+        status = job.get("status", "?")
+        line = (f"{run['job']}: {status} | {job.get('trained_tokens') or 0:,} trained tokens" +
+                (f" | {_one_line(new[-1].get('message', ''), 160)}" if new else ""))
+        if new or status != last:
+            log(line)
+        if status != last:
+            save(status=status)
+        last = status
+        if status == "succeeded":
+            name = job.get("fine_tuned_model")
+            if not name:
+                raise ValueError(f"job {run['job']} succeeded but named no fine_tuned_model: {json.dumps(job)[:200]}")
+            save(fine_tuned_model=name, trained_tokens=job.get("trained_tokens"))
+            return name
+        if status in FT_DONE:
+            err = job.get("error") or {}
+            msg = _one_line(err.get("message") or (new[-1].get("message") if new else "") or "no message", 300)
+            save(error=msg)
+            raise ValueError(f"fine-tuning job {run['job']} {status}: {msg}" +
+                             (f" ({err['param']})" if err.get("param") else "") + "; fix it and rerun")
+        sleep(poll)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -703,3 +703,234 @@ def test_alpaca_template_and_the_adapters_own_settings(tmp_path, capsys):
     assert "the adapter's training data came from the google tool" in capsys.readouterr().out
     assert fireact.pick_tool(fireact.EvalConfig(tool="local"), fireact.TASKS["toy"], trained) == "local"
     assert fireact.pick_tool(cfg, fireact.TASKS["toy"], {}) == "local"
+
+
+# ------------------------------------------------------------------ the API student (FireAct's GPT-3.5 fine-tuning)
+# export-data -> finetune-api -> eval --zero-shot, against a loopback server that imitates OpenAI's files and
+# fine-tuning endpoints and then serves the "fine-tuned" model. No test reaches a real host.
+STEPS = [dict(thought="I search the desert.", action="search[Atacama Desert]",
+              observation="The Atacama Desert is a desert plateau.\nIt lies in Chile."),  # a multi-line observation
+         dict(thought="", action="lookup[Chile]", observation="(Result 1 / 1) It lies in Chile."),  # no thought
+         dict(thought="I wrote no action.", action="", observation="Invalid action: I wrote no action."),
+         dict(thought="It is Chile.", action="finish[Chile]", observation="Episode finished, reward = True")]
+EXPORT_RECS = [dict(id="0", task="hotpotqa", method="react", question="Which country holds the Atacama?",
+                    answer="Chile", steps=STEPS),
+               dict(id="1", task="mmlu", method="cot", question="Which is a desert?\nA. Atacama\nB. Seine\nC. Paris\nD. Holst",
+                    answer="A", steps=[dict(thought="Atacama is one.", action="finish[A]",
+                                            observation="Episode finished, reward = 1")])]
+
+
+@pytest.mark.parametrize("fmt", fireact.EXPORT_FORMATS)
+def test_export_round_trip(tmp_path, fmt):
+    """Each exported format reads back (read_records, which train.py uses) to the same questions and steps."""
+    src = tmp_path / "ours.jsonl"
+    fireact.write_jsonl(src, EXPORT_RECS)
+    out = fireact.export_data(fireact.ExportConfig(files=[str(src)], format=fmt, out=str(tmp_path / f"x.{fmt}")))
+    back = fireact.read_records(out)
+    assert [(r["question"], r["steps"]) for r in back] == [(r["question"], r["steps"]) for r in EXPORT_RECS]
+    text = out.read_text()
+    if fmt == "alpaca":  # FireAct's layout: options open the output; CoT rows end without a newline
+        rows = json.loads(text)
+        assert rows[1]["instruction"] == "Which is a desert?" and rows[1]["output"].startswith("A. Atacama\nB. Seine")
+        assert rows[0]["output"].endswith("reward = True\n") and rows[1]["output"].endswith("reward = 1")
+        assert rows[0]["output"].count("\nObservation: ") == 4 and rows[0]["input"] == ""
+    else:
+        row = json.loads(text.splitlines()[0])
+        turns = [(m["role"], m["content"]) for m in row["messages"]] if fmt == "openai" else \
+            [({"human": "user", "gpt": "assistant"}[c["from"]], c["value"]) for c in row["conversations"]]
+        assert turns[0] == ("user", "Which country holds the Atacama?")
+        assert turns[1] == ("assistant", "Thought: I search the desert.\nAction: search[Atacama Desert]")
+        assert turns[3] == ("assistant", "Action: lookup[Chile]") and turns[5] == ("assistant", "Thought: I wrote no action.")
+        assert turns[-2:] == [("assistant", "Thought: It is Chile.\nAction: finish[Chile]"),
+                              ("user", "Observation: Episode finished, reward = True")]
+    # --no-final-observation: the conversation ends with the assistant's finish
+    out = fireact.export_data(fireact.ExportConfig(files=[str(src)], format="openai", final_observation=False,
+                                                   out=str(tmp_path / "noobs.jsonl")))
+    assert all(json.loads(l)["messages"][-1]["role"] == "assistant" for l in out.read_text().splitlines())
+
+
+def _normalised(text):
+    """What our reader keeps of a FireAct text: each line stripped, and no 'Question: ' label (MMLU rows carry
+    one; our tasks' questions and eval prompts have none)."""
+    return "\n".join(line.strip() for line in re.sub(r"^Question:\s*", "", text.strip()).strip().split("\n"))
+
+
+@needs_data
+@pytest.mark.parametrize("name,fmt,exact,same,quirks", [
+    ("hotpotqa", "openai", 466, 500, 0), ("multitask_multimethod", "openai", 1272, 2055, 8),
+    ("hotpotqa", "alpaca", 464, 500, 0), ("multitask_multimethod", "alpaca", 885, 2056, 7)])
+def test_export_reproduces_fireacts_released_files(name, fmt, exact, same, quirks):
+    """Our export of FireAct's own trajectories gives back its released gpt_format / alpaca_format rows. Equal on
+    every field we use once white space at line ends, MMLU's 'Question: ' label and (alpaca) the output's final
+    newline are set aside; the rest are FireAct's quirks: 5 rows where the assistant wrote the 'Observation:
+    Episode finished' itself before the real one, 2 rows that open with the assistant, blank lines in a thought,
+    StrategyQA rows with a 'Yes or no:' line at the head of the output (our reader moves it into the question)."""
+    path = DATA / "fireact" / "finetune" / (f"gpt_format/{name}.jsonl" if fmt == "openai" else f"alpaca_format/{name}.json")
+    src = [json.loads(l) for l in path.read_text().splitlines()] if fmt == "openai" else json.loads(path.read_text())
+    n_exact = n_same = 0
+    for s, r in zip(src, fireact.read_records(path), strict=True):
+        e = fireact.export_row(r, fmt)
+        if fmt == "openai":
+            a, b = ([(m["role"], _normalised(m["content"])) for m in x["messages"]] for x in (s, e))
+        else:
+            a, b = ([_normalised(x["instruction"]), x["input"], _normalised(x["output"])] for x in (s, e))
+        n_exact, n_same = n_exact + (e == s), n_same + (a == b)
+    assert (n_exact, n_same, len(src) - n_same) == (exact, same, quirks)
+
+
+class FakeFineTuningAPI(http.server.BaseHTTPRequestHandler):
+    """OpenAI's /files and /fine_tuning/jobs, then the fine-tuned model's /chat/completions. A job moves one state
+    per look: validating_files -> queued -> running -> succeeded (an event each); a training file holding FAIL
+    fails; an upload with a line that is not JSON gets a 400. The "fine-tuned" model has learnt its file by heart:
+    it replies the assistant turn that follows the conversation so far in a training example."""
+    files, jobs, log = {}, {}, []
+    FLOW = ["validating_files", "queued", "running", "succeeded"]
+
+    def _send(self, code, obj):
+        data = json.dumps(obj).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        cls, path = FakeFineTuningAPI, self.path.split("?")[0]
+        cls.log.append(("GET", path, self.headers.get("Authorization")))
+        if path.startswith("/v1/files/"):
+            return self._send(200, {"id": path.rsplit("/", 1)[1], "status": "processed"})
+        if path == "/v1/fine_tuning/jobs":
+            return self._send(200, {"data": list(cls.jobs.values())})
+        job = cls.jobs[path.split("/")[4]]
+        if path.endswith("/events"):
+            return self._send(200, {"data": job["_events"][::-1]})  # newest first, as the API lists them
+        if job["status"] not in ("succeeded", "failed"):
+            failing = "FAIL" in cls.files[job["training_file"]] and job["status"] == "running"
+            job["status"] = "failed" if failing else cls.FLOW[cls.FLOW.index(job["status"]) + 1]
+            job["trained_tokens"] = 1234 if job["status"] == "succeeded" else None
+            job["fine_tuned_model"] = f"ft:{job['model']}:fake::{job['id']}" if job["status"] == "succeeded" else None
+            job["error"] = {"message": "Training file has 1 example that is too long.", "param": "training_file",
+                            "code": "invalid_training_file"} if failing else None
+            job["_events"].append({"id": f"ev-{len(job['_events'])}", "created_at": len(job["_events"]),
+                                   "message": f"Job is {job['status']}"})
+        self._send(200, {k: v for k, v in job.items() if k != "_events"})
+
+    def do_POST(self):
+        cls, raw = FakeFineTuningAPI, self.rfile.read(int(self.headers["Content-Length"]))
+        cls.log.append(("POST", self.path, self.headers.get("Authorization")))
+        if self.path == "/v1/files":
+            boundary = raw.split(b"\r\n", 1)[0]
+            parts = {re.search(rb'name="(\w+)"', p).group(1).decode(): p.split(b"\r\n\r\n", 1)[1][:-2]
+                     for p in raw.split(boundary)[1:-1]}
+            text = parts["file"].decode()
+            bad = next((i for i, l in enumerate(text.splitlines(), 1) if not l.startswith("{")), None)
+            if bad or parts["purpose"] != b"fine-tune":
+                return self._send(400, {"error": {"message": f"Invalid file format. Line {bad}: not JSON."}})
+            fid = f"file-{len(cls.files)}"
+            cls.files[fid] = text
+            return self._send(200, {"id": fid, "status": "uploaded"})
+        body = json.loads(raw)
+        if self.path == "/v1/fine_tuning/jobs":
+            jid = f"ftjob-{len(cls.jobs)}"
+            cls.jobs[jid] = dict(id=jid, model=body["model"], training_file=body["training_file"],
+                                 validation_file=body.get("validation_file"), status="validating_files",
+                                 hyperparameters=body.get("hyperparameters"), _events=[])
+            return self._send(200, {k: v for k, v in cls.jobs[jid].items() if k != "_events"})
+        job = next(j for j in cls.jobs.values() if j.get("fine_tuned_model") == body["model"])  # chat
+        sofar, reply = body["messages"], "Thought: I never learnt this.\nAction: finish[unknown]"
+        for line in cls.files[job["training_file"]].splitlines():
+            msgs = json.loads(line)["messages"]
+            if msgs[:len(sofar)] == sofar and len(msgs) > len(sofar):
+                reply = msgs[len(sofar)]["content"]
+                break
+        self._send(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": reply}}],
+                         "usage": {"prompt_tokens": 5, "completion_tokens": 5}})
+
+    def log_message(self, *a):
+        pass
+
+
+@pytest.fixture
+def ft_world(tmp_path):
+    """-> (run(*args, key=...) of `python fireact.py`, tmp dir, the fake API's /v1 URL)."""
+    import os
+    import subprocess
+    import sys
+    FakeFineTuningAPI.files, FakeFineTuningAPI.jobs, FakeFineTuningAPI.log = {}, {}, []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeFineTuningAPI)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    def run(*args, key="sk-ft-SECRET-42"):
+        env = dict(os.environ, FIREACT_CACHE=str(tmp_path / "cache"), OPENAI_API_KEY=key)
+        return subprocess.run([sys.executable, str(fireact.REPO / "fireact.py"), *map(str, args)], capture_output=True,
+                              text=True, env=env, cwd=tmp_path, timeout=300)  # a guard against hangs only
+    yield run, tmp_path, f"http://127.0.0.1:{server.server_port}/v1"
+    server.shutdown()
+
+
+def test_cli_export_finetune_api_and_eval_zero_shot(ft_world):
+    """The whole path: teacher trajectories -> export-data -> finetune-api (estimate, upload, job followed to its
+    end, the model's name) -> a rerun that finds the job and pays nothing -> eval --zero-shot of the fine-tuned
+    model in the same agent loop with the same tool and scoring. The key is in no output and no file."""
+    run, tmp, url = ft_world
+    assert run("generate", "--task", "toy", "--split", "dev", "--allow-eval-split", "--teacher-model", "oracle",
+               "--n", "10", "--out", tmp / "traj.jsonl").returncode == 0
+    r = run("export-data", tmp / "traj.jsonl", "--format", "openai", "--out", tmp / "train.jsonl")
+    assert r.returncode == 0 and "wrote 10 openai examples" in r.stdout, r.stderr
+    r = run("finetune-api", tmp / "train.jsonl", "--dry-run", "--base-url", url)
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"10 examples, [\d,]+ tokens .* x 10 epochs \(auto\) = [\d,]+ trained tokens; estimated "
+                     r"training cost \$[\d.]+ at \$8 per 1M", r.stdout), r.stdout
+    assert FakeFineTuningAPI.log == [] and not (tmp / "train.jsonl.finetune.json").exists()  # nothing sent
+    args = ("finetune-api", tmp / "train.jsonl", "--base-url", url, "--poll", "0.01", "--epochs", "2")
+    r = run(*args)
+    assert r.returncode == 0, r.stderr
+    model = "ft:gpt-3.5-turbo:fake::ftjob-0"
+    assert f"fine-tuned model: {model}" in r.stdout and "x 2 epochs = " in r.stdout
+    assert "created job ftjob-0" in r.stdout  # validating_files; the fake moves a state per look:
+    for status in ("queued", "running"):
+        assert re.search(rf"ftjob-0: {status} \| 0 trained tokens \| Job is {status}", r.stdout), r.stdout
+    assert "ftjob-0: succeeded | 1,234 trained tokens | Job is succeeded" in r.stdout
+    (job,) = FakeFineTuningAPI.jobs.values()
+    assert job["hyperparameters"] == {"n_epochs": 2} and FakeFineTuningAPI.files["file-0"] == (tmp / "train.jsonl").read_text()
+    assert {a for _, _, a in FakeFineTuningAPI.log} == {"Bearer sk-ft-SECRET-42"}
+    state = (tmp / "train.jsonl.finetune.json").read_text()
+    assert model in state and "SECRET" not in state + r.stdout + r.stderr
+    n = len(FakeFineTuningAPI.log)
+    r = run(*args)  # resumable: the same file and settings find the finished job, and ask the server nothing
+    assert r.returncode == 0 and f"already fine-tuned (job ftjob-0" in r.stdout and len(FakeFineTuningAPI.log) == n
+    r = run("eval", "--task", "toy", "--split", "dev", "--n", "10", "--teacher-model", model, "--zero-shot",
+            "--base-url", url, "--out", tmp / "eval.json")
+    assert r.returncode == 0, r.stderr
+    s = json.loads((tmp / "eval.summary.json").read_text())
+    assert (s["em"], s["finished"], s["failures"], s["tool"]) == (100.0, 10, 0, "local")
+    chats = [p for m, p, _ in FakeFineTuningAPI.log if p.endswith("/chat/completions")]
+    assert len(chats) == sum(len(v["steps"]) for v in json.loads((tmp / "eval.json").read_text()).values())
+
+
+def test_cli_finetune_api_errors_are_one_line(ft_world):
+    """A file the server refuses (400), a job that fails, a file that breaks the API's rules: one line each, with
+    the server's message or the file:line, exit 1, no traceback; a failed job is retried on a rerun."""
+    run, tmp, url = ft_world
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "Action: finish[a]"}]}
+            for i in range(10)]
+    good = tmp / "good.jsonl"
+    fireact.write_jsonl(good, rows)
+    fireact.write_jsonl(tmp / "fail.jsonl", rows[:9] + [{"messages": rows[9]["messages"] + [
+        {"role": "user", "content": "FAIL"}, {"role": "assistant", "content": "Action: finish[b]"}]}])
+    r = run("finetune-api", tmp / "fail.jsonl", "--base-url", url, "--poll", "0.01")
+    one_line_error(r, 1, "fine-tuning job ftjob-0 failed: Training file has 1 example that is too long. (training_file)")
+    assert "ftjob-0: failed" in r.stdout
+    r = run("finetune-api", tmp / "fail.jsonl", "--base-url", url, "--poll", "0.01")  # a rerun: a new job, same file
+    assert "job ftjob-0 failed before" in r.stdout and "created job ftjob-1" in r.stdout
+    assert sum(1 for m, p, _ in FakeFineTuningAPI.log if p == "/v1/files") == 1
+    # the fake refuses a file whose line does not start with '{': our check passes it, the server does not
+    (tmp / "spaced.jsonl").write_text("".join(" " + json.dumps(r) + "\n" for r in rows))
+    one_line_error(run("finetune-api", tmp / "spaced.jsonl", "--base-url", url), 1,
+                   "400 Bad Request", "Invalid file format. Line 1: not JSON.", "a rerun resumes")
+    bad = tmp / "bad.jsonl"
+    bad.write_text(good.read_text().replace('"assistant"', '"tool"', 1))
+    one_line_error(run("finetune-api", bad, "--dry-run"), 1, "bad.jsonl:1: messages[1]: role 'tool'")
+    one_line_error(run("finetune-api", good, tmp / "two.jsonl"), 2, "name one training file")
+    r = run("finetune-api", good, "--base-url", "https://api.openai.com/v1", key="")
+    one_line_error(r, 1, "set the environment variable OPENAI_API_KEY")
