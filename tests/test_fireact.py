@@ -295,6 +295,7 @@ def test_generate_resumes_after_crash(tmp_path, wiki, monkeypatch):
 
 
 def test_parse_config_flags(tmp_path):
+    (tmp_path / "adapter_config.json").write_text("{}")
     cfg = fireact.parse_config(fireact.EvalConfig, ["--task", "bamboogle", "--max-steps", "7", "--compare",
                                                      "--noise", "0.5", "--adapter", str(tmp_path)])
     assert (cfg.task, cfg.max_steps, cfg.compare, cfg.noise) == ("bamboogle", 7, True, 0.5)
