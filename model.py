@@ -110,12 +110,14 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 class KVCache:
-    """Preallocated per-layer K/V: [B, n_kv_heads, max_len, head_dim]; `pos` = number of cached positions."""
+    """Preallocated per-layer K/V: [B, n_kv_heads, max_len, head_dim]; `pos` = number of cached positions.
+    Index j holds absolute position `offset` + j. `shared`: None, or per-layer (K, V) [1, n_kv_heads, offset,
+    head_dim] of positions 0..offset that every row shares (generate's common prompt prefix), stored once."""
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
         shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
-        self.pos = 0
+        self.pos, self.offset, self.shared = 0, 0, None
 
     def update(self, i, k, v):  # k, v: [B, kvh, T, hd] -> all cached keys/values so far [B, kvh, pos+T, hd]
         end = self.pos + k.shape[2]
@@ -123,15 +125,45 @@ class KVCache:
         self.v[i][:, :, self.pos:end] = v
         return self.k[i][:, :, :end], self.v[i][:, :, :end]
 
+    def prefix(self, i):  # layer i's shared (K, V), or None
+        return None if self.shared is None else (self.shared[0][i], self.shared[1][i])
+
+    def share(self, prefix: "KVCache"):
+        """Attend to `prefix`'s positions (a batch-1 cache) from every row: this cache then holds what follows."""
+        self.shared, self.offset = (prefix.k, prefix.v), prefix.pos
+
     def row(self, i: int, start: int) -> "KVCache":
-        """A batch-1 cache writing into row i from position `start` on (views: no copy)."""
+        """A batch-1 cache writing into row i from index `start` on (views: no copy)."""
         r = KVCache.__new__(KVCache)
         r.k, r.v, r.pos = [k[i:i + 1, :, start:] for k in self.k], [v[i:i + 1, :, start:] for v in self.v], 0
+        r.offset, r.shared = self.offset, self.shared
         return r
 
     def keep(self, rows: torch.Tensor):  # drop finished batch rows (rows: LongTensor of rows to keep)
         self.k = [k[rows] for k in self.k]
         self.v = [v[rows] for v in self.v]
+
+def shared_prefix_attention(q, k, v, mask, pk, pv):
+    """Attention over [a prefix every row shares ; each row's own keys], exact up to float rounding: one softmax
+    over both parts' scores. q [B, nh, T, hd]; k, v [B, nkv, S, hd] (own); mask [B, 1, T, S] bool or None
+    (causal); pk, pv [1, nkv, P, hd]. The prefix is read once for all rows, as one GEMM per kv head with the B*g*T
+    queries that share it as rows, instead of B GEMVs over B copies: for few-shot prompts (~3k shared tokens)
+    the copies were most of a decode step's memory traffic."""
+    B, nh, T, hd = q.shape
+    nkv, P, S = pk.shape[1], pk.shape[2], k.shape[2]
+    g = nh // nkv                                   # heads j*g .. j*g+g-1 use kv head j (GQA)
+    qg = q.reshape(B, nkv, g * T, hd) * hd ** -0.5  # rows (head in group, query)
+    qp = qg.transpose(0, 1).reshape(nkv, B * g * T, hd)
+    sp = torch.bmm(qp, pk[0].transpose(1, 2)).view(nkv, B, g * T, P).transpose(0, 1)  # [B, nkv, gT, P]
+    so = qg @ k.transpose(-1, -2)                                                       # [B, nkv, gT, S]
+    if mask is None:  # causal among the T new keys (the last T of S), all earlier ones visible
+        mask = torch.arange(S, device=q.device) <= torch.arange(S - T, S, device=q.device)[:, None]  # [T, S]
+    m = mask.expand(B, 1, T, S)[:, :, None].expand(B, 1, g, T, S).reshape(B, 1, g * T, S)
+    so = so.masked_fill(~m, float("-inf"))
+    p = torch.softmax(torch.cat([sp, so], -1).float(), -1).to(q.dtype)                 # [B, nkv, gT, P + S]
+    pp = p[..., :P].transpose(0, 1).reshape(nkv, B * g * T, P)
+    o = torch.bmm(pp, pv[0]).view(nkv, B, g * T, hd).transpose(0, 1) + p[..., P:] @ v   # [B, nkv, gT, hd]
+    return o.reshape(B, nh, T, hd)
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, idx: int):
@@ -142,26 +174,40 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=b)
         self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=b)
         self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=b)
+        self.packs = {}  # fused + prepacked inference weights (fast_linear); not parameters, not in state_dict
 
     def forward(self, x, cos, sin, mask, cache):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)   # [B, nh, T, hd]
-        k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)  # [B, nkv, T, hd]
-        v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
+        if use_packed(self, x):  # decode: q, k, v in one prepacked matmul (bitwise the same as three)
+            q, k, v = fast_linear(self.packs, "qkv", (self.q_proj, self.k_proj, self.v_proj), x)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.nh, self.hd).transpose(1, 2)                 # [B, nh, T, hd]
+        k = k.view(B, T, self.nkv, self.hd).transpose(1, 2)                # [B, nkv, T, hd]
+        v = v.view(B, T, self.nkv, self.hd).transpose(1, 2)
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(self.idx, k, v)                            # [B, nkv, S, hd]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                           enable_gqa=self.nkv != self.nh)  # [B, nh, T, hd]
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
+        prefix = cache.prefix(self.idx) if cache is not None else None
+        if prefix is not None:  # keys/values every row shares, stored once (generate's shared prompt prefix)
+            y = shared_prefix_attention(q, k, v, mask, *prefix)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                               enable_gqa=self.nkv != self.nh)  # [B, nh, T, hd]
+        y = y.transpose(1, 2).reshape(B, T, self.nh * self.hd)
+        return fast_linear(self.packs, "o", (self.o_proj,), y)[0] if use_packed(self, y) else self.o_proj(y)
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         D, H, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
         self.gate_proj, self.up_proj, self.down_proj = nn.Linear(D, H, bias=b), nn.Linear(D, H, bias=b), nn.Linear(H, D, bias=b)
+        self.packs = {}
 
     def forward(self, x):
+        if use_packed(self, x):  # decode: gate and up in one prepacked matmul
+            g, u = fast_linear(self.packs, "gate_up", (self.gate_proj, self.up_proj), x)
+            return fast_linear(self.packs, "down", (self.down_proj,), F.silu(g) * u)[0]
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 class Block(nn.Module):
@@ -191,6 +237,7 @@ class Llama(nn.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.packs = {}  # the LM head's prepacked weight (fast_linear)
 
     @property
     def device(self):
@@ -203,9 +250,10 @@ class Llama(nn.Module):
     def hidden(self, input_ids, positions=None, attn_mask=None, cache=None):
         """input_ids [B, T] -> final-normed hidden states [B, T, D]. attn_mask: [B, S] bool keys, S = cached + T."""
         B, T = input_ids.shape
-        start = cache.pos if cache is not None else 0
+        start = cache.pos if cache is not None else 0                     # index into the cache
         if positions is None:
-            positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+            off = cache.offset if cache is not None else 0
+            positions = torch.arange(off + start, off + start + T, device=input_ids.device).expand(B, T)
         x = self.model.embed_tokens(input_ids)                               # [B, T, D]
         freqs = positions[..., None].float() * self.inv_freq                 # [B, T, hd/2]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]                     # [B, 1, T, hd]
@@ -230,11 +278,98 @@ class Llama(nn.Module):
         return self.model.norm(x)
 
     def head(self, h):
-        w = self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
-        return F.linear(h, w)
+        lin = self.model.embed_tokens if self.config.tie_word_embeddings else self.lm_head
+        if use_packed(self, h):
+            return fast_linear(self.packs, "head", (lin,), h)[0]
+        return F.linear(h, lin.weight)
+
+    def fast_kernels(self, on: bool = True):
+        """Inference linears through oneDNN-prepacked weights where it wins (on: the default on CPU), or plain
+        F.linear (off: bitwise what training computes; frees the packed copies)."""
+        for m in self.modules():
+            if hasattr(m, "packs"):
+                m.packs = {} if on else None
+        return self
 
     def forward(self, input_ids):
         return self.head(self.hidden(input_ids))                              # [B, T, V]
+
+# ----------------------------------------------------------------------------------------------------------------
+# CPU inference kernels: detect what this CPU runs natively, and run frozen weights the way it is fastest
+
+def cpu_info() -> dict:
+    """What this CPU can do, detected, never assumed (machines differ): its name, torch's capability string,
+    the ISA extensions that decide the fast path, and whether oneDNN is there."""
+    name, flags = "", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, val = line.partition(":")
+                if key.strip() == "model name" and not name:
+                    name = val.strip()
+                elif key.strip() in ("flags", "Features"):
+                    flags = set(val.split())
+                    break
+    except OSError:  # not Linux: torch's own cpuinfo probes below still answer
+        pass
+    probe = lambda f: bool(getattr(torch.cpu, f, lambda: False)())
+    onednn = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    return {"name": name or "unknown CPU", "capability": torch.backends.cpu.get_cpu_capability(),
+            "avx2": "avx2" in flags or probe("_is_avx2_supported"),
+            "avx512": "avx512f" in flags or probe("_is_avx512_supported"),
+            "avx512_bf16": "avx512_bf16" in flags or probe("_is_avx512_bf16_supported"),
+            "amx_bf16": "amx_bf16" in flags or probe("_is_amx_tile_supported"),
+            "vnni": bool({"avx512_vnni", "avx_vnni"} & flags) or probe("_is_vnni_supported"),
+            "onednn": onednn, "onednn_bf16": onednn and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())}
+
+def native_bf16(info=None) -> bool:
+    """bf16 matmuls in hardware (AVX512_BF16 or AMX) through oneDNN. Elsewhere bf16 is emulated: measured on an
+    AVX2 EPYC, far slower than fp32, so nothing picks it there."""
+    info = info or cpu_info()
+    return info["onednn_bf16"] and (info["avx512_bf16"] or info["amx_bf16"])
+
+def cpu_report(dtype=torch.float32, info=None) -> str:
+    """One line: the CPU, what it has, and the inference path this process takes on it."""
+    info = info or cpu_info()
+    isa = [k for k in ("avx2", "avx512", "avx512_bf16", "amx_bf16", "vnni") if info[k]]
+    if dtype == torch.float32:
+        path = (f"fp32, frozen linears prepacked for oneDNN at <= {PACKED_MAX_ROWS} rows (decode), MKL above"
+                if ONEDNN else "fp32, F.linear (no oneDNN in this torch)")
+    else:
+        path = f"{str(dtype).removeprefix('torch.')}" + ("" if native_bf16(info) or dtype != torch.bfloat16
+                                                          else " (EMULATED on this CPU: slower than fp32)")
+    return (f"cpu: {info['name']}, torch capability {info['capability']}, {' '.join(isa) or 'no AVX2'}, "
+            f"oneDNN {'yes' if info['onednn'] else 'no'} (bf16 {'native' if native_bf16(info) else 'not native'}); "
+            f"path: {path}")
+
+ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") \
+    and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+PACKED_MAX_ROWS = 16  # oneDNN's prepacked fp32 kernel beats MKL's sgemm at decode's few rows; MKL wins at prefill's
+
+def use_packed(mod, x) -> bool:
+    """Whether `mod` (with a `packs` dict, None = off) runs x through prepacked weights: fp32 CPU inference
+    (no autograd: training keeps F.linear) with few rows."""
+    return (mod.packs is not None and ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32
+            and not torch.is_grad_enabled() and x.numel() <= PACKED_MAX_ROWS * x.shape[-1])
+
+def fast_linear(packs, name, mods, x) -> list:
+    """x through the Linear modules `mods` as ONE matmul: their weights concatenated along the outputs (bitwise
+    the same as separate matmuls: each output is its own dot product) and reordered once into oneDNN's blocked
+    layout, as inductor's freezing pass does; MKL's sgemm re-packs the weight on every call, which at a few rows
+    costs as much as the arithmetic. -> one output per module. The pack is rebuilt when a weight is replaced or
+    changed in place (LoRA merge/unmerge bump its version); an unmerged LoRA adds its own low-rank term."""
+    key = tuple((m.weight.data_ptr(), m.weight._version) for m in mods)
+    p = packs.get(name)
+    if p is None or p[0] != key:
+        with torch.no_grad():
+            w = torch.cat([m.weight for m in mods]) if len(mods) > 1 else mods[0].weight
+            bias = [getattr(m, "bias", None) for m in mods]
+            b = None if all(t is None for t in bias) else torch.cat(
+                [t if t is not None else w.new_zeros(m.weight.shape[0]) for t, m in zip(bias, mods)])
+            p = packs[name] = (key, torch.ops.mkldnn._reorder_linear_weight(w), b, [m.weight.shape[0] for m in mods])
+    y = torch.ops.mkldnn._linear_pointwise(x, p[1], p[2], "none", [], "")
+    ys = y.split(p[3], -1) if len(mods) > 1 else (y,)
+    return [m.add_lora(x, y) if isinstance(m, LoRALinear) and not m.merged else y for m, y in zip(mods, ys)]
 
 # ----------------------------------------------------------------------------------------------------------------
 # safetensors I/O (our own reader: no pickle, no mmap double-counting, exact errors for truncated files)
@@ -575,10 +710,10 @@ class PrefixCache:
         diff = (a[:m] != b[:m]).nonzero()
         return int(diff[0]) if len(diff) else m
 
-    def load(self, ids, row):
-        """Copy the longest cached prefix of `ids` into `row` (a batch-1 KVCache view). -> (n, chunks): its
-        length (at most len(ids) - 1: the last token always runs, for its logits) and the chunks it came from.
-        row.pos = n."""
+    def load(self, ids, row, start=0):
+        """Copy the longest cached prefix of `ids` into `row` (a batch-1 KVCache view whose index 0 is position
+        `start`). -> (n, chunks): its length (at most len(ids) - 1: the last token always runs, for its logits)
+        and the chunks it came from. row.pos = n - start (0 if n < start)."""
         x, best, n = torch.tensor(ids), None, 0
         for key, (e, *_) in self.entries.items():
             l = self._lcp(e, x)
@@ -587,24 +722,26 @@ class PrefixCache:
         if n > 0:
             self.entries[best] = entry = self.entries.pop(best)           # now the most recently used
             chunks = [c for c in entry[1] if c[0] < n]
-            for (start, ks, vs), end in zip(chunks, [c[0] for c in chunks[1:]] + [n]):
+            for (c0, ks, vs), end in zip(chunks, [c[0] for c in chunks[1:]] + [n]):
+                lo = max(c0, start)
                 for dst, src in zip(row.k + row.v, ks + vs):
-                    dst[:, :, start:end] = src[:, :, :end - start]
+                    if lo < end:
+                        dst[:, :, lo - start:end - start] = src[:, :, lo - c0:end - c0]
             self.reused += n
-        row.pos = n
+        row.pos = max(n - start, 0)
         return n, chunks
 
-    def store(self, ids, ks, vs, prompt_len, shared=(), n_shared=0):
+    def store(self, ids, ks, vs, prompt_len, shared=(), n_shared=0, offset=0):
         """Keep `ids` (a prompt of prompt_len tokens + what was generated) with their K/V: positions below
         n_shared from the `shared` chunks (load's), the rest cloned from ks/vs (per-layer views [1, kvh, >=n, hd]
-        of a generate cache, position 0 first). Entries whose prompt `ids` extends are dropped: the same episode's
+        of a generate cache, position `offset` <= n_shared first). Entries whose prompt `ids` extends are dropped: the same episode's
         earlier turn, whose generated tail past the stop string the next prompt does not repeat token for token."""
         x = torch.tensor(ids)
         for key in [k for k, (e, _, n) in self.entries.items() if self._lcp(e, x) >= n]:
             self._drop(key)
         chunks = [c for c in shared if c[0] < n_shared]
         if len(ids) > n_shared:
-            new = [t[:, :, n_shared:len(ids)].clone() for t in ks + vs]
+            new = [t[:, :, n_shared - offset:len(ids) - offset].clone() for t in ks + vs]
             chunks.append((n_shared, new[:len(ks)], new[len(ks):]))
         for c in chunks:
             if id(c) not in self.refs:
@@ -636,6 +773,16 @@ def generate(model, tokenizer, prompts, max_new_tokens=128, temperature=0.0, top
     finally:
         model.train(was_training)
 
+SHARED_PREFIX_MIN = 256  # tokens all prompts of a generate call must share before it attends to them once
+
+def common_prefix(ids) -> int:
+    """Length of the prefix all token lists share, at most the shortest minus one (its last token must run)."""
+    n = min(map(len, ids)) - 1
+    for i, t in enumerate(ids[0][:n]):
+        if any(x[i] != t for x in ids):
+            return i
+    return max(n, 0)
+
 def _generate(model, tokenizer, prompts, max_new_tokens, temperature, top_p, stop, stop_at, seed, pc):
     ids = [tokenizer.encode(p, bos=tokenizer.add_bos) if isinstance(p, str) else list(p) for p in prompts]
     B, L, dev = len(ids), max(map(len, ids), default=0), model.device
@@ -643,19 +790,35 @@ def _generate(model, tokenizer, prompts, max_new_tokens, temperature, top_p, sto
         return [""] * B
     if min(map(len, ids)) == 0:
         raise ValueError("generate: empty prompt (no tokens)")
-    mask = torch.zeros(B, L + max_new_tokens, dtype=torch.bool, device=dev)  # [B, S_max] real-token keys
+    # a long prefix common to all prompts (few-shot examples) is prefilled, stored and attended to once for all
+    # rows (shared_prefix_attention); the batch cache then holds positions P.. only
+    P = common_prefix(ids) if B > 1 else 0
+    P = P if P >= SHARED_PREFIX_MIN else 0
+    W = L - P                                      # cache width of the prompts (left-padded)
+    mask = torch.zeros(B, W + max_new_tokens, dtype=torch.bool, device=dev)  # [B, S_max] real-token keys
     gen = torch.Generator(dev).manual_seed(seed) if seed is not None else None
-    cache = model.new_cache(B, L + max_new_tokens)
+    cache = model.new_cache(B, W + max_new_tokens)
+    shared = ()
+    if P:
+        prefix = model.new_cache(1, P)
+        n, shared = pc.load(ids[0][:P + 1], prefix) if pc is not None else (0, ())
+        if n < P:
+            model.hidden(torch.tensor([ids[0][n:P]], device=dev), cache=prefix)
+            if pc is not None:
+                shared = pc.store(ids[0][:P], prefix.k, prefix.v, P, shared, n)
+        cache.share(prefix)
     last, src = [], [None] * B                     # src[i]: (PrefixCache chunks, positions they cover) of row i
     for i, x in enumerate(ids):  # prefill each prompt alone, left-padded into the shared cache: no FLOPs on pads
-        mask[i, L - len(x):L] = True
+        mask[i, L - len(x):W] = True
         row = cache.row(i, L - len(x))
-        n, chunks = pc.load(x, row) if pc is not None else (0, ())       # row.pos = n cached tokens reused
+        n, chunks = pc.load(x, row, P) if pc is not None else (0, ())     # row.pos = n - P cached tokens reused
+        if n < P:  # rows start after the shared prefix
+            n, chunks, row.pos = P, shared, 0
         last.append(model.hidden(torch.tensor([x[n:]], device=dev), cache=row)[:, -1])
         if pc is not None and len(x) - n > n:  # mostly new: let the next prompts of this call share it (the
-            chunks, n = pc.store(x, row.k, row.v, len(x), chunks, n), len(x)  # few-shot examples) right away
+            chunks, n = pc.store(x, row.k, row.v, len(x), chunks, n, P), len(x)  # few-shot examples) right away
         src[i] = (chunks, n)
-    cache.pos = L
+    cache.pos = W
     fed = [0] * B                                  # generated tokens of row r that are in the cache
 
     def keep_sequences(live):  # cache the sequences (prompt + fed tokens) of batch rows `live`
@@ -663,7 +826,7 @@ def _generate(model, tokenizer, prompts, max_new_tokens, temperature, top_p, sto
             r = rows[j]
             a = L - len(ids[r])
             pc.store(ids[r] + out[r][:fed[r]], [k[j:j + 1, :, a:] for k in cache.k],
-                     [v[j:j + 1, :, a:] for v in cache.v], len(ids[r]), *src[r])
+                     [v[j:j + 1, :, a:] for v in cache.v], len(ids[r]), *src[r], P)
     logits = model.head(torch.cat(last))                                      # [B, V]
     nxt = torch.tensor([[len(x)] for x in ids], device=dev)                   # [B, 1] next position per row
     rows = list(range(B))                          # rows[j] = original prompt index of live batch row j
@@ -693,7 +856,7 @@ def _generate(model, tokenizer, prompts, max_new_tokens, temperature, top_p, sto
             k = torch.tensor(keep, device=dev)
             cache.keep(k)
             toks, mask, nxt, rows = toks[k], mask[k], nxt[k], [rows[j] for j in keep]
-        S = L + step + 1
+        S = W + step + 1
         mask[:, S - 1] = True
         logits = model.head(model.hidden(toks[:, None], nxt, mask[:, :S], cache)[:, -1])
         nxt = nxt + 1
@@ -738,8 +901,9 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x):
         y = F.linear(x, self.weight, self.bias)
-        if self.merged:
-            return y
+        return y if self.merged else self.add_lora(x, y)
+
+    def add_lora(self, x, y):  # y (the frozen part's output) + the low-rank term
         if self.training and self.p > 0:
             x = dropout(x, self.p)
         a = x.to(self.lora_A.dtype) @ self.lora_A.t()                      # [..., r]

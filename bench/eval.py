@@ -2,14 +2,18 @@
 
     python bench/eval.py                       # 64 toy dev episodes (else the offline HotpotQA subset)
     python bench/eval.py --n 16 --max-steps 2 --max-new-tokens 24
+    python bench/eval.py --prompt few-shot --versus unshared --n 20   # the prompted eval: shared prefix on/off
 
-Both runs use fireact.run_agent with the zero-shot prompt (fireact.render) and greedy decoding without re-sampling,
-so they do the same work and must give the same episodes. Batched: all live episodes advance together through
-one model.generate call per step. Sequential: one episode at a time. Last line: `eval speedup vs sequential: X.XXx`.
+Both runs use fireact.run_agent with greedy decoding without re-sampling, so they do the same work and must give
+the same episodes. Batched: all live episodes advance together through one model.generate call per step.
+Sequential: one episode at a time. Unshared: batched, but each row attends to its own copy of the prompt prefix
+the rows share (the few-shot examples) instead of one copy for all (model.shared_prefix_attention). Last line:
+`eval speedup vs sequential: X.XXx` (or `vs unshared`).
 """
 import sys
 import time
 from dataclasses import dataclass
+from typing import Literal
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -25,6 +29,8 @@ class BenchConfig:
     max_new_tokens: int = 32
     task: str = ""        # "" = toy if data/toy exists, else hotpotqa_offline
     model: str = ""       # "" = the embedded SmolLM2-135M-Instruct
+    prompt: Literal["zero-shot", "few-shot"] = "zero-shot"  # zero-shot: the student's layout; few-shot: the prompted eval's examples
+    versus: Literal["sequential", "unshared"] = "sequential"  # the reference run: one episode at a time, or batched with the shared prefix attended per row
 
 
 def main(argv=None):
@@ -33,7 +39,9 @@ def main(argv=None):
     qs = fireact.load_questions(task, n=cfg.n)
     tool = fireact.make_tool(task)
     net, tok = M.load_model(cfg.model or None)
-    prompt_fn = fireact.zero_shot(tok)
+    prompt_fn = fireact.zero_shot(tok) if cfg.prompt == "zero-shot" else \
+        fireact.few_shot("react", fireact.get_task(task).family, fireact.get_task(task).tool)
+    print(M.cpu_report(), flush=True)
 
     def run(batch):
         llm = fireact.LocalLLM(net, tok, cfg.max_new_tokens)
@@ -46,15 +54,23 @@ def main(argv=None):
     t_batched = time.time() - t0
     print(f"batched:    {t_batched:8.1f} s  ({len(qs) / t_batched * 60:.1f} episodes/min)", flush=True)
     t0 = time.time()
-    single = [run([q])[0][0] for q in qs]
-    t_seq = time.time() - t0
-    same = sum((a.steps, a.pred) == (b.steps, b.pred) for a, b in zip(batched, single))
+    if cfg.versus == "sequential":
+        ref = [run([q])[0][0] for q in qs]
+    else:
+        shared_min, M.SHARED_PREFIX_MIN = M.SHARED_PREFIX_MIN, 10**9  # every row attends to its own prefix copy
+        try:
+            ref = run(qs)[0]
+        finally:
+            M.SHARED_PREFIX_MIN = shared_min
+    t_ref = time.time() - t0
+    same = sum((a.steps, a.pred) == (b.steps, b.pred) for a, b in zip(batched, ref))
     steps = sum(len(e.steps) for e in batched)
-    print(f"task {task}: {len(qs)} episodes, {steps} steps, {usage['completion_tokens']} generated tokens, "
-          f"max_steps {cfg.max_steps}, max_new_tokens {cfg.max_new_tokens}, {M.torch.get_num_threads()} threads")
-    print(f"sequential: {t_seq:8.1f} s  ({len(qs) / t_seq * 60:.1f} episodes/min)")
+    print(f"task {task}, {cfg.prompt} prompt: {len(qs)} episodes, {steps} steps, {usage['completion_tokens']} "
+          f"generated tokens, max_steps {cfg.max_steps}, max_new_tokens {cfg.max_new_tokens}, "
+          f"{M.torch.get_num_threads()} threads")
+    print(f"{cfg.versus + ':':11s} {t_ref:8.1f} s  ({len(qs) / t_ref * 60:.1f} episodes/min)")
     print(f"identical episodes: {same}/{len(qs)} (greedy; batched rows may differ by float rounding)")
-    print(f"eval speedup vs sequential: {t_seq / t_batched:.2f}x")
+    print(f"eval speedup vs {cfg.versus}: {t_ref / t_batched:.2f}x")
 
 
 if __name__ == "__main__":

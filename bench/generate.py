@@ -1,11 +1,13 @@
 """
 Generation speed (ours vs transformers `generate`) and checkpoint-loading peak memory, on the SmolLM2-135M shape
-with random weights. Same prompts, same greedy token count, same process, float32 on CPU.
+with random weights. Same prompts, same greedy token count, same process, interleaved runs.
 
     python bench/generate.py                          # batch 1 and 8, 64 new tokens
-    python bench/generate.py --new-tokens 32 --repeats 1 --layers 30
+    python bench/generate.py --new-tokens 32 --repeats 1 --layers 30 --hf-bf16 0
 
-The last line reads `generate speedup vs transformers: X.XXx` (batch 8).
+It prints the CPU, what it has and the path ours takes (model.cpu_report), and two baselines: transformers in
+float32 and in bfloat16 (its best setting depends on the CPU: bf16 wins only with native bf16 matmuls). The last
+line reads `generate speedup vs transformers: X.XXx` (batch 8), against the faster of the two baselines.
 """
 import subprocess, sys, tempfile, time
 from dataclasses import dataclass
@@ -29,6 +31,8 @@ class BenchConfig:
                               # per process oversubscribe the cores and both sides mostly spin-wait
     memory: int = 1           # measure peak RSS while loading the checkpoint (fresh subprocesses)
     speed: int = 1            # measure generation speed
+    hf_bf16: int = 1          # also time transformers in bfloat16 (the second baseline)
+    fast: int = 1             # ours with its CPU fast path (model.fast_kernels); 0 = plain F.linear, as before
 
 
 class NoEosTokenizer:
@@ -60,7 +64,8 @@ def timed(fns, repeats):
     return best, outs
 
 
-def bench_batch(ours, ref, prompts, c: BenchConfig):
+def bench_batch(ours, refs, prompts, c: BenchConfig):
+    """-> (ours' seconds, {baseline name: its seconds}) for one batch of prompts."""
     from transformers import GenerationConfig
     B, L = len(prompts), max(map(len, prompts))
     ids = torch.zeros(B, L, dtype=torch.long)
@@ -68,7 +73,7 @@ def bench_batch(ours, ref, prompts, c: BenchConfig):
     for i, p in enumerate(prompts):  # left padding for transformers too
         ids[i, L - len(p):], mask[i, L - len(p):] = torch.tensor(p), 1
 
-    def run_ref(n=c.new_tokens):
+    def run_ref(ref, n=c.new_tokens):
         g = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None)
         with torch.no_grad():
             return ref.generate(input_ids=ids, attention_mask=mask, generation_config=g)[:, L:].tolist()
@@ -76,13 +81,25 @@ def bench_batch(ours, ref, prompts, c: BenchConfig):
     def run_ours(n=c.new_tokens):
         return M.generate(ours, NoEosTokenizer(), prompts, max_new_tokens=n)
 
-    run_ref(2), run_ours(2)  # warm-up (allocator, thread pool)
-    (t_ref, t_ours), (out_ref, out_ours) = timed([run_ref, run_ours], c.repeats)
-    same = sum(a == " ".join(map(str, b)) for a, b in zip(out_ours, out_ref))
+    names = list(refs)
+    fns = [run_ours] + [lambda r=refs[k]: run_ref(r) for k in names]
+    run_ours(2), [run_ref(r, 2) for r in refs.values()]  # warm-up (allocator, thread pool, weight packing)
+    times, outs = timed(fns, c.repeats)
     n = B * c.new_tokens
-    print(f"batch {B}: ours {n / t_ours:7.1f} tok/s  transformers {n / t_ref:7.1f} tok/s  "
-          f"speedup {t_ref / t_ours:.2f}x  (identical greedy rows: {same}/{B})", flush=True)
-    return t_ref / t_ours
+    line = f"batch {B}: ours {n / times[0]:7.1f} tok/s"
+    for k, t, o in zip(names, times[1:], outs[1:]):
+        same = sum(a == " ".join(map(str, b)) for a, b in zip(outs[0], o))
+        line += f"  transformers {k} {n / t:7.1f} tok/s ({t / times[0]:.2f}x, identical greedy rows {same}/{B})"
+    print(line, flush=True)
+    return times[0], dict(zip(names, times[1:]))
+
+
+def report(B, t_ours, t_refs):
+    """The ratio against each baseline, and against the faster one (transformers' best setting here)."""
+    best = min(t_refs, key=t_refs.get)
+    print(f"batch {B} speedup: " + ", ".join(f"{t / t_ours:.2f}x vs transformers {k}" for k, t in t_refs.items())
+          + f"; best baseline: {best}", flush=True)
+    return t_refs[best] / t_ours
 
 
 LOAD_SNIPPET = """
@@ -133,13 +150,16 @@ def main(argv=None):
                       f"the {before / 2**20:.0f} MiB interpreter+torch baseline)", flush=True)
         if not c.speed:
             return
-        ours = M.load_checkpoint(d)
-        ref = LlamaForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+        ours = M.load_checkpoint(d).fast_kernels(bool(c.fast))
+        refs = {"float32": LlamaForCausalLM.from_pretrained(d, dtype=torch.float32).eval()}
+        if c.hf_bf16:
+            refs["bfloat16"] = LlamaForCausalLM.from_pretrained(d, dtype=torch.bfloat16).eval()
+    print(M.cpu_report(torch.float32) if c.fast else "path: fp32, F.linear (--fast 0)", flush=True)
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(c.prompt_min, c.prompt_max + 1, (8,), generator=g).tolist()
     prompts = [torch.randint(3, 49152, (n,), generator=g).tolist() for n in lengths]
-    bench_batch(ours, ref, prompts[:1], c)
-    speedup = bench_batch(ours, ref, prompts, c)
+    report(1, *bench_batch(ours, refs, prompts[:1], c))
+    speedup = report(8, *bench_batch(ours, refs, prompts, c))
     print(f"generate speedup vs transformers: {speedup:.2f}x")
 
 

