@@ -12,6 +12,7 @@ import json
 import re
 import tarfile
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -439,6 +440,16 @@ class ScriptedOpenAI(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         ScriptedOpenAI.requests.append(body)
+        if body["model"] in ("hang", "trickle"):  # a server that never answers, or answers a byte at a time
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            for _ in range(40):
+                time.sleep(0.25)
+                if body["model"] == "trickle":
+                    self.wfile.write(b" ")
+                    self.wfile.flush()
+            return
         if self.headers.get("Authorization") == "Bearer sk-bad":
             code, out = 401, {"error": {"message": "Incorrect API key provided: sk-bad.", "type": "invalid_request_error"}}
         else:
@@ -474,8 +485,8 @@ def cli_world(tmp_path):
 
     def run(*args, key="sk-good"):
         args = [str(a) for a in args]
-        if args[0] in ("generate", "eval"):
-            args += ["--base-url", url, "--timeout", "10", "--retries", "0"]
+        if args[0] in ("generate", "eval"):  # defaults first: a test's own flags override them
+            args = args[:1] + ["--base-url", url, "--timeout", "10", "--retries", "0"] + args[1:]
         env = dict(os.environ, FIREACT_DATA=str(data), FIREACT_CACHE=str(tmp_path / "cache"), OPENAI_API_KEY=key)
         return subprocess.run([sys.executable, str(fireact.REPO / "fireact.py"), *args], capture_output=True,
                               text=True, env=env, cwd=tmp_path, timeout=120)
@@ -568,6 +579,18 @@ def test_cli_teacher_errors_are_loud(cli_world):
     one_line_error(run("generate", "--task", "toy", "--teacher-model", "oracle", "--n", "1", "--out",
                        tmp / "o.jsonl", "--split", "dev", "--allow-eval-split", "--task", "hotpotqa_offline"),
                    1, "every episode failed", "OracleTeacher")
+
+
+def test_cli_teacher_deadline_covers_hanging_and_trickling_servers(cli_world):
+    """--timeout is the total deadline of a request: a server that hangs, or trickles a byte every 0.25 s, costs
+    about that long, and the run ends with one line saying so (it does not hang for minutes)."""
+    run, tmp = cli_world
+    for model in ("hang", "trickle"):
+        t0 = time.time()
+        r = run("generate", "--task", "toy", "--teacher-model", model, "--n", "1", "--out", tmp / f"{model}.jsonl",
+                "--timeout", "1.5")
+        assert time.time() - t0 < 15, model  # the 10 s default is overridden: 1.5 s plus start-up
+        one_line_error(r, 1, "every episode failed")
 
 
 def test_cli_bad_arguments_fail_before_any_work(cli_world):
