@@ -183,9 +183,10 @@ class Engine:
 
 def safe_prefix(text: str, stop) -> int:
     """How much of a growing text can be streamed: not a tail that may still become a stop string (it is cut
-    then), nor a half-decoded UTF-8 character (U+FFFD until its last byte arrives)."""
-    n = len(text.rstrip("\ufffd"))
-    for s in stop:
+    then) or one that is (a stop ends inside the last token), nor a half-decoded UTF-8 character (U+FFFD until
+    its last byte arrives)."""
+    n = min([len(text.rstrip("\ufffd"))] + [k for k in (text.find(s) for s in stop) if k >= 0])  # a token may
+    for s in stop:                                                        # complete a stop: generate cuts there
         for k in range(min(len(s) - 1, n), 0, -1):
             if text[:n].endswith(s[:k]):
                 n -= k
@@ -607,7 +608,7 @@ def modelfile(gguf_name, tok, adapter_template):
     """Ollama's Modelfile: the student's trajectory layout (adapter_template, react or alpaca) or ChatML as a Go
     template, and the stops: `\\nObservation:` (the tool answers, not the model) and eos."""
     if adapter_template:
-        head = fireact.segments("{{ $m.Content }}", [], template=adapter_template)[0][0]
+        head = fireact.segments("{{ $m.Content }}", [], for_inference=True, template=adapter_template)[0][0]
         tpl = ("{{- range $i, $m := .Messages }}{{ if eq $i 0 }}" + head +
                "{{ else }}{{ $m.Content }}\n{{ end }}{{ end }}")
     else:
