@@ -389,7 +389,7 @@ class App:
                                      (max_tokens, temperature, top_p, stop, seed), stream))
         meta = dict(id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
                     object="chat.completion" if chat else "text_completion", created=int(time.time()), model=self.name)
-        usage = {"prompt_tokens": n * sum(map(len, prompts)), "completion_tokens": 0}
+        usage = {"prompt_tokens": sum(map(len, prompts)), "completion_tokens": 0}   # as OpenAI: once, whatever n
         if stream:
             self._stream(job, chat, stop, meta, usage, handler, (body.get("stream_options") or {}).get("include_usage"))
             return None

@@ -93,6 +93,7 @@ def test_sampling_n_seed_and_concurrent_batching(server):
     assert len(a.choices) == 3 and [x.index for x in a.choices] == [0, 1, 2]
     assert [x.text for x in a.choices] == [x.text for x in b.choices]        # seed: reproducible
     assert len({x.text for x in a.choices}) > 1                              # n draws, not one copied
+    assert a.usage.prompt_tokens == len(server["tok"].encode(PROMPT))         # the prompt counts once
     prompts = [f"Question: {w}? Thought:" for w in ("Paris", "fox", "dog", "hello", "numbers", "world")]
     want = [greedy(server, p, 10) for p in prompts]
     before = app.engine.calls
