@@ -114,7 +114,7 @@ header,main{max-width:1400px;margin:auto;padding:0 18px}
 h1{font-size:22px;margin:18px 0 4px}h2{font-size:17px;margin:22px 0 8px}
 table{border-collapse:collapse;background:#fff;font-size:13px}
 th,td{border:1px solid #d9dde2;padding:4px 8px;text-align:right;vertical-align:top}
-th:first-child,td:first-child,td.l{text-align:left}th{background:#eef1f4}
+th:first-child,td:first-child,td.l,th:last-child{text-align:left}th{background:#eef1f4}
 .what{font-size:12px;color:#57606a;max-width:420px;text-align:left}
 .bar{position:sticky;top:0;background:#f6f7f9;padding:8px 0;border-bottom:1px solid #d9dde2;z-index:2;
  display:flex;flex-wrap:wrap;gap:12px;align-items:center}
