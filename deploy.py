@@ -18,7 +18,8 @@ Chat prompts: "template" renders the messages with the model's chat template (to
 "trajectory" reads them as FireAct's gpt format (question, Thought/Action, Observation: fireact.chat_messages)
 and renders them exactly as the student was trained (fireact.render), so `fireact.py eval --zero-shot
 --teacher-model NAME --base-url ...` runs the fine-tuned student as `fireact.py eval --adapter` does. The default:
-trajectory with --adapter, template without.
+trajectory with --adapter, template without. A trajectory chat is one agent turn: it ends at its first complete
+Action line (fireact.cut_after_action), as the agent loop ends it.
 
 Why a file of its own: serving (HTTP, threads, SSE) and exporting (GGUF writing) are deployment concerns of
 ~500 lines that would make model.py (the model) unreadable; model.py's CLI hands `serve` and `export` to it.
@@ -166,11 +167,12 @@ class Engine:
             toks[i].append(t)
             if rows[i][0].stream:
                 rows[i][0].events.put(("token", rows[i][1], t))
-        max_tokens, temperature, top_p, stop, seed = jobs[0].key
+        max_tokens, temperature, top_p, stop, seed, agent_turn = jobs[0].key
         try:
             self.calls += 1
             texts = M.generate(self.model, self.tok, [p for j in jobs for p in j.prompts], max_tokens, temperature,
-                               top_p, stop=list(stop), seed=seed, prefix_cache=self.pc, on_token=on_token)
+                               top_p, stop=list(stop), stop_at=fireact.cut_after_action if agent_turn else None,
+                               seed=seed, prefix_cache=self.pc, on_token=on_token)
         except Exception as e:  # a bug or out of memory: every waiting request gets a 500, the server lives on
             for j in jobs:
                 j.events.put(("error", e))
@@ -385,8 +387,11 @@ class App:
                                     f"{'messages' if chat else 'prompt'}, {max_tokens} in the completion). Please "
                                     "reduce the length of the messages or completion.",
                                param="messages" if chat else "prompt", code="context_length_exceeded")
+        # a trajectory chat asks for one agent turn: it ends at its first complete Action line, as in the agent
+        # loop (the student never learned to write `Observation:`, so that stop alone would let it run on)
+        agent_turn = chat and self.prompter.chat_format == "trajectory"
         job = self.engine.submit(Job([ids for ids in prompts for _ in range(n)], max_tokens,
-                                     (max_tokens, temperature, top_p, stop, seed), stream))
+                                     (max_tokens, temperature, top_p, stop, seed, agent_turn), stream))
         meta = dict(id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
                     object="chat.completion" if chat else "text_completion", created=int(time.time()), model=self.name)
         usage = {"prompt_tokens": sum(map(len, prompts)), "completion_tokens": 0}   # as OpenAI: once, whatever n
@@ -606,7 +611,8 @@ def write_gguf(model, tok, path, outtype="f16", name="fireact-student"):
 
 def modelfile(gguf_name, tok, adapter_template):
     """Ollama's Modelfile: the student's trajectory layout (adapter_template, react or alpaca) or ChatML as a Go
-    template, and the stops: `\\nObservation:` (the tool answers, not the model) and eos."""
+    template, and the stops: `\\nObservation:` (the tool answers, not the model), for the student `\\nThought:`
+    (its next turn: it never learned to write Observation lines) and eos."""
     if adapter_template:
         head = fireact.segments("{{ $m.Content }}", [], for_inference=True, template=adapter_template)[0][0]
         tpl = ("{{- range $i, $m := .Messages }}{{ if eq $i 0 }}" + head +
@@ -614,7 +620,8 @@ def modelfile(gguf_name, tok, adapter_template):
     else:
         tpl = ("{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
                "<|im_start|>assistant\n")
-    stops = ["\\nObservation:"] + ([tok.decode([tok.eos_id])] if tok.eos_id is not None else [])
+    stops = ["\\nObservation:"] + ["\\nThought:"] * bool(adapter_template) + \
+        ([tok.decode([tok.eos_id])] if tok.eos_id is not None else [])   # \nThought: one turn, as `serve` ends it
     return (f"# ollama create student -f Modelfile && ollama run student\nFROM ./{gguf_name}\n"
             f'TEMPLATE """{tpl}"""\n' + "".join(f'PARAMETER stop "{s}"\n' for s in stops) +
             "PARAMETER temperature 0\n")
