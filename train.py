@@ -6,6 +6,7 @@ imitate the tool. One readable PyTorch loop; no Trainer.
     python train.py --data ../shared/data/fireact/finetune/alpaca_format/hotpotqa.json:200 \\
         ../shared/data/fireact/finetune/gpt_format/multitask.jsonl --epochs 1 --out out/mix
     python train.py --data FILE --show-mask 3        # print record 3 with the trained tokens highlighted
+    python train.py --data FILE --show-mask 3 --html mask.html   # ... and as a web page
     python train.py --data FILE --max-steps 5        # smoke run
     python train.py --resume                         # continue an interrupted run in --out exactly
     python train.py --config out/train/config.json --out out/again   # rerun a run's recorded settings
@@ -39,7 +40,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import cli
-from fireact import read_records, render, show_mask
+from fireact import mask_pieces, read_records, render, show_mask
 from model import apply_lora, load_model, save_adapter, save_checkpoint
 
 try:
@@ -113,6 +114,7 @@ class TrainConfig:
                                         # the result differs from its config.json)
     merge: bool = False                 # also write a full HF checkpoint (LoRA merged) to OUT/merged
     show_mask: int = -1                 # >= 0: print that record's rendering, trained tokens highlighted, and exit
+    html: str = ""                      # with --show-mask: also write it as a self-contained HTML page here
     progress: bool = True               # progress bar
 
     def check(self):
@@ -130,6 +132,8 @@ class TrainConfig:
         for name, ok, want in rules:
             if not ok:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be {want}")
+        if self.html and self.show_mask < 0:
+            raise ValueError(f"--html {self.html}: goes with --show-mask N (the record to render)")
         if self.batch_size and self.micro_batch and self.batch_size % self.micro_batch:
             raise ValueError(f"--batch-size {self.batch_size} must be a multiple of --micro-batch {self.micro_batch}")
         targets = self.lora_targets.split(",")
@@ -166,7 +170,7 @@ RECIPES = {"default": {},
                            max_len=512, train_on="all", template="alpaca")}
 # the settings a resumed run may change: they do not change the trained weights (every other one does)
 RESUME_FREE = {"recipe", "out", "eval_every", "save_every", "stop_after", "device", "grad_checkpointing", "compile",
-               "resume", "merge", "show_mask", "progress"}
+               "resume", "merge", "show_mask", "html", "progress"}
 
 
 def default_lr(n_params):
@@ -695,6 +699,13 @@ def main(argv=None):
             raise ValueError(f"--show-mask {cfg.show_mask}: only {len(recs)} records")
         _, tok = load_base(cfg)
         show_mask(recs[cfg.show_mask], tok, cfg.train_on, template=cfg.template)
+        if cfg.html:
+            import report
+            pieces, n, trained = mask_pieces(recs[cfg.show_mask], tok, cfg.train_on, cfg.template)
+            cli.atomic_write(cfg.html, report.mask_html(pieces, f"record {cfg.show_mask}: the loss mask",
+                                                        f"{n} tokens, {trained} trained (train_on={cfg.train_on}, "
+                                                        f"template={cfg.template})."))
+            print(f"{cfg.html}: written")
         return
     train(cfg)
 

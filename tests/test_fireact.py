@@ -958,3 +958,47 @@ def test_cli_finetune_api_errors_are_one_line(ft_world):
     one_line_error(run("finetune-api", good, tmp / "two.jsonl"), 2, "name one training file")
     r = run("finetune-api", good, "--base-url", "https://api.openai.com/v1", key="")
     one_line_error(r, 1, "set the environment variable OPENAI_API_KEY")
+
+
+# ------------------------------------------------------------------------- ask: the agent, step by step (issue 14)
+def test_on_step_streams_each_step_as_it_is_recorded(wiki):
+    script = {"Q1": ["Thought: a\nAction: search[Santiago]", "Thought: b\nAction: finish[Santiago]"],
+              "Q2": ["Thought: c\nAction: search[Gustav Holst]", "Thought: d\nAction: lookup[born]",
+                     "Thought: e\nAction: finish[1874]"]}
+    seen = []
+    eps = run(ScriptLLM(script), wiki, [("Q1", "Santiago"), ("Q2", "1874")],
+              on_step=lambda ep, step: seen.append((ep.question, len(ep.steps), dict(step), ep.done)))
+    # turn by turn, both episodes' steps as each batched turn is applied, before their episodes end
+    assert [(q, n) for q, n, _, _ in seen] == [("Q1", 1), ("Q2", 1), ("Q1", 2), ("Q2", 2), ("Q2", 3)]
+    assert [s for q, _, s, _ in seen if q == "Q2"] == eps[1].steps and not any(done for *_, done in seen)
+    assert [e.steps for e in run(ScriptLLM(script), wiki, [("Q1", "Santiago"), ("Q2", "1874")])] == \
+        [e.steps for e in eps]   # the hook changes nothing
+
+
+def test_ask_prints_the_steps_then_the_answer(monkeypatch, capsys):
+    import model as M
+    q = fireact.load_questions("toy", "test", 1)[0]   # "In which town was the director of the film Iron Garden born?"
+    script = {q["question"]: ["Thought: I search the film.\nAction: search[Iron Garden]",
+                              "Thought: Now the director.\nAction: search[Jarek Orrmore]",
+                              f"Thought: He was born there.\nAction: finish[{q['answer']}]"],
+              "Who made it?": ["Thought: no idea\nAction: finish[nobody]"]}
+    monkeypatch.setattr(M, "load_model", lambda *a, **k: (None, None))   # no model: a scripted LLM answers
+    monkeypatch.setattr(fireact, "LocalLLM", lambda *a, **k: ScriptLLM(script))
+    asked = ["Who made it?"]
+
+    def typed(prompt=""):   # --interactive: one more question, then Ctrl-D
+        if not asked:
+            raise EOFError
+        return asked.pop(0)
+    monkeypatch.setattr("builtins.input", typed)
+    fireact.main(["ask", *q["question"].split(), "--interactive"])
+    out = capsys.readouterr().out
+    assert "\x1b[" not in out   # piped: plain text
+    lines = out.splitlines()
+    i = lines.index(f"Question: {q['question']}")
+    assert lines[i + 1:i + 4] == ["Thought: I search the film.", "Action: search[Iron Garden]",
+                                  lines[i + 3]] and lines[i + 3].startswith("Observation: Iron Garden is a")
+    assert f"Answer: {q['answer']} | 3 steps | gold: {q['answer']} (right)" in lines
+    assert lines[-1] == "Answer: nobody | 1 steps" and "Question: Who made it?" in lines
+    fireact.main(["ask", "Who", "made", "it?", "--color", "always"])
+    assert "\x1b[1;32mnobody\x1b[0m" in capsys.readouterr().out
