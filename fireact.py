@@ -1072,6 +1072,10 @@ class ExportConfig:
     def check(self):
         if not self.files:
             raise ValueError("export-data: name at least one trajectory file")
+        check_out_path(self.out)
+
+
+@dataclass
 class AskConfig:
     question: list = field(default_factory=list)  # the question (quotes optional: the words are joined)
     task: Literal["toy", "hotpotqa", "hotpotqa_offline", "bamboogle", "strategyqa", "mmlu"] = "toy"  # the tool's corpus and the few-shot prompt family
