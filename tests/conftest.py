@@ -65,6 +65,16 @@ def make_tiny_llama(out_dir, seed=0, tokenizer=True, max_shard_size=None, std=0.
     return out_dir
 
 
+def send_json(handler, status, obj):
+    """Reply from a loopback http.server handler with a JSON body (the fake OpenAI-style servers of the tests)."""
+    data = json.dumps(obj).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     """A session-wide tiny random Llama checkpoint dir (config.json, model.safetensors, tokenizer files)."""

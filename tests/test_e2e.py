@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import fireact
+from conftest import send_json
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -52,14 +53,9 @@ class CannedOpenAI(BaseHTTPRequestHandler):
         script = (COT if body["model"] == "canned-cot" else REACT)[q]
         CannedOpenAI.requests.append(dict(path=self.path, stop=body.get("stop"), auth=self.headers.get("Authorization")))
         text = script[min(turn, len(script) - 1)]
-        out = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                       "finish_reason": "stop"}],
-                          "usage": {"prompt_tokens": len(prompt) // 4, "completion_tokens": len(text) // 4}}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(out)))
-        self.end_headers()
-        self.wfile.write(out)
+        send_json(self, 200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                           "finish_reason": "stop"}],
+                              "usage": {"prompt_tokens": len(prompt) // 4, "completion_tokens": len(text) // 4}})
 
     def log_message(self, *a):
         pass

@@ -19,6 +19,7 @@ import pytest
 
 import fireact
 import tools
+from conftest import send_json
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA.exists(), reason="../shared/data is absent")
@@ -456,12 +457,7 @@ class ScriptedOpenAI(http.server.BaseHTTPRequestHandler):
             text = self.reply(body)
             code, out = 200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                            "finish_reason": "stop"}], "usage": {"prompt_tokens": 9, "completion_tokens": 3}}
-        data = json.dumps(out).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        send_json(self, code, out)
 
     def log_message(self, *a):
         pass
@@ -811,12 +807,7 @@ class FakeFineTuningAPI(http.server.BaseHTTPRequestHandler):
     FLOW = ["validating_files", "queued", "running", "succeeded"]
 
     def _send(self, code, obj):
-        data = json.dumps(obj).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        send_json(self, code, obj)
 
     def do_GET(self):
         cls, path = FakeFineTuningAPI, self.path.split("?")[0]
