@@ -1250,22 +1250,18 @@ def main(argv=None):
                    help="local: a page's first sentences (title, else BM25 page); snippet: one Google-like snippet")
     s.add_argument("--no-retrieve", action="store_true", help="local only, pure ReAct: no BM25 fallback page")
     args = ap.parse_args(argv)
-    try:
-        if args.cmd == "build-corpus":
-            for f in args.files:
-                if not Path(f).is_file():
-                    raise SystemExit(f"build-corpus: {f}: " + ("is a directory, expected a HotpotQA file"
-                                                               if Path(f).is_dir() else "no such file"))
-            print(f"wrote {build_corpus(args.files, args.out)} pages to {args.out}")
-            return
-        tool = LocalWiki(args.corpus, retrieve=not args.no_retrieve) if args.tool == "local" \
-            else SnippetSearch(args.corpus)
-    except (ValueError, OSError) as e:  # user error: one line, no traceback
-        raise SystemExit(f"{args.cmd}: {_one_line(e, 500)}") from None
-    tool = tool.fork()
+    if args.cmd == "build-corpus":  # user errors are one line through cli.run
+        for f in args.files:
+            if not Path(f).is_file():
+                raise ValueError(f"build-corpus: {f}: " + ("is a directory, expected a HotpotQA file"
+                                                           if Path(f).is_dir() else "no such file"))
+        print(f"wrote {build_corpus(args.files, args.out)} pages to {args.out}")
+        return
+    tool = (LocalWiki(args.corpus, retrieve=not args.no_retrieve) if args.tool == "local"
+            else SnippetSearch(args.corpus)).fork()
     for action in [f"search[{args.query}]"] + args.actions:
         print(f"Action: {action}\nObservation: {tool.step(action)}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli.run(lambda: main(sys.argv[1:]), prog="tools.py")
