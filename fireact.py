@@ -1400,18 +1400,14 @@ def print_table(summaries: list[dict]):
 
 
 def adapter_training(adapter: str) -> dict:
-    """What an adapter was trained with, from the config.json train.py writes beside it: its template and the
-    tools that made its training data (read from the data files' records). {} where unknown."""
-    cfg_path = Path(adapter) / "config.json"
-    if not adapter or not cfg_path.exists():
+    """What an adapter was trained with, as train.py records it in adapter_config.json ("fireact"): its template,
+    the tools that made its training data, and the base model it was really trained on. {} without an adapter."""
+    if not adapter:
         return {}
-    cfg, tools_used = json.loads(cfg_path.read_text()), Counter()
-    for spec in cfg.get("data", []):
-        path = Path(re.sub(r":\d+$", "", spec))
-        path = path if path.exists() else REPO / path
-        if path.is_file():
-            tools_used.update(r.get("tool", "?") for r in read_records(path))
-    return dict(template=cfg.get("template", "react"), data_tools=dict(tools_used))
+    a = json.loads((Path(adapter) / "adapter_config.json").read_text())
+    meta = a.get("fireact") or {}
+    return dict(template=meta.get("template", "react"), data_tools=meta.get("data_tools", {}),
+                base={k: a.get(k) for k in ("base_model_name_or_path", "base_model_source", "base_model_sha256")})
 
 
 def pick_tool(cfg: EvalConfig, task: Task, trained: dict) -> str:
@@ -1437,12 +1433,8 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
     trained = adapter_training(cfg.adapter)
     tool = pick_tool(cfg, task, trained)
     template = cfg.template or trained.get("template", "react")
-    base = {}
-    if cfg.adapter:  # what the adapter was really trained on (model.save_adapter records it)
-        a = json.loads((Path(cfg.adapter) / "adapter_config.json").read_text())
-        base = {k: a.get(k) for k in ("base_model_name_or_path", "base_model_source", "base_model_sha256")}
     meta = dict(model=cfg.teacher_model or cfg.model or "SmolLM2-135M-Instruct", adapter=cfg.adapter or None,
-                adapter_base=base or None,
+                adapter_base=trained.get("base"),
                 template=template, noise=cfg.noise, noise_mode=cfg.noise_mode, force_answer=cfg.force_answer,
                 seed=cfg.seed, provenance=cli.provenance())
     if cfg.teacher_model:

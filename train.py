@@ -518,6 +518,9 @@ def train(cfg):
 
     # data
     train_recs, val_recs = load_data(cfg, log)
+    data_tools = {}  # which tools made the training observations: eval picks the same tool family
+    for r in train_recs:
+        data_tools[r.get("tool", "?")] = data_tools.get(r.get("tool", "?"), 0) + 1
     model, tok = load_base(cfg, device=device, dtype=torch.bfloat16 if cuda else torch.float32)
     n_params = sum(p.numel() for p in model.parameters())
     auto_lr = cfg.lr == 0
@@ -588,7 +591,7 @@ def train(cfg):
             return
         # the card and config say what made the adapter: the run's settings (eval follows its template) and step
         meta = {"step": step, "template": cfg.template, "train_on": cfg.train_on, "data": cfg.data,
-                "config": dataclasses.asdict(cfg), "provenance": cli.provenance()}
+                "data_tools": data_tools, "config": dataclasses.asdict(cfg), "provenance": cli.provenance()}
         save_adapter(model, out, base_model=cfg.model or "", meta=meta)
         if not final:
             save_adapter(model, out / "checkpoints" / f"step_{step:06d}", base_model=cfg.model or "", meta=meta)

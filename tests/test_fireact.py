@@ -711,11 +711,11 @@ def test_alpaca_template_and_the_adapters_own_settings(tmp_path, capsys):
     assert "".join(map(chr, prompt)).endswith("### Response:\nThought: t\nAction: search[x]\nObservation: o\n")
     with pytest.raises(ValueError, match="step 1 of 2 is a finish"):
         fireact.render("Q?", [dict(thought="", action="finish[a]", observation="")] + steps[1:], Chars)
-    data = tmp_path / "fa.json"
-    data.write_text(json.dumps([{"instruction": "Q?", "input": "", "output": "Thought: t\nAction: finish[y]"}]))
-    (tmp_path / "ad").mkdir()
-    (tmp_path / "ad" / "config.json").write_text(json.dumps({"template": "alpaca", "data": [f"{data}:1"]}))
+    (tmp_path / "ad").mkdir()  # as train.py records it (train.py's own test checks it writes data_tools)
+    (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps(
+        {"fireact": {"template": "alpaca", "data_tools": {"google": 1}}}))
     trained = fireact.adapter_training(str(tmp_path / "ad"))
+    trained.pop("base")
     assert trained == {"template": "alpaca", "data_tools": {"google": 1}}
     cfg = fireact.EvalConfig(task="hotpotqa_offline")
     assert fireact.pick_tool(cfg, fireact.TASKS["hotpotqa_offline"], trained) == "snippet"

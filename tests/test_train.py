@@ -278,6 +278,10 @@ def test_tiny_model_overfits_a_few_trajectories(tiny, tmp_path):
     assert len(losses) == 60 and losses[0] > 5 and losses[-1] < 0.1, losses[::10]
     assert {"lr", "tok_s", "sup_tok_s", "tokens", "sup_tokens", "grad_norm"} <= set(rows[0])
     assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
+    meta = json.loads((out / "adapter_config.json").read_text())["fireact"]  # what eval follows (template, tool)
+    tools = T.read_records(tiny[1])[:3]
+    assert meta["template"] == "react" and sum(meta["data_tools"].values()) == 3
+    assert set(meta["data_tools"]) == {r.get("tool", "?") for r in tools}
 
 
 def test_resume_equals_uninterrupted(tiny, tmp_path):
