@@ -202,10 +202,12 @@ def read_text(path) -> str:
         raise not_utf8(path, e) from None
 
 
-def atomic_write(path, data):
+def atomic_write(path, data, commit=True) -> Path:
     """Write bytes, str (UTF-8) or, for big objects, a function that writes to the open binary file (torch.save),
     so that `path` holds either its old content or the complete new one: a temporary file in the same directory,
-    fsync, os.replace, then fsync of the directory (so the rename itself survives a power cut)."""
+    fsync, os.replace, then fsync of the directory (so the rename itself survives a power cut). -> path.
+    commit=False: stop before the rename and return the complete, fsync'd temporary file, for files that must
+    change together and are renamed by the caller in a chosen order (an adapter's weights, then its config)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -217,6 +219,8 @@ def atomic_write(path, data):
                 f.write(data.encode("utf-8") if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
+        if not commit:
+            return Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -229,6 +233,7 @@ def atomic_write(path, data):
             os.close(dfd)
     except OSError:                      # some filesystems (and Windows) cannot fsync a directory
         pass
+    return path
 
 
 def _git(*args):

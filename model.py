@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import cli  # atomic writes (torch-free, HTTP-free: no import cycle, no HTTP in the Llama file)
+
 # ----------------------------------------------------------------------------------------------------------------
 # config
 
@@ -406,15 +408,6 @@ def fsync_file(path):
         os.fsync(fd)
     finally:
         os.close(fd)
-
-def write_atomic(path: Path, text: str, commit=True) -> Path:
-    """text -> <path>.tmp, fsync'd, then (commit) renamed onto path. Returns the tmp path (for commit=False)."""
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(text)
-    fsync_file(tmp)
-    if commit:
-        os.replace(tmp, path)
-    return tmp
 
 def read_safetensors_header(path: Path, f=None) -> tuple[dict, int]:
     """-> ({name: {dtype, shape, data_offsets}}, byte offset of the data section). One-line errors when corrupt.
@@ -989,8 +982,8 @@ def save_adapter(model, out_dir, base_model: str = "", meta: dict | None = None)
            "revision": prov.get("revision"), "base_model_source": prov.get("base_model_source", prov["base_model_name_or_path"]),
            "base_model_sha256": prov.get("base_model_sha256"), "adapter_model_sha256": sha256_file(tmp_weights),
            "fireact": meta or {}}
-    tmp_card = write_atomic(out_dir / "README.md", model_card(cfg), commit=False)
-    tmp_cfg = write_atomic(out_dir / "adapter_config.json", json.dumps(cfg, indent=2, default=str), commit=False)
+    tmp_card = cli.atomic_write(out_dir / "README.md", model_card(cfg), commit=False)
+    tmp_cfg = cli.atomic_write(out_dir / "adapter_config.json", json.dumps(cfg, indent=2, default=str), commit=False)
     os.replace(tmp_weights, out_dir / "adapter_model.safetensors")
     os.replace(tmp_card, out_dir / "README.md")
     os.replace(tmp_cfg, out_dir / "adapter_config.json")
@@ -1252,7 +1245,7 @@ def converted_gguf_dir(gguf_path: Path, out: Path, name: str = "", source: str =
     print(f"converting {gguf_path} -> {out} (once)", file=sys.stderr)
     try:
         convert_gguf(gguf_path, tmp)
-        write_atomic(tmp / PROVENANCE, json.dumps({
+        cli.atomic_write(tmp / PROVENANCE, json.dumps({
             "base_model_name_or_path": name or str(Path(gguf_path).resolve()),
             "base_model_source": source or f"{Path(gguf_path).name}: GGUF, dequantised",
             "base_model_sha256": {Path(gguf_path).name: sha256_file(gguf_path)}}, indent=2))
@@ -1374,7 +1367,7 @@ class GenerateConfig:
     dtype: str = ""            # float32 | bfloat16 | float16; empty = float32 on CPU, bfloat16 on GPU
 
 def main(argv=None):
-    from cli import parse_config  # the project's one config -> CLI mechanism (torch-free)
+    parse_config = cli.parse_config  # the project's one config -> CLI mechanism
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] in (["serve"], ["export"]):  # serving and exporting the student live in deploy.py
         import deploy
