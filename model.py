@@ -1367,12 +1367,11 @@ class GenerateConfig:
     dtype: str = ""            # float32 | bfloat16 | float16; empty = float32 on CPU, bfloat16 on GPU
 
 def main(argv=None):
-    parse_config = cli.parse_config  # the project's one config -> CLI mechanism
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] in (["serve"], ["export"]):  # serving and exporting the student live in deploy.py
         import deploy
         return deploy.main(argv)
-    c = parse_config(GenerateConfig, argv, description=__doc__)
+    c = cli.parse_config(GenerateConfig, argv, description=__doc__)
     try:  # user errors (a bad path, a broken file, no network) are one line, no traceback; stdout is the answer only
         device = pick_device(c.device)
         print(f"device: {device}", file=sys.stderr)
