@@ -1237,7 +1237,7 @@ def generate(cfg: GenerateConfig, teacher=None) -> Path:
                 if isinstance(ep, BaseException) and not isinstance(ep, Exception):
                     raise ep  # Ctrl-C / exit inside a worker: stop; what is written stays valid
                 if isinstance(ep, Exception) or ep.error:
-                    errors.append(tools_message(ep if isinstance(ep, Exception) else ep.error))
+                    errors.append(cli.one_line(ep if isinstance(ep, Exception) else ep.error))
                     stats["errors"] += 1  # not written: a rerun tries it again
                 else:
                     rec = dict(episode_record(ep, cfg.task, cfg.method, cfg.teacher_model, tool), run=run)
@@ -1258,11 +1258,6 @@ def generate(cfg: GenerateConfig, teacher=None) -> Path:
         if not stats["written"]:
             raise ValueError(f"generate: every episode failed ({len(errors)}); first error: {errors[0]}")
     return out
-
-
-def tools_message(e) -> str:
-    """One line for an episode's failure (the server's own text is in it; keys never are: tools redacts them)."""
-    return " ".join(str(e).split()) if isinstance(e, str) else f"{type(e).__name__}: {' '.join(str(e).split())}"
 
 
 def filter_records(cfg: FilterConfig) -> int:

@@ -217,24 +217,10 @@ def split_spec(spec):
 
 
 def read_data_file(path):
-    """read_records, plus one-line errors naming the file for what it leaves raw: a file that is not UTF-8, a
-    record field of the wrong type, no records at all."""
-    try:
-        recs = read_records(path)
-    except UnicodeDecodeError as e:
-        raise cli.not_utf8(path, e) from None
-    except (TypeError, AttributeError) as e:
-        raise ValueError(f"{path}: a record field has the wrong type ({e}); questions, thoughts, actions and "
-                         f"observations must be strings") from None
+    """read_records (which names the file and line of any bad record), refusing a file with no records."""
+    recs = read_records(path)
     if not recs:
         raise ValueError(f"{path}: no records (an empty file?)")
-    for i, r in enumerate(recs, 1):
-        if not isinstance(r.get("question"), str):
-            raise ValueError(f"{path}: record {i}: 'question' must be a string, got {r.get('question')!r:.40}")
-        for j, s in enumerate(r["steps"]):
-            for k in ("thought", "observation"):
-                if s.get(k) is not None and not isinstance(s[k], str):
-                    raise ValueError(f"{path}: record {i}: steps[{j}].{k} must be a string, got {s[k]!r:.40}")
     return recs
 
 
