@@ -1421,6 +1421,19 @@ def pick_tool(cfg: EvalConfig, task: Task, trained: dict) -> str:
     return choice
 
 
+def load_local(cfg):
+    """The local model of eval and ask on the device model.pick_device chooses (cuda, mps, cpu), said on stderr."""
+    import model as M
+    device = M.pick_device(cfg.device)
+    print(f"device: {device}", file=sys.stderr)
+    return M.load_model(cfg.model or None, device=device)
+
+
+def student_prompt(tok, zero: bool, template: str, task: Task, tool: str):
+    """A fine-tuned student's prompt (render, no examples) or the prompted model's (few-shot ReAct for the tool)."""
+    return zero_shot(tok, template) if zero else few_shot("react", task.family, tool)
+
+
 def evaluate(cfg: EvalConfig) -> list[dict]:
     """Prompted (few-shot) or fine-tuned (adapter, zero-shot) evaluation; --compare runs both on the same model."""
     task = get_task(cfg.task)
@@ -1442,16 +1455,14 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
                                   out, tool, meta)]
     else:
         import model as M
-        device = M.pick_device(cfg.device)
-        print(f"device: {device}", file=sys.stderr)
-        net, tok = M.load_model(cfg.model or None, device=device)
+        net, tok = load_local(cfg)
         runs = [("prompted", False), ("fine-tuned", True)] if cfg.compare else [
             ("fine-tuned" if cfg.adapter else "zero-shot" if cfg.zero_shot else "prompted", bool(cfg.adapter))]
         summaries = []
         for label, tuned in runs:
             if tuned:
                 M.load_adapter(net, cfg.adapter)
-            prompt_fn = zero_shot(tok, template) if tuned or cfg.zero_shot else few_shot("react", task.family, tool)
+            prompt_fn = student_prompt(tok, tuned or cfg.zero_shot, template, task, tool)
             path = out.with_name(f"{out.stem}_{label}{out.suffix}") if cfg.compare else out
             llm = LocalLLM(net, tok, cfg.max_new_tokens, seed=cfg.seed, prefix_cache_mb=cfg.prefix_cache_mb)
             summaries.append(run_eval(cfg, llm, prompt_fn, label, path, tool,
@@ -1473,12 +1484,10 @@ def ask(cfg: AskConfig) -> list[Episode]:
     paint = (lambda code, text: f"\x1b[{code}m{text}\x1b[0m") if color else (lambda code, text: text)
     task, trained = get_task(cfg.task), adapter_training(cfg.adapter)
     tool = pick_tool(cfg, task, trained)
-    device = M.pick_device(cfg.device)
-    net, tok = M.load_model(cfg.model or None, device=device)
+    net, tok = load_local(cfg)
     if cfg.adapter:
         M.load_adapter(net, cfg.adapter)
-    prompt_fn = zero_shot(tok, cfg.template or trained.get("template", "react")) if cfg.adapter \
-        else few_shot("react", task.family, tool)
+    prompt_fn = student_prompt(tok, bool(cfg.adapter), cfg.template or trained.get("template", "react"), task, tool)
     llm, base_tool = LocalLLM(net, tok, cfg.max_new_tokens), make_tool(cfg.task, tool)
     gold = {question_key(q["question"]): q["answer"] for split in task.eval_splits for q in task.questions(split)}
 
