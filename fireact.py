@@ -1542,19 +1542,6 @@ def sources() -> dict:
     return {**{rel: url for t in TASKS.values() for rel, url in t.sources.items()}, **FIREACT_FILES}
 
 
-def fetch(url: str, path: Path, timeout=60):
-    """GET url into path (a tmp file, then an atomic rename: a half download never looks finished)."""
-    import requests
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    with requests.get(url, stream=True, timeout=timeout, headers={"User-Agent": "fireact-from-scratch/0.1"}) as r:
-        r.raise_for_status()
-        with open(tmp, "wb") as f:
-            for chunk in r.iter_content(1 << 20):
-                f.write(chunk)
-    os.replace(tmp, path)
-
-
 def download(cfg: DownloadConfig) -> Path:
     """Fetch the sources into the data dir and convert them to the layout the tasks read (= ../shared/data)."""
     dest = Path(cfg.dest).expanduser() if cfg.dest else CACHE / "data"
@@ -1562,7 +1549,7 @@ def download(cfg: DownloadConfig) -> Path:
     for rel, url in sources().items():
         if want(rel) and not (dest / rel).exists():
             print(f"{url} -> {dest / rel}")
-            fetch(url, dest / rel)
+            tools.fetch_file(url, dest / rel)
     for t in TASKS.values():
         if t.sources and all(want(rel) and (dest / rel).exists() for rel in t.sources):
             t.convert(dest)

@@ -384,6 +384,20 @@ class Client:
                        f"last error: {last}")
 
 
+def fetch_file(url, path, timeout=60.0):
+    """GET url into path, streamed: a .part file, then an atomic rename, so a half download never looks finished
+    (data sets for `fireact.py download`; one-shot, an HTTP error raises with its status)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    with requests.get(url, stream=True, timeout=timeout, headers={"User-Agent": USER_AGENT}) as r:
+        r.raise_for_status()
+        with open(tmp, "wb") as f:
+            for chunk in r.iter_content(1 << 20):
+                f.write(chunk)
+    os.replace(tmp, path)
+
+
 def run_concurrently(fn, items, workers=8, rpm=None, sleep=time.sleep):
     """Yields (item, fn(item) or the exception it raised) as calls complete. At most `workers` calls run at once
     and at most 2*workers are queued (items may be a long lazy iterator); `rpm` caps starts per minute."""
