@@ -565,17 +565,31 @@ class MMLU(Task):
 
 
 class Toy(Task):
-    """The offline toy world (toyworld.py), inside the repo."""
+    """The offline toy world (toyworld.py), inside the repo: HotpotQA-like questions (bridge, comparison)."""
     name, tool = "toy", "local"
     train_splits, eval_splits = ("train",), ("dev", "test")
+    folder = REPO / "data" / "toy"
 
     def load(self, split):  # data/toy/train.jsonl holds trajectories; the training questions are train_questions
         name = "train_questions" if split == "train" else split
         return [dict(id=str(r["id"]), question=r["question"], answer=r["answer"])
-                for r in read_json(REPO / "data" / "toy" / f"{name}.jsonl")]
+                for r in read_json(self.folder / f"{name}.jsonl")]
 
 
-TASKS = {t.name: t for t in (HotpotQA(), HotpotQAOffline(), Bamboogle(), StrategyQA(), MMLU(), Toy())}
+class ToyYesNo(Toy):
+    """The toy world's StrategyQA-like task: yes/no questions that need two facts the question never names."""
+    name, metric, family = "toy_yesno", "yesno", "strategyqa"
+    folder = REPO / "data" / "toy" / "toy_yesno"
+
+
+class ToyMC(Toy):
+    """The toy world's MMLU-like task: four options, checked with the tools one page each."""
+    name, metric, family = "toy_mc", "mc", "mmlu"
+    folder = REPO / "data" / "toy" / "toy_mc"
+
+
+TASKS = {t.name: t for t in (HotpotQA(), HotpotQAOffline(), Bamboogle(), StrategyQA(), MMLU(), Toy(), ToyYesNo(),
+                             ToyMC())}
 
 
 def get_task(name: str) -> Task:
@@ -607,7 +621,7 @@ TOOLS = ("local", "snippet", "wikipedia", "google")  # local: page tool over a c
 def corpus_path(task: str) -> Path:
     """The offline corpus of a task: the toy world's pages, or the 9,366 paragraphs of the 957 HotpotQA dev
     questions (built once from dev_distractor.jsonl into the cache, rebuilt when that file changes)."""
-    if task == "toy":
+    if task.startswith("toy"):  # the extra toy tasks ask about the same world
         return REPO / "data" / "toy" / "corpus.jsonl"
     if task.startswith("hotpotqa"):
         src = data_dir() / "hotpotqa" / "dev_distractor.jsonl"
@@ -932,7 +946,7 @@ def error_digest(errors: list[str], k=3) -> list[str]:
 # ----------------------------------------------------------------------------------------------------- configs
 @dataclass
 class RunConfig:  # what generate and eval share
-    task: Literal["toy", "hotpotqa", "hotpotqa_offline", "bamboogle", "strategyqa", "mmlu"] = "toy"  # toy | hotpotqa | hotpotqa_offline | bamboogle | strategyqa | mmlu
+    task: Literal["toy", "toy_yesno", "toy_mc", "hotpotqa", "hotpotqa_offline", "bamboogle", "strategyqa", "mmlu"] = "toy"  # toy | toy_yesno | toy_mc | hotpotqa | hotpotqa_offline | bamboogle | strategyqa | mmlu
     split: str = ""               # "" = generate: the task's training split; eval: its first evaluation split
     n: int = 0                    # first n questions (0 = all)
     tool: Literal["", "local", "snippet", "wikipedia", "google"] = ""  # local = page tool over the offline corpus, snippet = offline search engine (FireAct-style); "" = eval: the tool family of the adapter's training data, else the task's default
@@ -1078,7 +1092,7 @@ class ExportConfig:
 @dataclass
 class AskConfig:
     question: list = field(default_factory=list)  # the question (quotes optional: the words are joined)
-    task: Literal["toy", "hotpotqa", "hotpotqa_offline", "bamboogle", "strategyqa", "mmlu"] = "toy"  # the tool's corpus and the few-shot prompt family
+    task: Literal["toy", "toy_yesno", "toy_mc", "hotpotqa", "hotpotqa_offline", "bamboogle", "strategyqa", "mmlu"] = "toy"  # the tool's corpus and the few-shot prompt family
     tool: Literal["", "local", "snippet", "wikipedia", "google"] = ""  # "" = the tool family of the adapter's training data, else the task's default
     model: str = ""               # local checkpoint dir / hub name; "" = the embedded SmolLM2-135M-Instruct
     adapter: str = ""             # LoRA adapter dir (fine-tuned, zero-shot prompt); "" = the prompted model (few-shot)

@@ -56,9 +56,12 @@ class WorldConfig:
     n_dev: int = 100         # dev questions (choices are made on dev)
     n_test: int = 200        # test questions (reported once)
     namesake_p: float = 0.3  # chance that an entity on a bridge path has a namesake page with a hatnote
+    n_task_train: int = 300  # per split of each extra task (yes/no, multiple choice): training questions
+    n_task_dev: int = 100    # ... dev questions
+    n_task_test: int = 200   # ... test questions
 
     def check(self):
-        for name in ("n_train", "n_dev", "n_test"):
+        for name in ("n_train", "n_dev", "n_test", "n_task_train", "n_task_dev", "n_task_test"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
         if not 0 <= self.namesake_p <= 1:
@@ -360,6 +363,82 @@ class World:
         return out
 
 
+    # ------------------------------------------------------------------------- the extra tasks
+    def task_questions(self, task, split, n, E, rng):
+        """n questions of an extra task (EXTRA_TASKS) over one split's entities, drawn with `rng`."""
+        out, seen, tries = [], set(), 0
+        tpls = EXTRA_TASKS[task]
+        while len(out) < n:
+            if tries > 100 * n:
+                raise ValueError(f"toyworld: too few entities for {n} {task} questions; lower --n-task-{split}")
+            got = self.task_question(tpls[(len(out) + tries // 50) % len(tpls)], E, rng)
+            if got is None or got[0] in seen:
+                tries += 1
+                continue
+            seen.add(got[0])
+            q, a, typ, chain, concl, tpl = got
+            out.append({"id": f"{task}-{split}-{len(out):04d}", "question": q, "answer": a, "type": typ,
+                        "chain": chain, "template": tpl, "conclusion": concl})
+        return out
+
+    def task_question(self, tpl, E, r):
+        """StrategyQA-like yes/no questions whose two facts sit on two pages and are never named in the question
+        (the agent must decompose it), and MMLU-like four-option questions whose options the agent checks with
+        the tools, one page per option, in order, until one fits."""
+        F = self.fact
+        if tpl == "could_see_film":  # yes iff born no later than the film's release
+            want = r.random() < 0.5
+            p = r.choice(E["person"])
+            ws = [w for w in E["film"] if (p["year"] <= w["year"]) == want and w["by"] is not p]
+            if not ws:
+                return None
+            w = r.choice(ws)
+            q = f"Could {p['name']} have seen the film {w['name']} in the year it was released?"
+            ch = [self.person_fact(p, "when {p} was born", "{p} was born in {year}."),
+                  F(w, 0, w["name"], f"when {w['name']} was released", f"{w['name']} was released in {w['year']}.")]
+            concl = (f"{p['name']} was born in {p['year']} and {w['name']} was released in {w['year']}, "
+                     + ("so the film came out after the birth and the answer is yes." if want else
+                        "before the birth, so the answer is no."))
+            return q, ("yes" if want else "no"), "strategy", ch, concl, tpl
+        if tpl == "band_hometown":  # yes iff the band was formed in the person's birth town
+            want = r.random() < 0.5
+            b = r.choice(E["band"])
+            ps = [p for p in E["person"] if (p["town"] == b["town"]) == want and p is not b["by"]]
+            if not ps:
+                return None
+            p = r.choice(ps)
+            q = f"Was the band {b['name']} formed in the town where {p['name']} was born?"
+            ch = [F(b, 0, b["name"], f"where {b['name']} was formed", f"{b['name']} was formed in {b['town']}."),
+                  self.person_fact(p, "where {p} was born", "{p} was born in {town}.")]
+            concl = (f"{b['name']} was formed in {b['town']} and {p['name']} was born in {p['town']}, "
+                     + ("the same town, so the answer is yes." if want else "a different town, so the answer is no."))
+            return q, ("yes" if want else "no"), "strategy", ch, concl, tpl
+        if tpl == "which_occupation":  # four people of four occupations
+            occs = r.sample(sorted(OCC), 4)
+            opts = [r.choice([p for p in E["person"] if p["occ"] == o]) for o in occs]
+            k = r.randrange(4)
+            q = f"Which of these people is {an(occs[k])}?" + "".join(f"\n{l}. {p['name']}" for l, p in zip("ABCD", opts))
+            ch = [self.person_fact(p, "what {p} does for a living", "{p} is {an}.") for p in opts[:k + 1]]
+            checked = " and ".join(f"{p['name']} is {an(p['occ'])}" for p in opts[:k])
+            concl = (f"{checked}, but {opts[k]['name']} is {an(occs[k])}, so the answer is {'ABCD'[k]}." if k else
+                     f"{opts[0]['name']} is {an(occs[0])}, so the answer is A.")
+            return q, "ABCD"[k], "choice", ch, concl, tpl
+        if tpl == "which_year":  # four novels, one of them published in the asked year
+            opts = r.sample(E["novel"], 4)
+            if len({w["year"] for w in opts}) < 4:
+                return None
+            k = r.randrange(4)
+            y = opts[k]["year"]
+            q = f"Which of these novels was published in {y}?" + "".join(f"\n{l}. {w['name']}" for l, w in zip("ABCD", opts))
+            ch = [F(w, 0, w["name"], f"when {w['name']} was published", f"{w['name']} was published in {w['year']}.")
+                  for w in opts[:k + 1]]
+            checked = " and ".join(f"{w['name']} in {w['year']}" for w in opts[:k])
+            concl = (f"{checked} do not fit, but {opts[k]['name']} was published in {y}, so the answer is "
+                     f"{'ABCD'[k]}." if k else f"{opts[0]['name']} was published in {y}, so the answer is A.")
+            return q, "ABCD"[k], "choice", ch, concl, tpl
+        raise ValueError(f"toyworld: unknown template {tpl!r}")
+
+
 THEN = {"film_town": "where the director was born", "novel_year": "when the author was born",
         "painting_country": "which country the painter was born in", "album_town": "where that band was formed",
         "band_split": "when that band split up", "org_occupation": "what the founder does for a living",
@@ -371,6 +450,8 @@ TEMPLATES = ("film_town", "born_first", "novel_year", "same_country", "painting_
 # Training questions go to train_questions.jsonl: data/toy/train.jsonl is the embedded default *trajectory* file
 # that `python train.py` reads (made from these questions by fireact's generate -> filter -> mix, see README).
 QUESTION_FILES = {"train": "train_questions.jsonl", "dev": "dev.jsonl", "test": "test.jsonl"}
+# the extra tasks (fireact tasks toy_yesno, toy_mc: FireAct's StrategyQA and MMLU formats) -> their templates
+EXTRA_TASKS = {"toy_yesno": ("could_see_film", "band_hometown"), "toy_mc": ("which_occupation", "which_year")}
 
 
 def write_jsonl(path, rows):
@@ -380,14 +461,25 @@ def write_jsonl(path, rows):
 
 
 def generate(cfg: WorldConfig) -> dict:
-    """Builds the world and writes corpus.jsonl + {train,dev,test}.jsonl into cfg.out. Returns counts."""
+    """Builds the world and writes corpus.jsonl + {train,dev,test}.jsonl into cfg.out, and each extra task's
+    questions into cfg.out/<task>/. Returns counts."""
     world, out = World(cfg), Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    counts = {}
+    counts, entities = {}, {}
     for split, n in (("train", cfg.n_train), ("dev", cfg.n_dev), ("test", cfg.n_test)):
-        rows = world.questions(split, n, world.build_split(n))
+        entities[split] = world.build_split(n)
+        rows = world.questions(split, n, entities[split])
         write_jsonl(out / QUESTION_FILES[split], rows)
         counts[split] = len(rows)
+    # the extra tasks ask about the same split's entities (split by entity as well), with their own random
+    # streams, so adding them left the world and the QA task's files exactly as they were
+    for task in EXTRA_TASKS:
+        (out / task).mkdir(exist_ok=True)
+        for split, n in (("train", cfg.n_task_train), ("dev", cfg.n_task_dev), ("test", cfg.n_task_test)):
+            rng = random.Random(f"{cfg.seed}/{task}/{split}")
+            rows = world.task_questions(task, split, n, entities[split], rng)
+            write_jsonl(out / task / QUESTION_FILES[split], rows)
+            counts[f"{task}/{split}"] = len(rows)
     write_jsonl(out / "corpus.jsonl", [{"title": t, "sentences": world.pages[t]} for t in sorted(world.pages)])
     counts["pages"] = len(world.pages)
     return counts
@@ -405,6 +497,8 @@ T_FIRST = ("I need to find {g0}, and then {g1}.", "First I should find {g0}. The
            "To answer this, I need {g0} first. Let me search {m0}.", "Let me search {m0} to find {g0}.")
 T_FIRST_CMP = ("I need to find {g0} and {g1}, and then compare them.", "I should search both. First, {m0}.",
                "Let me look up {m0} first, then {m1}.", "I need {g0}. After that I will check {m1}.")
+T_FIRST_MC = ("I need to check the options one at a time. First, {g0}.", "Let me check each option, starting with {m0}.",
+              "I will search the options in order. Let me search {m0} first.")
 T_NEXT = ("{note} Now I need to find {g}.", "{note} Next, I should search {m} to find {g}.",
           "So {note} I still need {g}.", "{note} Let me search {m}.")
 T_HAT = ("This page is about a different {m}. The note points to {t}.", "That is not the right {m}. "
@@ -439,7 +533,10 @@ def parse_prompt(prompt: str):
     if not starts:
         raise ValueError("OracleTeacher: no 'Question:' line in the prompt")
     question, steps = lines[starts[-1]][len("Question:"):].strip(), []
-    for l in lines[starts[-1] + 1:]:
+    rest = lines[starts[-1] + 1:]
+    while rest and re.match(r"[A-D]\. ", rest[0]):  # a multiple-choice question's option lines
+        question += "\n" + rest.pop(0).strip()
+    for l in rest:
         m = LINE.match(l)
         if not m:
             continue
@@ -465,8 +562,8 @@ class OracleTeacher:
     def __init__(self, model="oracle", data_dir=DEFAULT_OUT, method=None, **_ignored):
         d = Path(data_dir)
         self.method, self.usage = method, {"prompt_tokens": 0, "completion_tokens": 0, "requests": 0, "cached": 0}
-        self.records = {norm(r["question"]): r for f in QUESTION_FILES.values() if (d / f).exists()
-                        for r in read_jsonl(d / f)}
+        files = [d / f for f in QUESTION_FILES.values()] + [d / t / f for t in EXTRA_TASKS for f in QUESTION_FILES.values()]
+        self.records = {norm(r["question"]): r for f in files if f.exists() for r in read_jsonl(f)}
         if not self.records:
             raise ValueError(f"OracleTeacher: no questions in {d}; run `python toyworld.py` first")
         self.pages = {p["title"]: p["sentences"] for p in read_jsonl(d / "corpus.jsonl")}
@@ -528,16 +625,16 @@ class OracleTeacher:
         last = steps[-1] if steps else None
         kind, arg = action_arg(last and last["action"])
         head = norm(self.pages[t][0])
+        second = chain[1] if len(chain) > 1 else f  # a multiple-choice chain may hold one option only
+        first = {"bridge": T_FIRST, "choice": T_FIRST_MC}.get(rec["type"], T_FIRST_CMP)
         if sloppy:  # Reflexion's teacher is stuck until it reflects: vague searches with a word of the name
             words = m.split()
             q = [words[-1], words[0]][n % 2] if len(words) > 1 else words[0]
             if last is None:
-                return pick(T_FIRST if rec["type"] == "bridge" else T_FIRST_CMP, g0=g, g1=chain[1].get("then", chain[1]["goal"]),
-                            m0=q, m1=chain[1]["mention"]), f"search[{q}]"
+                return pick(first, g0=g, g1=second.get("then", second["goal"]), m0=q, m1=second["mention"]), f"search[{q}]"
             return pick(T_SLOPPY, q=q, g=g), f"search[{q}]"
         if last is None:
-            return pick(T_FIRST if rec["type"] == "bridge" else T_FIRST_CMP, g0=g, g1=chain[1].get("then", chain[1]["goal"]), m0=m,
-                        m1=chain[1]["mention"]), f"search[{m}]"
+            return pick(first, g0=g, g1=second.get("then", second["goal"]), m0=m, m1=second["mention"]), f"search[{m}]"
         o = obs[-1]
         if f.get("keyword") and (head in o or kind == "lookup"):
             if kind == "lookup":  # a lookup that found nothing (noise): re-open the page first
@@ -554,14 +651,17 @@ class OracleTeacher:
     def _cot(self, rec, v):
         """Without tools the oracle knows nothing about the fictional world: it guesses, as an LLM would."""
         h = int(hashlib.sha256(f"{rec['id']}|cot|{v}".encode()).hexdigest(), 16)
-        if rec["template"] in ("same_country", "both_occ"):
+        if rec["answer"] in ("yes", "no"):
             guess = ("yes", "no")[h % 2]
+        elif rec["type"] == "choice":
+            guess = "ABCD"[h % 4]
         elif rec["type"] == "comparison":
             guess = (rec["chain"][0]["mention"], rec["chain"][1]["mention"])[h % 2]
         else:
             pool = sorted(self.pools[rec["template"]])
             guess = pool[h % len(pool)]
-        g0, g1 = rec["chain"][0]["goal"], rec["chain"][1].get("then", rec["chain"][1]["goal"])
+        second = rec["chain"][1] if len(rec["chain"]) > 1 else rec["chain"][0]
+        g0, g1 = rec["chain"][0]["goal"], second.get("then", second["goal"])
         return (f"To answer this I need {g0} and {g1}. I do not remember these facts well, so my best guess "
                 f"is {guess}."), guess
 
