@@ -113,6 +113,8 @@ class TrainConfig:
     resume: bool = False                # continue the run in --out exactly (refused if a setting that changes
                                         # the result differs from its config.json)
     merge: bool = False                 # also write a full HF checkpoint (LoRA merged) to OUT/merged
+    full: bool = False                  # full fine-tuning (FireAct's other arm): every weight trained, no LoRA; the
+                                        # model is saved as a full checkpoint in OUT/model (eval --model OUT/model --zero-shot)
     show_mask: int = -1                 # >= 0: print that record's rendering, trained tokens highlighted, and exit
     html: str = ""                      # with --show-mask: also write it as a self-contained HTML page here
     progress: bool = True               # progress bar
@@ -173,8 +175,11 @@ RESUME_FREE = {"recipe", "out", "eval_every", "save_every", "stop_after", "devic
                "resume", "merge", "show_mask", "html", "progress"}
 
 
-def default_lr(n_params):
-    """--lr 0: 2e-3 up to 1B parameters (measured on the toy demo), 3e-4 above (FireAct's and alpaca-lora's 7B+)."""
+def default_lr(n_params, full=False):
+    """--lr 0: LoRA 2e-3 up to 1B parameters (measured on the toy demo), 3e-4 above (FireAct's and alpaca-lora's
+    7B+). Full fine-tuning moves every weight, so it takes a rate ~20x lower: 1e-4 (2e-5 above 1B, alpaca's 7B)."""
+    if full:
+        return 1e-4 if n_params <= 1e9 else 2e-5
     return 2e-3 if n_params <= 1e9 else 3e-4
 
 
@@ -443,7 +448,7 @@ def check_resume(out, saved, cfg, skip=()):
                          f"a new --out")
 
 
-def load_state(out, model, opt):
+def load_state(out, model, opt, full=False):
     """Restore LoRA weights, optimizer, step and RNG from out/state.pt -> the step. A state of another model or
     LoRA shape is refused in one line (not a raw shape error)."""
     path = out / "state.pt"
@@ -452,7 +457,7 @@ def load_state(out, model, opt):
         saved = st["lora"]
     except (OSError, RuntimeError, KeyError, TypeError, EOFError, ValueError) as e:
         raise ValueError(f"{path}: unreadable ({cli.one_line(e)}); start afresh without --resume") from None
-    ours = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    ours = {n: p for n, p in model.named_parameters() if full or "lora_" in n}
     bad = sorted(set(ours) ^ set(saved)) or [n for n in ours if ours[n].shape != saved[n].shape]
     if bad:
         n = bad[0]
@@ -507,11 +512,12 @@ def train(cfg):
     data_tools = {}  # which tools made the training observations: eval picks the same tool family
     for r in train_recs:
         data_tools[r.get("tool", "?")] = data_tools.get(r.get("tool", "?"), 0) + 1
-    model, tok = load_base(cfg, device=device, dtype=torch.bfloat16 if cuda else torch.float32)
+    # the frozen base in bf16 on CUDA; weights that are trained stay fp32 (full fine-tuning: all of them)
+    model, tok = load_base(cfg, device=device, dtype=torch.bfloat16 if cuda and not cfg.full else torch.float32)
     n_params = sum(p.numel() for p in model.parameters())
     auto_lr = cfg.lr == 0
     if auto_lr:
-        cfg.lr = default_lr(n_params)
+        cfg.lr = default_lr(n_params, cfg.full)
     if cfg.resume:
         check_resume(out, saved, cfg)
     train_ex, trunc, skip = encode_records(train_recs, tok, cfg)
@@ -532,9 +538,14 @@ def train(cfg):
           f"--train-on {cfg.train_on}, --template {cfg.template}, {cfg.epochs} epoch(s)")
 
     # model: LoRA on the targets, everything else frozen. LoRA weights stay fp32 under bf16 autocast.
-    apply_lora(model, targets=tuple(cfg.lora_targets.split(",")), r=cfg.lora_r, alpha=cfg.lora_alpha,
-               dropout=cfg.lora_dropout)
-    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    # `lora` is the list of trained parameters: with --full, every weight of the model.
+    if cfg.full:
+        for p in model.parameters():
+            p.requires_grad = True
+    else:
+        apply_lora(model, targets=tuple(cfg.lora_targets.split(",")), r=cfg.lora_r, alpha=cfg.lora_alpha,
+                   dropout=cfg.lora_dropout)
+    lora = [p for n, p in model.named_parameters() if cfg.full or "lora_" in n]
     for p in lora:
         p.data = p.data.float()
     model.grad_checkpointing = cfg.grad_checkpointing
@@ -542,7 +553,8 @@ def train(cfg):
     step_loss = torch.compile(loss_sum, dynamic=True) if cfg.compile else loss_sum
     opt = torch.optim.AdamW(lora, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
-    log(f"model: {cfg.model or 'SmolLM2-135M-Instruct (embedded)'}, LoRA r={cfg.lora_r} on {cfg.lora_targets}: "
+    log(f"model: {cfg.model or 'SmolLM2-135M-Instruct (embedded)'}, "
+        + ("full fine-tuning: " if cfg.full else f"LoRA r={cfg.lora_r} on {cfg.lora_targets}: ") +
         f"{sum(p.numel() for p in lora):,} trainable params; {total} steps of {cfg.batch_size} sequences "
         f"({cfg.batch_size // cfg.micro_batch} micro-batches of {cfg.micro_batch}, {world} process(es)), "
         f"device {device}{' bf16' if cuda else ' fp32'}")
@@ -551,7 +563,7 @@ def train(cfg):
     # (seed, step), so restoring the step restores them exactly.
     step = 0
     if cfg.resume:
-        step = load_state(out, model, opt)
+        step = load_state(out, model, opt, cfg.full)
         log(f"resumed from {out / 'state.pt'} at step {step}")
     if master:   # what made this run: every setting (resolved) and the code, torch and python versions
         out.mkdir(parents=True, exist_ok=True)
@@ -578,10 +590,14 @@ def train(cfg):
         # the card and config say what made the adapter: the run's settings (eval follows its template) and step
         meta = {"step": step, "template": cfg.template, "train_on": cfg.train_on, "data": cfg.data,
                 "data_tools": data_tools, "config": dataclasses.asdict(cfg), "provenance": cli.provenance()}
-        save_adapter(model, out, base_model=cfg.model or "", meta=meta)
-        if not final:
-            save_adapter(model, out / "checkpoints" / f"step_{step:06d}", base_model=cfg.model or "", meta=meta)
-        state = {"lora": {n: p.detach().cpu() for n, p in model.named_parameters() if "lora_" in n},
+        if cfg.full:  # a full checkpoint, with the same record of what made it as an adapter's card
+            save_checkpoint(model, tok, out / "model")
+            cli.atomic_write(out / "model" / "fireact.json", json.dumps(meta, indent=1))
+        else:
+            save_adapter(model, out, base_model=cfg.model or "", meta=meta)
+            if not final:
+                save_adapter(model, out / "checkpoints" / f"step_{step:06d}", base_model=cfg.model or "", meta=meta)
+        state = {"lora": {n: p.detach().cpu() for n, p in model.named_parameters() if cfg.full or "lora_" in n},
                  "optimizer": opt.state_dict(), "step": step, "rng": torch.get_rng_state(),
                  "py_seed": cfg.seed + step}
         cli.atomic_write(out / "state.pt", lambda f: torch.save(state, f))
@@ -659,7 +675,8 @@ def train(cfg):
     if master:
         png = plot_losses(out)
         log(f"done: {step} steps in {time.time() - t_start:.0f}s, last loss "
-            f"{loss_val if loss_val is not None else float('nan'):.4f}; adapter: {out.resolve()}"
+            f"{loss_val if loss_val is not None else float('nan'):.4f}; "
+            f"{'model: ' + str((out / 'model').resolve()) if cfg.full else 'adapter: ' + str(out.resolve())}"
             + (f", loss curve: {png}" if png else ""))
         if cfg.merge and step >= total:
             save_checkpoint(model, tok, out / "merged")

@@ -529,3 +529,35 @@ def test_recipes_and_lr_by_model_size(tiny, tmp_path, monkeypatch, capsys):
             "--micro-batch", "2", "--no-progress"])
     assert "lr 0.002 (by model size: 0.1M parameters)" in capsys.readouterr().out
     assert json.loads((tmp_path / "d/config.json").read_text())["lr"] == 2e-3
+
+
+def test_full_fine_tuning_trains_every_weight_saves_a_loadable_model_and_resumes(tiny, tmp_path):
+    """--full: no LoRA, every weight moves; OUT/model is a checkpoint load_model reads back (same logits as the
+    trained model), with the adapter card's record of what made it; and resume is exact here too."""
+    ckpt = make_tiny_llama(tmp_path / "m", std=0.3)
+    cfg = cfg_for(tiny, tmp_path / "o", model=str(ckpt), data=[f"{tiny[1]}:3"], epochs=20, batch_size=3,
+                  micro_batch=3, lr=3e-3, full=True, warmup=2)
+    out = T.train(cfg)
+    losses = [json.loads(l)["loss"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < losses[0] / 4, losses
+    assert not (out / "adapter_config.json").exists() and (out / "model" / "model.safetensors").exists()
+    before, _ = M.load_model(str(ckpt))
+    after, tok = M.load_model(str(out / "model"))
+    assert not any("lora_" in n for n, _ in after.named_parameters())
+    moved = [n for (n, a), (_, b) in zip(before.named_parameters(), after.named_parameters()) if not torch.equal(a, b)]
+    assert len(moved) == len(list(before.parameters()))  # norms, embeddings and every projection
+    meta = json.loads((out / "model" / "fireact.json").read_text())
+    assert meta["config"]["full"] and meta["template"] == "react" and meta["step"] == 20
+    # the saved model is the trained one: a training record's loss is far below the base model's
+    (ids, mask), = T.encode_records(T.read_records(tiny[1])[:1], tok, cfg)[0]
+    x, y = T.collate([(ids, mask)], tok.pad_id, torch.device("cpu"))
+    with torch.no_grad():
+        l_after, l_before = T.loss_sum(after, x, y), T.loss_sum(before, x, y)
+    assert l_after < l_before / 4, (l_after, l_before)
+    part = cfg_for(tiny, tmp_path / "p", model=str(ckpt), data=[f"{tiny[1]}:3"], epochs=4, batch_size=3,
+                   micro_batch=3, lr=3e-3, full=True, warmup=2, save_every=2)
+    T.train(dataclasses.replace(part, stop_after=2))
+    T.train(dataclasses.replace(part, resume=True))
+    whole = T.train(dataclasses.replace(part, out=str(tmp_path / "w")))
+    a, b = load_file(tmp_path / "p/model/model.safetensors"), load_file(whole / "model/model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
