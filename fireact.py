@@ -1,5 +1,5 @@
 """FireAct pipeline: the trajectory format, tasks and metrics, prompts, ONE agent loop, and the CLI:
-generate / filter / mix / eval / score / download / export-data / finetune-api.
+generate / filter / mix / eval / score / download / export-data / finetune-api / view / table.
 
     python fireact.py --help                                  # the commands; `python fireact.py eval --help`: every flag
     python fireact.py generate --task toy --method react --teacher-model oracle --out runs/toy_react.jsonl
@@ -475,13 +475,20 @@ class HotpotQAOffline(Task):
     """The 957 HotpotQA dev questions whose 10 context paragraphs are public together (data/hotpotqa/
     offline_dev_indices.json): the offline corpus tools search their 9,366 paragraphs. Evaluation only."""
     name, tool = "hotpotqa_offline", "local"
-    eval_splits = ("dev",)
+    eval_splits = ("dev", "tune", "report")  # dev: all 957; tune + report: a fixed split of them (experiments)
+    N_TUNE = 200  # questions of the tuning part: choices are made on it, results reported on the other 757
     sources = {"hotpotqa/dev.json": HotpotQA.sources["hotpotqa/dev.json"],
                "hotpotqa/hotpot_dev_distractor_v1.json": "http://curtis.ml.cmu.edu/datasets/hotpot/hotpot_dev_distractor_v1.json"}
 
     def load(self, split):
-        return [dict(id=str(r["dev_index"]), question=r["question"], answer=r["answer"])
-                for r in read_json(data_dir() / "hotpotqa" / "dev_distractor.jsonl")]
+        qs = [dict(id=str(r["dev_index"]), question=r["question"], answer=r["answer"])
+              for r in read_json(data_dir() / "hotpotqa" / "dev_distractor.jsonl")]
+        if split == "dev":
+            return qs
+        order = sorted(range(len(qs)), key=lambda i: int(qs[i]["id"]))
+        random.Random(0).shuffle(order)  # fixed once: seed 0 over the questions sorted by dev index
+        keep = order[:self.N_TUNE] if split == "tune" else order[self.N_TUNE:]
+        return [qs[i] for i in sorted(keep)]
 
     def convert(self, dest):
         raw, dev = dest / "hotpotqa" / "hotpot_dev_distractor_v1.json", dest / "hotpotqa" / "dev.json"
@@ -957,6 +964,8 @@ class RunConfig:  # what generate and eval share
     timeout: float = 60.0         # seconds: the total deadline of one teacher request (all of its reads)
     retries: int = 6              # retries of a teacher request after 429/5xx/timeouts, with backoff
     seed: int = 0                 # tool noise and re-sampling seed
+    noise: float = 0.0            # probability that an observation is replaced (NoisyTool)
+    noise_mode: Literal["none", "random"] = "none"  # none: the observation becomes "None" | random: another question's observation
 
     def check(self):
         get_task(self.task)
@@ -967,6 +976,10 @@ class RunConfig:  # what generate and eval share
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= {lo}")
         if self.timeout <= 0:
             raise ValueError(f"--timeout {self.timeout}: must be > 0 seconds")
+        if self.noise_mode not in ("none", "random"):
+            raise ValueError(f"--noise-mode {self.noise_mode}: choose none | random")
+        if not 0 <= self.noise <= 1:
+            raise ValueError(f"--noise {self.noise}: must be a probability in [0, 1]")
         check_out_path(self.out)
 
 
@@ -1002,8 +1015,6 @@ class EvalConfig(RunConfig):
     model: str = ""               # local checkpoint dir / hub name; "" = the embedded SmolLM2-135M-Instruct
     adapter: str = ""             # LoRA adapter dir: fine-tuned, zero-shot prompt
     template: Literal["", "react", "alpaca"] = ""  # react | alpaca: the student's prompt layout; "" = what the adapter was trained with
-    noise: float = 0.0            # probability that an observation is replaced (NoisyTool)
-    noise_mode: Literal["none", "random"] = "none"  # none: the observation becomes "None" | random: another question's observation
     out: str = "runs/eval.json"   # per-question results (FireAct's trajs schema) + OUT.summary.json
     max_new_tokens: int = 1000    # per turn, FireAct's cap (its longest assistant turn is 526 tokens; 128 cut 12.5% of its MMLU turns); a turn ends at its first complete Action line anyway
     batch_size: int = 32          # live episodes per batched generate call
@@ -1019,10 +1030,6 @@ class EvalConfig(RunConfig):
         super().check()
         if self.template and self.template not in TEMPLATES:
             raise ValueError(f"--template {self.template}: choose {' | '.join(TEMPLATES)}")
-        if self.noise_mode not in ("none", "random"):
-            raise ValueError(f"--noise-mode {self.noise_mode}: choose none | random")
-        if not 0 <= self.noise <= 1:
-            raise ValueError(f"--noise {self.noise}: must be a probability in [0, 1]")
         if not 0 <= self.max_failures <= 1:
             raise ValueError(f"--max-failures {self.max_failures}: must be a fraction in [0, 1]")
         for name, lo in (("max_new_tokens", 1), ("batch_size", 0), ("prefix_cache_mb", 0)):
@@ -1121,6 +1128,16 @@ class ViewConfig:
 
 
 @dataclass
+class TableConfig:
+    dirs: list = field(default_factory=list)  # experiments run dirs (their rows/*.json) or row summary files
+    out: str = ""                 # folder for table.md + table.png; "" = the first run dir
+
+    def check(self):
+        if not self.dirs:
+            raise ValueError("table: give at least one run dir of experiments.py")
+
+
+@dataclass
 class FinetuneAPIConfig:
     files: list = field(default_factory=list)    # the training file: chat JSONL (export-data --format openai)
     base_model: str = "gpt-3.5-turbo"  # the model to fine-tune (FireAct: gpt-3.5-turbo-0613); priced: gpt-3.5-turbo, gpt-4o-mini, gpt-4o
@@ -1158,10 +1175,10 @@ class DownloadConfig:
 
 def parse_config(cls, argv):
     """Flags from the dataclass fields (cli.parse_config): --max-steps 11, --compare / --no-compare, positional
-    `files`, --config FILE.json; each config's check() runs before any work."""
+    `files` (`dirs`, `question`), --config FILE.json; each config's check() runs before any work."""
     name = next(k for k, v in COMMANDS.items() if v[0] is cls)
     return cli.parse_config(cls, argv, prog=f"fireact.py {name}", description=COMMANDS[name][2],
-                            positional=("files", "question"))
+                            positional=("files", "question", "dirs"))
 
 
 # ---------------------------------------------------------------------------------------------------- commands
@@ -1218,7 +1235,8 @@ def generate(cfg: GenerateConfig, teacher=None) -> Path:
     tool = cfg.tool or task.tool
     run = dict(task=cfg.task, split=split, method=cfg.method, teacher=cfg.teacher_model, tool=tool,
                max_steps=cfg.max_steps, temperature=cfg.temperature, max_tokens=cfg.max_tokens,
-               **(dict(reflect_at=cfg.reflect_at, reflect_on=cfg.reflect_on) if cfg.method == "reflexion" else {}))
+               **(dict(reflect_at=cfg.reflect_at, reflect_on=cfg.reflect_on) if cfg.method == "reflexion" else {}),
+               **(dict(noise=cfg.noise, noise_mode=cfg.noise_mode) if cfg.noise else {}))
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "a", encoding="utf-8") as f:
@@ -1240,7 +1258,7 @@ def generate(cfg: GenerateConfig, teacher=None) -> Path:
         llm = TeacherLLM(teacher, max_tokens=cfg.max_tokens, temperature=cfg.temperature)
         prompt_fn, max_steps, reflexion = method_setup(task, cfg.method, cfg.max_steps, cfg.reflect_at,
                                                        cfg.reflect_on, tool)
-        base_tool = make_tool(cfg.task, tool, seed=cfg.seed)
+        base_tool = make_tool(cfg.task, tool, cfg.noise, cfg.noise_mode, cfg.seed)  # noise: FireAct's robustness data
         print(f"generate {cfg.task}/{split}/{cfg.method} with {cfg.teacher_model}, tool {tool}: {len(done)} done, "
               f"{len(todo)} to go -> {out}")
         # One episode per worker thread: each is written the moment it ends (the batch is the pool of threads).
@@ -1539,6 +1557,14 @@ def view(cfg: ViewConfig) -> Path:
     return Path(cfg.out)
 
 
+def table(cfg: TableConfig) -> Path:
+    """Row summaries of experiments.py runs -> the README's markdown table and a PNG chart (experiments.py)."""
+    import experiments
+    md, png = experiments.table(cfg.dirs, cfg.out)
+    print(md.read_text() + f"\n{md}, {png}")
+    return md
+
+
 # ---------------------------------------------------------------------------------------------------- download
 FIREACT_FILES = {  # FireAct's released trajectories and eval runs (not a task: training data and reference runs)
     **{f"fireact/finetune/{fmt}/{name}.{ext}": FIREACT_RAW + f"data/finetune/{fmt}/{name}.{ext}"
@@ -1616,7 +1642,8 @@ COMMANDS = {"generate": (GenerateConfig, generate, "teacher trajectories on a tr
             "export-data": (ExportConfig, export_data, "trajectories -> a fine-tuning file (openai chat, alpaca, sharegpt)"),
             "finetune-api": (FinetuneAPIConfig, finetune_api, "fine-tune an API model (FireAct's GPT-3.5 student)"),
             "ask": (AskConfig, ask, "one question through the agent, each step shown as it happens"),
-            "view": (ViewConfig, view, "results files -> one self-contained HTML report")}
+            "view": (ViewConfig, view, "results files -> one self-contained HTML report"),
+            "table": (TableConfig, table, "experiments.py run dirs -> the markdown table + PNG chart")}
 
 
 def main(argv=None):

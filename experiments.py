@@ -1,0 +1,496 @@
+"""
+FireAct's experiments at laptop scale: every row of the README's experiments table as the command lines that
+make it (generate -> filter -> mix -> train -> eval), run resumably, and the table + chart gathered from the rows.
+
+    python experiments.py --list                        # the toy rows, their commands and the CPU time they need
+    python experiments.py --grid toy --out runs/exp     # run them; a rerun skips every step that finished
+    python experiments.py --grid hotpotqa --eval-n 200  # real HotpotQA rows, each eval on 200 report questions
+    python experiments.py --only methods_react scaling_50 --dry-run   # print what would run
+    python fireact.py table runs/exp                    # -> runs/exp/table.md + table.png (also after each run)
+
+Why a file of its own: the grid (which runs make which finding, the data they share, the order, the choice made on
+dev) is a concept of its own, and fireact.py, which owns every command a row runs, would be unreadable with it.
+Each step is a plain `fireact.py ...` or `train.py ...` command line, printed and recorded in the row's summary,
+so any row can be rerun by hand; the runner calls the same `main(argv)` in-process (one interpreter, no reload
+of torch per step).
+
+Method (README): choices are made on dev, results are reported once on test. The toy grid's recipe, the mix of
+teacher methods, is the `methods` row with the best dev EM (step `choose`, which writes RUN/chosen.json); every
+later toy row builds on that choice. The HotpotQA rows tune on the 200-question `tune` part of the 957 offline
+questions and report on the other 757 (`report`).
+"""
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import cli
+import fireact
+
+REPO = Path(__file__).resolve().parent
+FT_DATA = fireact.SHARED_DATA / "fireact" / "finetune" / "alpaca_format"
+
+# CPU cost model for --list, from runs on this project's 2-core AMD EPYC (AVX2, fp32; README): training ~1.4 s per
+# toy trajectory (545 in 12-13 min idle) and ~1.5 s per FireAct HotpotQA one (500 in 768 s); eval ~1.5 s per
+# fine-tuned toy question, 5.5 s per prompted one (its 3k-token few-shot prefix), 2.8 / 4.4 s per HotpotQA one.
+CPU_S = {"train_toy": 1.4, "train_hp": 1.5, "eval_toy": 1.5, "eval_toy_prompted": 5.5, "eval_hp": 2.8,
+         "eval_hp_prompted": 4.4}
+
+
+@dataclass
+class Step:
+    name: str            # unique in the grid: shared steps (data) appear in several rows and run once
+    argv: list           # ["fireact.py" | "train.py", *flags]; paths are relative to the run dir, except REPO ones
+    cost: float = 0.0    # estimated CPU seconds (--list)
+
+
+@dataclass
+class Row:
+    name: str
+    group: str           # headline | methods | scaling | masking | full | noise | multitask | hotpotqa
+    label: str           # what the table calls it
+    steps: list          # [Step], in order
+    evals: dict = field(default_factory=dict)  # tag ("test", "dev", "toy_mc test") -> eval --out path
+    trains: bool = True  # its last train step is the row's own (time, data size); False: it evaluates another's
+
+
+def gen(task, method, noise=0.0):
+    extra = ["--reflect-at", "2"] if method == "reflexion" else []  # toyworld.py: why 2 rounds on the toy
+    tag = f"_noise{noise:g}" if noise else ""
+    if noise:
+        extra += ["--noise", str(noise), "--noise-mode", "none"]
+    return Step(f"gen_{task}_{method}{tag}", ["fireact.py", "generate", "--task", task, "--method", method,
+                                             "--teacher-model", "oracle", "--out", f"data/gen_{task}_{method}{tag}.jsonl",
+                                             *extra], 5)
+
+
+# train.py's CPU defaults, pinned so that a GPU run trains the same recipe (CUDA's defaults: 3 epochs of 16s)
+RECIPE = ["--epochs", "1", "--batch-size", "4", "--micro-batch", "4"]
+
+
+def train_step(name, data, *flags, n=545, hp=False):
+    return Step(f"train_{name}", ["train.py", "--data", *data, "--out", f"train/{name}", "--no-progress", *RECIPE,
+                                  *flags], n * CPU_S["train_hp" if hp else "train_toy"])
+
+
+def eval_step(name, task, split, *flags, n=200, prompted=False, hp=False):
+    kind = ("eval_hp" if hp else "eval_toy") + ("_prompted" if prompted else "")
+    return Step(f"eval_{name}", ["fireact.py", "eval", "--task", task, "--split", split, "--out",
+                                 f"evals/{name}.json", *flags], n * CPU_S[kind])
+
+
+# three toy mixes of the same size (the default's 545): which methods, not how much data. The default data,
+# data/toy/train.jsonl, is react_reflexion's (toyworld.py)
+MIXES = {"react": ["react=545"], "react_reflexion": ["react=470", "reflexion=75"],
+         "react_cot_reflexion": ["react=420", "reflexion=75", "cot=50"]}
+TOY_EVAL = ["--max-new-tokens", "128"]  # toy turns are short; prompted rambling is cut at 128 tokens (README)
+
+
+def toy_rows() -> list[Row]:
+    data = [gen(t, m) for t in ("toy", "toy_yesno", "toy_mc") for m in ("react", "reflexion", "cot")]
+    filt = {t: Step(f"filter_{t}", ["fireact.py", "filter", *(f"data/gen_{t}_{m}.jsonl" for m in ("react", "reflexion", "cot")),
+                                     "--out", f"data/ok_{t}.jsonl"], 1) for t in ("toy", "toy_yesno", "toy_mc")}
+    toy_data = data[:3] + [filt["toy"]]
+    rows = [Row("prompted", "headline", "prompted (few-shot ReAct)", [
+        eval_step("prompted_test", "toy", "test", *TOY_EVAL, prompted=True)], {"test": "evals/prompted_test.json"})]
+    for m, caps in MIXES.items():
+        mix = Step(f"mix_{m}", ["fireact.py", "mix", "data/ok_toy.jsonl", "--methods", *m.split("_"), "--per-method",
+                                *caps, "--out", f"data/mix_{m}.jsonl"], 1)
+        rows.append(Row(f"methods_{m}", "methods", m.replace("_", " + ").replace("cot", "CoT").replace(
+            "react", "ReAct").replace("reflexion", "Reflexion"), toy_data + [
+            mix, train_step(f"methods_{m}", [f"data/mix_{m}.jsonl"]),
+            eval_step(f"methods_{m}_dev", "toy", "dev", "--adapter", f"train/methods_{m}", *TOY_EVAL, n=100),
+            eval_step(f"methods_{m}_test", "toy", "test", "--adapter", f"train/methods_{m}", *TOY_EVAL)],
+            {"dev": f"evals/methods_{m}_dev.json", "test": f"evals/methods_{m}_test.json"}))
+    choose = Step("choose", ["experiments.py", "--choose", "methods"], 0)
+    method_steps = [s for r in rows if r.group == "methods" for s in r.steps]
+    chosen = method_steps + [choose]  # every later toy row trains on the mix chosen on dev
+    for n in (50, 100, 200, 400):
+        rows.append(Row(f"scaling_{n}", "scaling", f"{n} trajectories", chosen + [
+            train_step(f"scaling_{n}", [f"data/chosen.jsonl:{n}"], n=n),
+            eval_step(f"scaling_{n}_test", "toy", "test", "--adapter", f"train/scaling_{n}", *TOY_EVAL)],
+            {"test": f"evals/scaling_{n}_test.json"}))
+    rows.append(Row("mask_all", "masking", "loss on every token (--train-on all)", chosen + [
+        train_step("mask_all", ["data/chosen.jsonl"], "--train-on", "all"),
+        eval_step("mask_all_test", "toy", "test", "--adapter", "train/mask_all", *TOY_EVAL)],
+        {"test": "evals/mask_all_test.json"}))
+    rows.append(Row("full", "full", "full fine-tuning (--full)", chosen + [
+        train_step("full", ["data/chosen.jsonl"], "--full"),
+        eval_step("full_test", "toy", "test", "--model", "train/full/model", "--zero-shot", *TOY_EVAL)],
+        {"test": "evals/full_test.json"}))
+    rows.append(Row("noise_finetuned_clean", "noise", "fine-tuned, clean observations", chosen + [
+        eval_step("noise_finetuned_clean_test", "toy", "test", "--adapter", "train/chosen", *TOY_EVAL)],
+        {"test": "evals/noise_finetuned_clean_test.json"}, trains=False))
+    for who, flags, prompted in (("prompted", [], True), ("finetuned", ["--adapter", "train/chosen"], False)):
+        for mode in ("none", "random"):
+            rows.append(Row(f"noise_{who}_{mode}", "noise", f"{who.replace('finetuned', 'fine-tuned')}, p=0.5 "
+                            f"{mode} observations", (chosen if not prompted else []) + [
+                eval_step(f"noise_{who}_{mode}_test", "toy", "test", *flags, "--noise", "0.5", "--noise-mode", mode,
+                          *TOY_EVAL, prompted=prompted)], {"test": f"evals/noise_{who}_{mode}_test.json"}, trains=False))
+    noisy = [gen("toy", "react", 0.5),
+             Step("filter_toy_noisy", ["fireact.py", "filter", "data/gen_toy_react_noise0.5.jsonl",
+                                       "--out", "data/ok_toy_noisy.jsonl"], 1),
+             Step("mix_noisy", ["fireact.py", "mix", "data/ok_toy_noisy.jsonl", "--per-group", "545",
+                                "--out", "data/mix_noisy.jsonl"], 1),
+             train_step("noisy_data", ["data/mix_noisy.jsonl"])]
+    rows.append(Row("noisy_data", "noise", "fine-tuned on noisy-tool trajectories (p=0.5 none)", noisy + [
+        eval_step("noisy_data_clean_test", "toy", "test", "--adapter", "train/noisy_data", *TOY_EVAL),
+        eval_step("noisy_data_none_test", "toy", "test", "--adapter", "train/noisy_data", "--noise", "0.5",
+                  "--noise-mode", "none", *TOY_EVAL),
+        eval_step("noisy_data_random_test", "toy", "test", "--adapter", "train/noisy_data", "--noise", "0.5",
+                  "--noise-mode", "random", *TOY_EVAL)],
+        {"test": "evals/noisy_data_clean_test.json", "test, p=0.5 none": "evals/noisy_data_none_test.json",
+         "test, p=0.5 random": "evals/noisy_data_random_test.json"}))
+    # multi-task: each extra task alone (the same methods as the chosen toy mix, per task) and all three together
+    single = {}
+    for t in ("toy_yesno", "toy_mc"):
+        single[t] = data[3 * (1 + ("toy_yesno", "toy_mc").index(t)):][:3] + [filt[t], Step(
+            f"mix_{t}", ["experiments.py", "--choose", f"mix:{t}"], 1)]
+        rows.append(Row(f"single_{t}", "multitask", f"{t} alone", chosen + single[t] + [
+            train_step(f"single_{t}", [f"data/mix_{t}.jsonl"], n=375),
+            eval_step(f"single_{t}_test", t, "test", "--adapter", f"train/single_{t}", *TOY_EVAL)],
+            {f"{t} test": f"evals/single_{t}_test.json"}))
+        rows.append(Row(f"prompted_{t}", "multitask", f"{t} prompted (few-shot)", [
+            eval_step(f"prompted_{t}_test", t, "test", *TOY_EVAL, prompted=True)], {f"{t} test": f"evals/prompted_{t}_test.json"}))
+    multi = Step("mix_multitask", ["fireact.py", "mix", "data/chosen.jsonl", "data/mix_toy_yesno.jsonl",
+                                   "data/mix_toy_mc.jsonl", "--out", "data/mix_multitask.jsonl"], 1)
+    rows.append(Row("multitask", "multitask", "toy + toy_yesno + toy_mc", chosen + single["toy_yesno"] +
+                    single["toy_mc"] + [multi, train_step("multitask", ["data/mix_multitask.jsonl"], n=1295)] + [
+        eval_step(f"multitask_{t}_test", t, "test", "--adapter", "train/multitask", *TOY_EVAL)
+        for t in ("toy", "toy_yesno", "toy_mc")],
+        {f"{t} test": f"evals/multitask_{t}_test.json" for t in ("toy", "toy_yesno", "toy_mc")}))
+    # run order (the table has its own): the recipe choice first, then the cheap rows, so that a run cut short
+    # has measured the most findings; the prompted evals (3k-token few-shot prefixes, 11 turns) are the dearest
+    return sorted(rows, key=lambda r: RUN_ORDER.index(r.name))
+
+
+RUN_ORDER = ("methods_react", "methods_react_reflexion", "methods_react_cot_reflexion", "scaling_50", "scaling_100",
+             "scaling_200", "noise_finetuned_clean", "noise_finetuned_none", "noise_finetuned_random", "mask_all",
+             "prompted", "scaling_400", "full", "single_toy_yesno", "single_toy_mc", "multitask", "noisy_data",
+             "noise_prompted_none", "noise_prompted_random", "prompted_toy_yesno", "prompted_toy_mc")
+
+
+HP_EVAL = ["--max-steps", "7"]  # ReAct's and the reference points' budget on HotpotQA
+
+
+def hotpotqa_rows() -> list[Row]:
+    rows = [Row("hp_prompted", "hotpotqa", "prompted (few-shot, snippet tool)", [
+        eval_step("hp_prompted_report", "hotpotqa_offline", "report", "--tool", "snippet", *HP_EVAL, n=757,
+                  prompted=True, hp=True)], {"report": "evals/hp_prompted_report.json"})]
+    sizes = {"hotpotqa": 500, "hotpotqa_multimethod": 833, "multitask": 1500, "multitask_multimethod": 2250}
+    for name, n in sizes.items():
+        rows.append(Row(f"hp_{name}", "hotpotqa", f"fine-tuned on FireAct's {name}", [
+            train_step(f"hp_{name}", [str(FT_DATA / f"{name}.json")], n=n, hp=True),
+            eval_step(f"hp_{name}_tune", "hotpotqa_offline", "tune", "--adapter", f"train/hp_{name}", *HP_EVAL,
+                      n=200, hp=True),
+            eval_step(f"hp_{name}_report", "hotpotqa_offline", "report", "--adapter", f"train/hp_{name}", *HP_EVAL,
+                      n=757, hp=True)],
+            {"tune": f"evals/hp_{name}_tune.json", "report": f"evals/hp_{name}_report.json"}))
+    rows.append(Row("hp_mask_all", "hotpotqa", "FireAct's hotpotqa, loss on every token", [
+        train_step("hp_mask_all", [str(FT_DATA / "hotpotqa.json")], "--train-on", "all", n=500, hp=True),
+        eval_step("hp_mask_all_report", "hotpotqa_offline", "report", "--adapter", "train/hp_mask_all", *HP_EVAL,
+                  n=757, hp=True)], {"report": "evals/hp_mask_all_report.json"}))
+    hp_fts = [s for r in rows[1:5] for s in r.steps]
+    for who, flags, prompted, before in (("prompted", ["--tool", "snippet"], True, []),
+                                         ("finetuned", ["--adapter", "train/hp_chosen"], False,
+                                          hp_fts + [Step("hp_choose", ["experiments.py", "--choose", "hp"], 0)])):
+        rows.append(Row(f"hp_noise_{who}", "hotpotqa", f"{who.replace('finetuned', 'best fine-tuned')}, p=0.5 none "
+                        "observations", before + [
+            eval_step(f"hp_noise_{who}_report", "hotpotqa_offline", "report", *flags, "--noise", "0.5",
+                      "--noise-mode", "none", *HP_EVAL, n=757, prompted=prompted, hp=True)],
+            {"report": f"evals/hp_noise_{who}_report.json"}, trains=False))
+    return rows
+
+
+GRIDS = {"toy": toy_rows, "hotpotqa": hotpotqa_rows}
+
+
+# ------------------------------------------------------------------------------------------------ choices on dev
+def dev_em(run: Path, row: str, split: str) -> float:
+    return read_summary(run / "evals" / f"{row}_{split}.json")["em"]
+
+
+def choose(run: Path, what: str):
+    """`--choose methods`: the toy mix whose model has the best dev EM -> data/chosen.jsonl, train/chosen.
+    `--choose hp`: the FireAct data whose model has the best tune EM -> train/hp_chosen.
+    `--choose mix:TASK`: an extra toy task's mix, with the methods (and per-method counts) of the chosen mix."""
+    if what.startswith("mix:"):
+        task, picked = what[4:], json.loads((run / "chosen.json").read_text())
+        fireact.main(["mix", str(run / f"data/ok_{task}.jsonl"), "--methods", *picked["mix"].split("_"),
+                      "--per-method", *MIXES[picked["mix"]], "--out", str(run / f"data/mix_{task}.jsonl")])
+        return
+    rows, split, prefix = ((["react", "react_reflexion", "react_cot_reflexion"], "dev", "methods") if what == "methods"
+                           else (["hotpotqa", "hotpotqa_multimethod", "multitask", "multitask_multimethod"], "tune", "hp"))
+    ems = {r: dev_em(run, f"{prefix}_{r}", split) for r in rows}
+    best = max(rows, key=lambda r: (ems[r], -rows.index(r)))  # ties: the simpler (earlier) one
+    link = run / "train" / ("chosen" if what == "methods" else "hp_chosen")
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(f"{prefix}_{best}")
+    record = {"mix" if what == "methods" else "data": best, f"{split}_em": ems}
+    if what == "methods":
+        shutil.copyfile(run / f"data/mix_{best}.jsonl", run / "data/chosen.jsonl")
+    cli.atomic_write(run / ("chosen.json" if what == "methods" else "hp_chosen.json"), json.dumps(record, indent=1))
+    print(f"chosen on {split}: {best} ({', '.join(f'{k} {v:.1f}' for k, v in ems.items())})")
+
+
+# --------------------------------------------------------------------------------------------------- the runner
+@dataclass
+class ExpConfig:
+    grid: Literal["toy", "hotpotqa"] = "toy"  # toy: the offline toy world's rows | hotpotqa: the real-data rows
+    out: str = "runs/exp"          # the run dir: data/, train/, evals/, steps/ (what finished), rows/ (summaries)
+    only: list = field(default_factory=list)  # row names to run (their shared steps run too); [] = every row
+    list: bool = False             # print the rows, their commands and the estimated CPU time; run nothing
+    dry_run: bool = False          # print the commands that would run now (finished steps skipped)
+    eval_n: int = 0                # > 0: every eval on the first N questions of its split (a subsample; said in the table)
+    model: str = ""                # the student's base model (train.py/eval --model); "" = the embedded SmolLM2-135M
+    device: str = ""               # passed to train.py and eval (cpu | cuda); "" = their default
+    eval_batch: int = 0            # > 0: eval's --batch-size (live episodes per generate call; a GPU takes 200)
+    choose: str = ""               # (a step of the grid) make the choice on dev: methods | hp | mix:TASK
+
+    def check(self):
+        names = [r.name for r in GRIDS[self.grid]()]
+        bad = [n for n in self.only if n not in names]
+        if bad:
+            raise ValueError(f"--only {bad[0]}: no such row in grid {self.grid}; rows: {', '.join(names)}")
+        for name in ("eval_n", "eval_batch"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 0")
+
+
+def host() -> str:
+    """The machine a step ran on: the CPU model, and the GPU when nvidia-smi sees one."""
+    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                if l.startswith("model name")), "cpu") if Path("/proc/cpuinfo").exists() else "cpu"
+    try:
+        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=20).stdout.strip().splitlines()
+    except (OSError, subprocess.SubprocessError):
+        gpu = []
+    return cpu + (f" + {gpu[0]}" if gpu else "")
+
+
+def resolve(step: Step, run: Path, cfg: ExpConfig) -> list:
+    """The step's full argv: paths under the run dir made absolute, the run-wide flags added."""
+    script, *args = step.argv
+    out = [str(run / a.split(":")[0]) + (":" + a.split(":", 1)[1] if ":" in a else "")
+           if a.startswith(("data/", "train/", "evals/")) else a for a in args]
+    if script == "experiments.py":
+        return [script, *out, "--out", str(run)]
+    if cfg.device and (script == "train.py" or out[0] == "eval"):
+        out += ["--device", cfg.device]
+    if cfg.model and (script == "train.py" or out[0] == "eval") and "--model" not in out:
+        out += ["--model", cfg.model]
+    if cfg.eval_n and script == "fireact.py" and out[0] == "eval":
+        out += ["--n", str(cfg.eval_n)]
+    if cfg.eval_batch and script == "fireact.py" and out[0] == "eval":
+        out += ["--batch-size", str(cfg.eval_batch)]
+    return [script, *out]
+
+
+def run_step(argv: list):
+    """One step in this interpreter: the same main() its command line calls."""
+    script, *args = argv
+    if script == "train.py":
+        import train
+        train.main(args)
+    elif script == "fireact.py":
+        fireact.main(args)
+    else:
+        main(args)
+
+
+def read_summary(path: Path) -> dict:
+    return json.loads(fireact.summary_path(path).read_text())
+
+
+def trained_on(step: Step, run: Path) -> int:
+    """How many trajectories a train step's --data holds (FILE:N takes the first N)."""
+    args = step.argv[step.argv.index("--data") + 1:]
+    n = 0
+    for a in args[:next((i for i, a in enumerate(args) if a.startswith("--")), len(args))]:
+        path, _, k = a.partition(":")
+        got = len(fireact.read_records(run / path if path.startswith("data/") else Path(path)))
+        n += min(got, int(k)) if k else got
+    return n
+
+
+def row_summary(row: Row, order: int, run: Path, cfg: ExpConfig, done: dict) -> dict:
+    """Everything that made the row: its commands, where and how long each ran, and each eval's numbers."""
+    evals = {}
+    for tag, path in row.evals.items():
+        s = read_summary(run / path)
+        evals[tag] = {k: s[k] for k in ("task", "split", "n", "em", "f1", "finish_rate", "mean_steps", "wall_s",
+                                        "failures", "tool", "noise", "noise_mode")}
+    step = next((s for s in reversed(row.steps) if s.name.startswith("train_")), None) if row.trains else None
+    train = done[step.name] if step else None
+    chosen = {}
+    for f in ("chosen.json", "hp_chosen.json"):
+        if (run / f).exists():
+            chosen[f] = json.loads((run / f).read_text())
+    return dict(name=row.name, group=row.group, label=row.label, order=order, x=step and trained_on(step, run), evals=evals,
+                train_s=train and train["seconds"], train_host=train and train["host"],
+                commands=[done[s.name]["command"] for s in row.steps], choices=chosen, eval_n=cfg.eval_n,
+                provenance=cli.provenance())
+
+
+def run_grid(cfg: ExpConfig):
+    run = Path(cfg.out)
+    rows = [r for r in GRIDS[cfg.grid]() if not cfg.only or r.name in cfg.only]
+    steps = {}
+    for r in rows:
+        for s in r.steps:
+            steps.setdefault(s.name, s)
+    if cfg.list:
+        total = sum(s.cost for s in steps.values())
+        for r in rows:
+            print(f"{r.name:<28}{r.group:<11}{r.label}")
+        print(f"\n{len(rows)} rows, {len(steps)} steps: about {total / 3600:.1f} h of CPU time on a 2-core AVX2 CPU "
+              f"(cost model in experiments.py; a GPU needs minutes)")
+        for s in steps.values():
+            print(f"  {s.cost / 60:6.1f} min  python " + " ".join(resolve(s, run, cfg)))
+        return
+    (run / "steps").mkdir(parents=True, exist_ok=True)
+    (run / "rows").mkdir(exist_ok=True)
+    where = host()
+    todo = [s for s in steps.values() if not (run / "steps" / f"{s.name}.json").exists()]
+    print(f"grid {cfg.grid}: {len(rows)} rows, {len(steps)} steps, {len(todo)} to run; about "
+          f"{sum(s.cost for s in todo) / 3600:.1f} h of CPU time on a 2-core AVX2 CPU ({where})", flush=True)
+    failed, skipped = set(), set()  # failed includes skipped: the steps after a failure in its rows
+    order = {r.name: i for i, r in enumerate(GRIDS[cfg.grid]())}
+    for r in rows:
+        for s in r.steps:
+            rec = run / "steps" / f"{s.name}.json"
+            if rec.exists() or s.name in failed:
+                continue
+            if any(p.name in failed for p in r.steps[:r.steps.index(s)]):
+                failed.add(s.name)
+                skipped.add(s.name)
+                continue
+            argv = resolve(s, run, cfg)
+            command = "python " + " ".join(argv)
+            print(f"\n[{time.strftime('%H:%M:%S')}] {s.name}: {command}", flush=True)
+            if cfg.dry_run:
+                failed.add(s.name)  # so that later steps of the row are listed, not run
+                continue
+            t0 = time.time()
+            try:
+                run_step(argv)
+            except (Exception, SystemExit) as e:  # a failed step skips the rows that need it, not the grid
+                if isinstance(e, SystemExit) and not e.code:
+                    pass
+                else:
+                    traceback.print_exc()
+                    print(f"step {s.name} failed: {cli.one_line(e)}", file=sys.stderr, flush=True)
+                    failed.add(s.name)
+                    continue
+            cli.atomic_write(rec, json.dumps({"command": command, "seconds": round(time.time() - t0, 1),
+                                              "host": where, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}))
+        if cfg.dry_run or any(s.name in failed for s in r.steps):
+            continue
+        done = {s.name: json.loads((run / "steps" / f"{s.name}.json").read_text()) for s in r.steps}
+        cli.atomic_write(run / "rows" / f"{r.name}.json", json.dumps(row_summary(r, order[r.name], run, cfg, done), indent=1))
+    if not cfg.dry_run:
+        md, png = table([str(run)])
+        print(f"\n{md.read_text()}\ntable: {md}, chart: {png}")
+        if failed:
+            broke = [n for n in failed if n not in skipped]
+            raise ValueError(f"{len(broke)} step(s) failed ({', '.join(broke)}), {len(skipped)} skipped because "
+                             f"they need one; rerun to retry them")
+
+
+# -------------------------------------------------------------------------------------------- table and chart
+def load_rows(dirs) -> list[dict]:
+    rows = []
+    for d in dirs:
+        d = Path(d)
+        files = sorted((d / "rows").glob("*.json")) if (d / "rows").is_dir() else [d] if d.is_file() else []
+        if not files:
+            raise ValueError(f"{d}: no row summaries (expected {d / 'rows'}/*.json from experiments.py)")
+        for f in files:
+            try:
+                rows.append(json.loads(f.read_text()))
+            except ValueError as e:
+                raise ValueError(f"{f}: not a row summary ({cli.one_line(e)})") from None
+    return rows
+
+
+GROUP_ORDER = ("headline", "methods", "scaling", "masking", "full", "noise", "multitask", "hotpotqa")
+
+
+def table(dirs, out: str = "") -> tuple[Path, Path]:
+    """Row summaries -> OUT/table.md (one markdown table, grouped) and OUT/table.png (EM per row; the scaling
+    curve). OUT = the first run dir unless given."""
+    rows = sorted(load_rows(dirs), key=lambda r: (GROUP_ORDER.index(r["group"]) if r["group"] in GROUP_ORDER
+                                                   else 99, r["order"]))
+    out = Path(out or (dirs[0] if Path(dirs[0]).is_dir() else Path(dirs[0]).parent.parent))
+    chosen = {}
+    for r in rows:
+        for f, c in r.get("choices", {}).items():
+            chosen[("methods_" if f == "chosen.json" else "hp_") + c.get("mix", c.get("data", ""))] = \
+                f"chosen on {'dev' if f == 'chosen.json' else 'tune'}"
+    lines = ["| group | row | evaluated on | EM | F1 | finish % | steps | n | train s | eval s | chosen |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        train_s = "-" if r["train_s"] is None else f"{r['train_s']:.0f}"
+        for tag, e in r["evals"].items():
+            what = f"{e['task']} {e['split']}" + (f", p={e['noise']:g} {e['noise_mode']}" if e["noise"] else "")
+            lines.append(f"| {r['group']} | {r['label']} | {what} | {e['em']:.1f} | {e['f1']:.1f} | "
+                         f"{e['finish_rate']:.0f} | {e['mean_steps']:.2f} | {e['n']} | {train_s} | {e['wall_s']:.0f} | "
+                         f"{chosen.get(r['name'], '')} |")
+    hosts = sorted({r["train_host"] for r in rows if r.get("train_host")})
+    lines += ["", "Machines: " + ("; ".join(hosts) or "-") + ". Commands: each row's summary in rows/*.json."]
+    md = out / "table.md"
+    cli.atomic_write(md, "\n".join(lines) + "\n")
+    return md, chart(rows, out / "table.png")
+
+
+def chart(rows, path: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    bars = [(f"{r['label']} ({tag})" if len(r["evals"]) > 1 else r["label"], e["em"])
+            for r in rows for tag, e in r["evals"].items() if tag != "dev" and tag != "tune"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(14, max(4, 0.3 * len(bars))), gridspec_kw={"width_ratios": [2, 1]})
+    a.barh([l for l, _ in bars][::-1], [v for _, v in bars][::-1], color="#4c72b0")
+    a.set_xlabel("EM (test / report)")
+    a.tick_params(axis="y", labelsize=7)
+    pick = next((r for r in rows if r.get("choices", {}).get("chosen.json") and
+                 r["name"] == "methods_" + r["choices"]["chosen.json"]["mix"]), None)
+    pts = sorted([(r["x"], r["evals"]["test"]["em"]) for r in rows if r["group"] == "scaling"] +
+                 ([(pick["x"], pick["evals"]["test"]["em"])] if pick else []))
+    if pts:
+        b.plot([x for x, _ in pts], [y for _, y in pts], "o-")
+        b.set_xscale("log")
+        b.set_xlabel("training trajectories")
+        b.set_ylabel("toy test EM")
+        b.set_title("data scaling")
+    else:
+        b.axis("off")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def main(argv=None):
+    cfg = cli.parse_config(ExpConfig, sys.argv[1:] if argv is None else argv,
+                           description=__doc__.split("\n\n")[1])
+    if cfg.choose:
+        return choose(Path(cfg.out), cfg.choose)
+    run_grid(cfg)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TQDM_DISABLE", "1")  # one line per step, not a progress bar per eval
+    sys.exit(cli.run(main, prog="experiments.py") or 0)

@@ -1,0 +1,123 @@
+"""The experiments grid (experiments.py): a real run of toy rows on a tiny model (data -> train -> eval, the dev
+choice, row summaries, table + chart), resumption, a failing step that skips only the rows needing it, and the
+one-line errors.
+
+    python -m pytest -q tests/test_experiments.py
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import experiments as X
+import fireact
+from conftest import make_tiny_llama
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def quick(monkeypatch):
+    """Two optimizer steps per training and two 8-token turns per episode: the grid's logic, not its quality."""
+    monkeypatch.setattr(X, "RECIPE", X.RECIPE + ["--max-steps", "2"])
+    monkeypatch.setattr(X, "TOY_EVAL", ["--max-steps", "2", "--max-new-tokens", "8"])
+    monkeypatch.setattr(fireact, "CACHE", fireact.CACHE)
+
+
+def test_toy_rows_run_choose_on_dev_resume_and_tabulate(tmp_path, quick, capsys):
+    tiny = make_tiny_llama(tmp_path / "tiny", std=0.3)
+    run = tmp_path / "run"
+    args = ["--out", str(run), "--model", str(tiny), "--eval-n", "2", "--device", "cpu",
+            "--only", "scaling_50", "full", "noise_finetuned_none"]
+    X.main(args)
+    rows = {p.stem: json.loads(p.read_text()) for p in (run / "rows").glob("*.json")}
+    assert set(rows) == {"scaling_50", "full", "noise_finetuned_none"}
+    s50 = rows["scaling_50"]
+    assert s50["x"] == 50 and s50["evals"]["test"]["n"] == 2 and s50["train_s"] > 0
+    assert s50["commands"][-2].startswith("python train.py --data ") and ":50 " in s50["commands"][-2]
+    assert any(c.startswith("python experiments.py --choose methods") for c in s50["commands"])
+    assert rows["full"]["commands"][-1].endswith(f"--zero-shot --max-steps 2 --max-new-tokens 8 --device cpu --n 2")
+    assert rows["noise_finetuned_none"]["train_s"] is None  # it evaluates the chosen adapter, trains nothing
+    assert rows["noise_finetuned_none"]["evals"]["test"]["noise"] == 0.5
+    # the choice is made on dev: every dev EM is 0 with a random model, so the tie goes to the simplest mix
+    chosen = json.loads((run / "chosen.json").read_text())
+    assert chosen["mix"] == "react" and set(chosen["dev_em"]) == set(X.MIXES)
+    assert (run / "data/chosen.jsonl").read_bytes() == (run / "data/mix_react.jsonl").read_bytes()
+    assert (run / "train/chosen").resolve() == (run / "train/methods_react").resolve()
+    md = (run / "table.md").read_text()
+    assert "| scaling | 50 trajectories | toy test | 0.0 |" in md and "p=0.5 none" in md
+    assert (run / "table.png").stat().st_size > 10_000
+    # resumable: a second run finds every step done and runs none
+    capsys.readouterr()
+    X.main(args)
+    assert ", 0 to run;" in capsys.readouterr().out
+    # `fireact.py table` gathers rows from several run dirs
+    md2, png2 = X.table([str(run), str(run / "rows" / "full.json")], out=str(tmp_path))
+    assert md2.read_text().count("full fine-tuning") == 2 and png2.exists()
+
+
+def test_a_failed_step_skips_the_rows_that_need_it(tmp_path, monkeypatch):
+    ran = []
+
+    def fake(argv):  # every step "succeeds" instantly, writing what an eval writes, except one training
+        ran.append(argv)
+        if argv[0] == "train.py" and "scaling_50" in " ".join(argv):
+            raise ValueError("disk full")
+        if argv[:2] == ["fireact.py", "eval"]:
+            out = Path(argv[argv.index("--out") + 1])
+            out.parent.mkdir(parents=True, exist_ok=True)
+            fireact.write_json(fireact.summary_path(out), dict(
+                task="toy", split="test", n=1, em=100.0, f1=100.0, finish_rate=100.0, mean_steps=2.0, wall_s=1.0,
+                failures=0, tool="local", noise=0.0, noise_mode="none"))
+        elif argv[0] == "train.py":
+            Path(argv[argv.index("--out") + 1]).mkdir(parents=True, exist_ok=True)
+        elif argv[0] == "fireact.py":  # generate, filter, mix: their output file
+            out = Path(argv[argv.index("--out") + 1])
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text("{}\n")
+        if argv[0] == "experiments.py":
+            X.main(argv[1:])
+
+    monkeypatch.setattr(X, "run_step", fake)
+    monkeypatch.setattr(X, "trained_on", lambda step, run: 7)
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"1 step\(s\) failed \(train_scaling_50\), 1 skipped"):
+        X.main(["--out", str(run), "--only", "scaling_50", "scaling_100"])
+    assert sorted(p.stem for p in (run / "rows").glob("*.json")) == ["scaling_100"]
+    assert not any("scaling_50_test" in " ".join(a) for a in ran)  # its eval never ran
+    assert not (run / "steps" / "train_scaling_50.json").exists()  # a rerun retries it
+
+
+def test_choose_takes_the_best_dev_em(tmp_path):
+    (tmp_path / "evals").mkdir()
+    for row, em in (("react", 60.0), ("react_reflexion", 71.0), ("react_cot_reflexion", 71.0)):
+        fireact.write_json(tmp_path / "evals" / f"methods_{row}_dev.summary.json", {"em": em})
+        (tmp_path / "data").mkdir(exist_ok=True)
+        (tmp_path / "data" / f"mix_{row}.jsonl").write_text(row + "\n")
+    X.choose(tmp_path, "methods")
+    assert json.loads((tmp_path / "chosen.json").read_text())["mix"] == "react_reflexion"  # tie: the simpler
+    assert (tmp_path / "data/chosen.jsonl").read_text() == "react_reflexion\n"
+    assert Path(str((tmp_path / "train/chosen").readlink())) == Path("methods_react_reflexion")
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, str(REPO / "experiments.py"), *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_list_and_one_line_errors(tmp_path):
+    r = run_cli("--list")
+    assert r.returncode == 0 and "methods_react_cot_reflexion" in r.stdout and "h of CPU time" in r.stdout
+    assert "python train.py --data runs/exp/data/chosen.jsonl:50" in r.stdout
+    r = run_cli("--grid", "hotpotqa", "--list")
+    assert r.returncode == 0 and "--split report" in r.stdout and "--split tune" in r.stdout
+    r = run_cli("--only", "nope", "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and "--only nope: no such row in grid toy" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "x").exists()
+    (tmp_path / "rows").mkdir()
+    (tmp_path / "rows" / "bad.json").write_text("{not json")
+    r = subprocess.run([sys.executable, str(REPO / "fireact.py"), "table", str(tmp_path)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 1 and f"{tmp_path / 'rows' / 'bad.json'}: not a row summary" in r.stderr
