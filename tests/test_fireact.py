@@ -94,6 +94,11 @@ def test_loaders_and_subsets():
     hp = fireact.load_questions("hotpotqa")
     assert [q["id"] for q in hp[:2]] == ["3687", "6238"] and len(hp) == 500
     assert len(fireact.load_questions("hotpotqa_offline")) == 957
+    # the experiments' fixed split of the 957: 200 to tune on, 757 to report; disjoint, seeded, in dev order
+    tune, report = (fireact.load_questions("hotpotqa_offline", s) for s in ("tune", "report"))
+    assert len(tune) == 200 and len(report) == 757 and not {q["id"] for q in tune} & {q["id"] for q in report}
+    assert [int(q["id"]) for q in tune] == sorted(int(q["id"]) for q in tune)
+    assert tune == fireact.load_questions("hotpotqa_offline", "tune")
     assert len(fireact.load_questions("bamboogle")) == 125
     sq = fireact.load_questions("strategyqa")
     assert len(sq) == 229 and {q["answer"] for q in sq} == {"yes", "no"}
@@ -294,6 +299,20 @@ def test_generate_resumes_after_crash(tmp_path, wiki, monkeypatch):
     assert sum(r["em"] for r in recs) == 6
     kept = fireact.filter_records(fireact.FilterConfig(files=[cfg.out], out=str(tmp_path / "ok.jsonl")))
     assert kept == 6
+
+
+def test_generate_with_noisy_tools_records_it_and_refuses_to_mix_settings(tmp_path):
+    """--noise: trajectories that saw noisy observations (FireAct's robustness data); the oracle recovers from most."""
+    out = tmp_path / "n.jsonl"
+    fireact.main(["generate", "--task", "toy", "--method", "react", "--teacher-model", "oracle", "--n", "40",
+                  "--noise", "0.5", "--out", str(out)])
+    recs = [json.loads(l) for l in out.read_text().splitlines()]
+    assert all(r["run"]["noise"] == 0.5 and r["run"]["noise_mode"] == "none" for r in recs)
+    assert any(s["observation"] == "None" for r in recs for s in r["steps"])
+    assert sum(r["em"] for r in recs) >= 30
+    with pytest.raises(ValueError, match="noise 0.5 -> None"):
+        fireact.main(["generate", "--task", "toy", "--method", "react", "--teacher-model", "oracle", "--n", "40",
+                      "--out", str(out)])
 
 
 def test_parse_config_flags(tmp_path):
