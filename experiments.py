@@ -87,7 +87,7 @@ def eval_step(name, task, split, *flags, n=200, prompted=False, hp=False):
 
 
 # three toy mixes of the same size (the default's 545): which methods, not how much data. The default data,
-# data/toy/train.jsonl, is react_reflexion's (toyworld.py)
+# data/toy/train.jsonl, is the one chosen on dev: ReAct only (toyworld.py)
 MIXES = {"react": ["react=545"], "react_reflexion": ["react=470", "reflexion=75"],
          "react_cot_reflexion": ["react=420", "reflexion=75", "cot=50"]}
 TOY_EVAL = ["--max-new-tokens", "128"]  # toy turns are short; prompted rambling is cut at 128 tokens (README)
@@ -430,7 +430,7 @@ def table(dirs, out: str = "") -> tuple[Path, Path]:
     """Row summaries -> OUT/table.md (one markdown table, grouped) and OUT/table.png (EM per row; the scaling
     curve). OUT = the first run dir unless given."""
     rows = sorted(load_rows(dirs), key=lambda r: (GROUP_ORDER.index(r["group"]) if r["group"] in GROUP_ORDER
-                                                   else 99, r["order"]))
+                                                   else 99, r.get("order", 0)))
     out = Path(out or (dirs[0] if Path(dirs[0]).is_dir() else Path(dirs[0]).parent.parent))
     chosen = {}
     for r in rows:
@@ -457,11 +457,18 @@ def chart(rows, path: Path) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    bars = [(f"{r['label']} ({tag})" if len(r["evals"]) > 1 else r["label"], e["em"])
-            for r in rows for tag, e in r["evals"].items() if tag != "dev" and tag != "tune"]
+    bars = [(f"{r['group']}: {r['label']}" + (f" ({tag})" if len(r["evals"]) > 1 else ""), r["group"], e["em"])
+            for r in rows for tag, e in r["evals"].items() if tag not in ("dev", "tune")]
     fig, (a, b) = plt.subplots(1, 2, figsize=(14, max(4, 0.3 * len(bars))), gridspec_kw={"width_ratios": [2, 1]})
-    a.barh([l for l, _ in bars][::-1], [v for _, v in bars][::-1], color="#4c72b0")
-    a.set_xlabel("EM (test / report)")
+    colors = dict(zip(GROUP_ORDER, ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3",
+                                    "#8c8c8c")))
+    ys = range(len(bars))[::-1]
+    a.barh(list(ys), [v for *_, v in bars], color=[colors.get(g, "#4c72b0") for _, g, _ in bars])
+    a.set_yticks(list(ys), [l for l, *_ in bars])
+    for y, (*_, v) in zip(ys, bars):
+        a.text(v + 1, y, f"{v:.1f}", va="center", fontsize=7)
+    a.set_xlim(0, 105)
+    a.set_xlabel("EM (test / report split)")
     a.tick_params(axis="y", labelsize=7)
     pick = next((r for r in rows if r.get("choices", {}).get("chosen.json") and
                  r["name"] == "methods_" + r["choices"]["chosen.json"]["mix"]), None)
@@ -469,7 +476,10 @@ def chart(rows, path: Path) -> Path:
                  ([(pick["x"], pick["evals"]["test"]["em"])] if pick else []))
     if pts:
         b.plot([x for x, _ in pts], [y for _, y in pts], "o-")
+        for x, y in pts:
+            b.annotate(f"{y:.0f}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
         b.set_xscale("log")
+        b.set_ylim(0, 100)
         b.set_xlabel("training trajectories")
         b.set_ylabel("toy test EM")
         b.set_title("data scaling")

@@ -227,17 +227,12 @@ def test_default_training_data_is_consistent():
     train_q = {q["id"]: q for q in load("train")}
     recs = toyworld.read_jsonl(path)
     methods = {r["method"] for r in recs}
-    # no CoT in the default mix: toy questions need the tools, so the oracle's CoT trajectories are lucky guesses,
-    # and with 40 of them in the mix 23 of 100 test episodes became one-step guesses (README)
-    assert methods == {"react", "reflexion"} and len(recs) == 545
+    # ReAct only: the mix chosen on dev (experiments.py's methods rows; Reflexion and CoT records lowered dev EM)
+    assert methods == {"react"} and len(recs) == 545
     for r in recs:
         assert r["id"] in train_q and r["question"] == train_q[r["id"]]["question"] and r["em"] == 1
         assert r["steps"][-1]["action"] == f"finish[{r['answer']}]" and r["tool"] == "local"
         assert [s["action"].startswith("finish[") for s in r["steps"]].count(True) == 1  # no failed finish, ever
-    # Reflexion records hold real reflections (FireAct's: the teacher got stuck, reflected, then solved it)
-    refl = [r for r in recs if r["method"] == "reflexion"]
-    assert all(r["reflections"] == 1 and any(s["thought"].startswith(fireact.REFLECT_INTRO) for s in r["steps"])
-               for r in refl)
     test_titles = {f["title"].lower() for q in load("test") for f in q["chain"]}
     searched = {s["action"][7:-1].lower() for r in recs for s in r["steps"] if s["action"].startswith("search[")}
     assert not searched & test_titles  # training never searched a test page ...
@@ -255,9 +250,14 @@ def test_default_training_data_regenerates_from_the_documented_recipe(tmp_path, 
                       "--out", str(tmp_path / f"gen_{m}.jsonl")] + (["--reflect-at", "2"] if m == "reflexion" else []))
     fireact.main(["filter", *(str(tmp_path / f"gen_{m}.jsonl") for m in ("cot", "react", "reflexion")),
                   "--out", str(tmp_path / "ok.jsonl")])
-    fireact.main(["mix", str(tmp_path / "ok.jsonl"), "--methods", "react", "reflexion", "--per-method", "react=470",
-                  "reflexion=75", "--out", str(tmp_path / "train.jsonl")])
+    fireact.main(["mix", str(tmp_path / "ok.jsonl"), "--methods", "react", "--per-method", "react=545",
+                  "--out", str(tmp_path / "train.jsonl")])
     assert (tmp_path / "train.jsonl").read_bytes() == (TOY / "train.jsonl").read_bytes()
+    # the Reflexion records the experiments' other mixes use hold real reflections (FireAct's: the teacher got
+    # stuck, reflected, then solved it), and no gold answer: every one finishes right with one reflection
+    refl = [r for r in toyworld.read_jsonl(tmp_path / "ok.jsonl") if r["method"] == "reflexion"]
+    assert len(refl) == 600 and all(r["reflections"] == 1 and any(
+        s["thought"].startswith(fireact.REFLECT_INTRO) for s in r["steps"]) for r in refl)
 
 
 def test_world_cli_rejects_bad_sizes(tmp_path):
