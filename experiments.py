@@ -184,7 +184,7 @@ def hotpotqa_rows() -> list[Row]:
     rows = [Row("hp_prompted", "hotpotqa", "prompted (few-shot, snippet tool)", [
         eval_step("hp_prompted_report", "hotpotqa_offline", "report", "--tool", "snippet", *HP_EVAL, n=757,
                   prompted=True, hp=True)], {"report": "evals/hp_prompted_report.json"})]
-    sizes = {"hotpotqa": 500, "hotpotqa_multimethod": 833, "multitask": 1500, "multitask_multimethod": 2250}
+    sizes = {"hotpotqa": 500, "hotpotqa_multimethod": 734, "multitask": 1344, "multitask_multimethod": 2063}  # records
     for name, n in sizes.items():
         rows.append(Row(f"hp_{name}", "hotpotqa", f"fine-tuned on FireAct's {name}", [
             train_step(f"hp_{name}", [str(FT_DATA / f"{name}.json")], n=n, hp=True),
@@ -354,7 +354,7 @@ def run_grid(cfg: ExpConfig):
         for r in rows:
             print(f"{r.name:<28}{r.group:<11}{r.label}")
         print(f"\n{len(rows)} rows, {len(steps)} steps: about {total / 3600:.1f} h of CPU time on a 2-core AVX2 CPU "
-              f"(cost model in experiments.py; a GPU needs minutes)")
+              f"(cost model in experiments.py; on an H200 the three methods rows took 8 min, bound by Python, not the GPU)")
         for s in steps.values():
             print(f"  {s.cost / 60:6.1f} min  python " + " ".join(resolve(s, run, cfg)))
         return
