@@ -38,9 +38,10 @@ REPO = Path(__file__).resolve().parent
 FT_DATA = fireact.SHARED_DATA / "fireact" / "finetune" / "alpaca_format"
 
 # CPU cost model for --list, from runs on this project's 2-core AMD EPYC (AVX2, fp32; README): training ~1.4 s per
-# toy trajectory (545 in 12-13 min idle) and ~1.5 s per FireAct HotpotQA one (500 in 768 s); eval ~1.5 s per
-# fine-tuned toy question, 5.5 s per prompted one (its 3k-token few-shot prefix), 2.8 / 4.4 s per HotpotQA one.
-CPU_S = {"train_toy": 1.4, "train_hp": 1.5, "eval_toy": 1.5, "eval_toy_prompted": 5.5, "eval_hp": 2.8,
+# toy trajectory (545 in 12-13 min idle) and ~1.5 s per FireAct HotpotQA one (500 in 768 s); eval ~2.8 s per
+# fine-tuned toy question (100 in 278 s), ~11 s per prompted one (its 3k-token few-shot prefix, turns that ramble
+# to the cap, up to 11 of them), 2.8 / 4.4 s per HotpotQA one (fine-tuned / prompted, 7 turns).
+CPU_S = {"train_toy": 1.4, "train_hp": 1.5, "eval_toy": 2.8, "eval_toy_prompted": 11.0, "eval_hp": 2.8,
          "eval_hp_prompted": 4.4}
 
 
@@ -49,6 +50,10 @@ class Step:
     name: str            # unique in the grid: shared steps (data) appear in several rows and run once
     argv: list           # ["fireact.py" | "train.py", *flags]; paths are relative to the run dir, except REPO ones
     cost: float = 0.0    # estimated CPU seconds (--list)
+    questions: int = 0   # an eval's question count (--eval-n scales its cost)
+
+    def seconds(self, eval_n=0):
+        return self.cost * min(1, eval_n / self.questions) if eval_n and self.questions else self.cost
 
 
 @dataclass
@@ -83,7 +88,7 @@ def train_step(name, data, *flags, n=545, hp=False):
 def eval_step(name, task, split, *flags, n=200, prompted=False, hp=False):
     kind = ("eval_hp" if hp else "eval_toy") + ("_prompted" if prompted else "")
     return Step(f"eval_{name}", ["fireact.py", "eval", "--task", task, "--split", split, "--out",
-                                 f"evals/{name}.json", *flags], n * CPU_S[kind])
+                                 f"evals/{name}.json", *flags], n * CPU_S[kind], n)
 
 
 # three toy mixes of the same size (the default's 545): which methods, not how much data. The default data,
@@ -350,20 +355,20 @@ def run_grid(cfg: ExpConfig):
         for s in r.steps:
             steps.setdefault(s.name, s)
     if cfg.list:
-        total = sum(s.cost for s in steps.values())
+        total = sum(s.seconds(cfg.eval_n) for s in steps.values())
         for r in rows:
             print(f"{r.name:<28}{r.group:<11}{r.label}")
         print(f"\n{len(rows)} rows, {len(steps)} steps: about {total / 3600:.1f} h of CPU time on a 2-core AVX2 CPU "
               f"(cost model in experiments.py; on an H200 the three methods rows took 8 min, bound by Python, not the GPU)")
         for s in steps.values():
-            print(f"  {s.cost / 60:6.1f} min  python " + " ".join(resolve(s, run, cfg)))
+            print(f"  {s.seconds(cfg.eval_n) / 60:6.1f} min  python " + " ".join(resolve(s, run, cfg)))
         return
     (run / "steps").mkdir(parents=True, exist_ok=True)
     (run / "rows").mkdir(exist_ok=True)
     where = host()
     todo = [s for s in steps.values() if not (run / "steps" / f"{s.name}.json").exists()]
     print(f"grid {cfg.grid}: {len(rows)} rows, {len(steps)} steps, {len(todo)} to run; about "
-          f"{sum(s.cost for s in todo) / 3600:.1f} h of CPU time on a 2-core AVX2 CPU ({where})", flush=True)
+          f"{sum(s.seconds(cfg.eval_n) for s in todo) / 3600:.1f} h of CPU time on a 2-core AVX2 CPU ({where})", flush=True)
     failed, skipped = set(), set()  # failed includes skipped: the steps after a failure in its rows
     order = {r.name: i for i, r in enumerate(GRIDS[cfg.grid]())}
     for r in rows:
@@ -437,20 +442,40 @@ def table(dirs, out: str = "") -> tuple[Path, Path]:
         for f, c in r.get("choices", {}).items():
             chosen[("methods_" if f == "chosen.json" else "hp_") + c.get("mix", c.get("data", ""))] = \
                 f"chosen on {'dev' if f == 'chosen.json' else 'tune'}"
-    lines = ["| group | row | evaluated on | EM | F1 | finish % | steps | n | train s | eval s | chosen |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| group | row | evaluated on | EM | F1 | finish % | steps | n | train s | eval s | chosen | what it ran |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for r in rows:
         train_s = "-" if r["train_s"] is None else f"{r['train_s']:.0f}"
+        train_cmd = [c for c in r["commands"] if c.startswith("python train.py")][-1:] if r["train_s"] is not None else []
         for tag, e in r["evals"].items():
             what = f"{e['task']} {e['split']}" + (f", p={e['noise']:g} {e['noise_mode']}" if e["noise"] else "")
+            ran = [c for c in r["commands"] if c.startswith("python fireact.py eval") and f"--split {e['split']}" in c
+                   and f"--task {e['task']} " in c + " "]
+            cmd = " ; ".join(short(c) for c in train_cmd + ran[-1:])
             lines.append(f"| {r['group']} | {r['label']} | {what} | {e['em']:.1f} | {e['f1']:.1f} | "
                          f"{e['finish_rate']:.0f} | {e['mean_steps']:.2f} | {e['n']} | {train_s} | {e['wall_s']:.0f} | "
-                         f"{chosen.get(r['name'], '')} |")
+                         f"{chosen.get(r['name'], '')} | `{cmd}` |")
     hosts = sorted({r["train_host"] for r in rows if r.get("train_host")})
     lines += ["", "Machines: " + ("; ".join(hosts) or "-") + ". Commands: each row's summary in rows/*.json."]
     md = out / "table.md"
     cli.atomic_write(md, "\n".join(lines) + "\n")
     return md, chart(rows, out / "table.png")
+
+
+def short(command: str) -> str:
+    """A row's command as the table shows it: what sets it apart (its data, flags), not the run dir, the pinned
+    recipe or the run-wide flags (all in the row's summary)."""
+    words, out, skip = command.split()[1:], [], 0
+    common = {"--out": 1, "--no-progress": 0, "--device": 1, "--batch-size": 1, "--n": 1, "--epochs": 1,
+              "--micro-batch": 1, "--model": 1}
+    for i, w in enumerate(words):
+        if skip:
+            skip -= 1
+        elif w in common and not (w == "--model" and i + 1 < len(words) and words[i + 1].endswith("/model")):
+            skip = common[w]
+        else:
+            out.append(Path(w).name if "/" in w else w)
+    return " ".join(out)
 
 
 def chart(rows, path: Path) -> Path:
