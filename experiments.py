@@ -39,9 +39,10 @@ FT_DATA = fireact.SHARED_DATA / "fireact" / "finetune" / "alpaca_format"
 
 # CPU cost model for --list, from runs on this project's 2-core AMD EPYC (AVX2, fp32; README): training ~1.4 s per
 # toy trajectory (545 in 12-13 min idle) and ~1.5 s per FireAct HotpotQA one (500 in 768 s); eval ~2.8 s per
-# fine-tuned toy question (100 in 278 s), ~11 s per prompted one (its 3k-token few-shot prefix, turns that ramble
-# to the cap, up to 11 of them), 2.8 / 4.4 s per HotpotQA one (fine-tuned / prompted, 7 turns).
-CPU_S = {"train_toy": 1.4, "train_hp": 1.5, "eval_toy": 2.8, "eval_toy_prompted": 11.0, "eval_hp": 2.8,
+# fine-tuned toy question (100 in 278 s), over 22 s per prompted one (its 3k-token few-shot prefix, turns that
+# ramble to the cap, up to 11 of them: a run of 100 was stopped unfinished after 37 min; 11 s with 6 turns), and
+# 2.8 / 4.4 s per HotpotQA one (fine-tuned / prompted, 7 turns).
+CPU_S = {"train_toy": 1.4, "train_hp": 1.5, "eval_toy": 2.8, "eval_toy_prompted": 25.0, "eval_hp": 2.8,
          "eval_hp_prompted": 4.4}
 
 
@@ -343,6 +344,7 @@ def row_summary(row: Row, order: int, run: Path, cfg: ExpConfig, done: dict) -> 
             chosen[f] = json.loads((run / f).read_text())
     return dict(name=row.name, group=row.group, label=row.label, order=order, x=step and trained_on(step, run), evals=evals,
                 train_s=train and train["seconds"], train_host=train and train["host"],
+                eval_host=done[next(s.name for s in reversed(row.steps) if s.name.startswith("eval_"))]["host"],
                 commands=[done[s.name]["command"] for s in row.steps], choices=chosen, eval_n=cfg.eval_n,
                 provenance=cli.provenance())
 
@@ -442,8 +444,8 @@ def table(dirs, out: str = "") -> tuple[Path, Path]:
         for f, c in r.get("choices", {}).items():
             chosen[("methods_" if f == "chosen.json" else "hp_") + c.get("mix", c.get("data", ""))] = \
                 f"chosen on {'dev' if f == 'chosen.json' else 'tune'}"
-    lines = ["| group | row | evaluated on | EM | F1 | finish % | steps | n | train s | eval s | chosen | what it ran |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    lines = ["| group | row | evaluated on | EM | F1 | finish % | steps | n | train s | eval s | on | chosen | what it ran |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|"]
     for r in rows:
         train_s = "-" if r["train_s"] is None else f"{r['train_s']:.0f}"
         train_cmd = [c for c in r["commands"] if c.startswith("python train.py")][-1:] if r["train_s"] is not None else []
@@ -454,12 +456,18 @@ def table(dirs, out: str = "") -> tuple[Path, Path]:
             cmd = " ; ".join(short(c) for c in train_cmd + ran[-1:])
             lines.append(f"| {r['group']} | {r['label']} | {what} | {e['em']:.1f} | {e['f1']:.1f} | "
                          f"{e['finish_rate']:.0f} | {e['mean_steps']:.2f} | {e['n']} | {train_s} | {e['wall_s']:.0f} | "
-                         f"{chosen.get(r['name'], '')} | `{cmd}` |")
+                         f"{machine(r)} | {chosen.get(r['name'], '')} | `{cmd}` |")
     hosts = sorted({r["train_host"] for r in rows if r.get("train_host")})
     lines += ["", "Machines: " + ("; ".join(hosts) or "-") + ". Commands: each row's summary in rows/*.json."]
     md = out / "table.md"
     cli.atomic_write(md, "\n".join(lines) + "\n")
     return md, chart(rows, out / "table.png")
+
+
+def machine(row) -> str:
+    """Where a row ran, in a word: GPU (its name) or CPU."""
+    host = row.get("train_host") or row.get("eval_host") or ""
+    return host.split(" + ")[-1].replace("NVIDIA ", "") if "NVIDIA" in host else "CPU" if host else "?"
 
 
 def short(command: str) -> str:
