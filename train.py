@@ -448,8 +448,9 @@ def check_resume(out, saved, cfg, skip=()):
                          f"a new --out")
 
 
-def load_state(out, model, opt, full=False):
-    """Restore LoRA weights, optimizer, step and RNG from out/state.pt -> the step. A state of another model or
+def load_state(out, model, opt):
+    """Restore the trained weights (LoRA, or all with --full: those that require grad), optimizer, step and RNG
+    from out/state.pt (key "lora", kept for old runs) -> the step. A state of another model or
     LoRA shape is refused in one line (not a raw shape error)."""
     path = out / "state.pt"
     try:
@@ -457,7 +458,7 @@ def load_state(out, model, opt, full=False):
         saved = st["lora"]
     except (OSError, RuntimeError, KeyError, TypeError, EOFError, ValueError) as e:
         raise ValueError(f"{path}: unreadable ({cli.one_line(e)}); start afresh without --resume") from None
-    ours = {n: p for n, p in model.named_parameters() if full or "lora_" in n}
+    ours = {n: p for n, p in model.named_parameters() if p.requires_grad}
     bad = sorted(set(ours) ^ set(saved)) or [n for n in ours if ours[n].shape != saved[n].shape]
     if bad:
         n = bad[0]
@@ -538,24 +539,24 @@ def train(cfg):
           f"--train-on {cfg.train_on}, --template {cfg.template}, {cfg.epochs} epoch(s)")
 
     # model: LoRA on the targets, everything else frozen. LoRA weights stay fp32 under bf16 autocast.
-    # `lora` is the list of trained parameters: with --full, every weight of the model.
+    # what is trained is what requires grad: the LoRA weights (apply_lora freezes the rest), or with --full all
     if cfg.full:
         for p in model.parameters():
             p.requires_grad = True
     else:
         apply_lora(model, targets=tuple(cfg.lora_targets.split(",")), r=cfg.lora_r, alpha=cfg.lora_alpha,
                    dropout=cfg.lora_dropout)
-    lora = [p for n, p in model.named_parameters() if cfg.full or "lora_" in n]
-    for p in lora:
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
         p.data = p.data.float()
     model.grad_checkpointing = cfg.grad_checkpointing
     model.train()
     step_loss = torch.compile(loss_sum, dynamic=True) if cfg.compile else loss_sum
-    opt = torch.optim.AdamW(lora, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
     log(f"model: {cfg.model or 'SmolLM2-135M-Instruct (embedded)'}, "
         + ("full fine-tuning: " if cfg.full else f"LoRA r={cfg.lora_r} on {cfg.lora_targets}: ") +
-        f"{sum(p.numel() for p in lora):,} trainable params; {total} steps of {cfg.batch_size} sequences "
+        f"{sum(p.numel() for p in trainable):,} trainable params; {total} steps of {cfg.batch_size} sequences "
         f"({cfg.batch_size // cfg.micro_batch} micro-batches of {cfg.micro_batch}, {world} process(es)), "
         f"device {device}{' bf16' if cuda else ' fp32'}")
 
@@ -563,7 +564,7 @@ def train(cfg):
     # (seed, step), so restoring the step restores them exactly.
     step = 0
     if cfg.resume:
-        step = load_state(out, model, opt, cfg.full)
+        step = load_state(out, model, opt)
         log(f"resumed from {out / 'state.pt'} at step {step}")
     if master:   # what made this run: every setting (resolved) and the code, torch and python versions
         out.mkdir(parents=True, exist_ok=True)
@@ -597,7 +598,7 @@ def train(cfg):
             save_adapter(model, out, base_model=cfg.model or "", meta=meta)
             if not final:
                 save_adapter(model, out / "checkpoints" / f"step_{step:06d}", base_model=cfg.model or "", meta=meta)
-        state = {"lora": {n: p.detach().cpu() for n, p in model.named_parameters() if cfg.full or "lora_" in n},
+        state = {"lora": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
                  "optimizer": opt.state_dict(), "step": step, "rng": torch.get_rng_state(),
                  "py_seed": cfg.seed + step}
         cli.atomic_write(out / "state.pt", lambda f: torch.save(state, f))
@@ -637,11 +638,11 @@ def train(cfg):
                 l.backward()
                 loss += l.detach().float()
             if world > 1:
-                for p in lora:
+                for p in trainable:
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
-                loss = sync(lora, loss, world)
-            gnorm = torch.nn.utils.clip_grad_norm_(lora, cfg.grad_clip) if cfg.grad_clip > 0 else None
+                loss = sync(trainable, loss, world)
+            gnorm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip) if cfg.grad_clip > 0 else None
             opt.step()
             step += 1
             if cuda:
