@@ -23,7 +23,6 @@ import dataclasses
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 import traceback
@@ -272,16 +271,12 @@ class ExpConfig:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 0")
 
 
-def host() -> str:
-    """The machine a step ran on: the CPU model, and the GPU when nvidia-smi sees one."""
-    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                if l.startswith("model name")), "cpu") if Path("/proc/cpuinfo").exists() else "cpu"
-    try:
-        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=20).stdout.strip().splitlines()
-    except (OSError, subprocess.SubprocessError):
-        gpu = []
-    return cpu + (f" + {gpu[0]}" if gpu else "")
+def host(device: str = "") -> str:
+    """The machine a step ran on: the CPU's name (model.cpu_info), and the GPU's when the steps use one."""
+    import torch
+    from model import cpu_info, pick_device
+    gpu = pick_device(device) if device != "cpu" else "cpu"
+    return cpu_info()["name"] + (f" + {torch.cuda.get_device_name(gpu)}" if gpu.startswith("cuda") else "")
 
 
 def resolve(step: Step, run: Path, cfg: ExpConfig) -> list:
@@ -319,13 +314,14 @@ def read_summary(path: Path) -> dict:
 
 
 def trained_on(step: Step, run: Path) -> int:
-    """How many trajectories a train step's --data holds (FILE:N takes the first N)."""
+    """How many trajectories a train step's --data holds (train.py's FILE:N samples N of FILE)."""
+    from train import split_spec
     args = step.argv[step.argv.index("--data") + 1:]
     n = 0
     for a in args[:next((i for i, a in enumerate(args) if a.startswith("--")), len(args))]:
-        path, _, k = a.partition(":")
+        path, k = split_spec(a)
         got = len(fireact.read_records(run / path if path.startswith("data/") else Path(path)))
-        n += min(got, int(k)) if k else got
+        n += min(got, k) if k else got
     return n
 
 
@@ -367,7 +363,7 @@ def run_grid(cfg: ExpConfig):
         return
     (run / "steps").mkdir(parents=True, exist_ok=True)
     (run / "rows").mkdir(exist_ok=True)
-    where = host()
+    where = host(cfg.device)
     todo = [s for s in steps.values() if not (run / "steps" / f"{s.name}.json").exists()]
     print(f"grid {cfg.grid}: {len(rows)} rows, {len(steps)} steps, {len(todo)} to run; about "
           f"{sum(s.seconds(cfg.eval_n) for s in todo) / 3600:.1f} h of CPU time on a 2-core AVX2 CPU ({where})", flush=True)
@@ -391,14 +387,11 @@ def run_grid(cfg: ExpConfig):
             t0 = time.time()
             try:
                 run_step(argv)
-            except (Exception, SystemExit) as e:  # a failed step skips the rows that need it, not the grid
-                if isinstance(e, SystemExit) and not e.code:
-                    pass
-                else:
-                    traceback.print_exc()
-                    print(f"step {s.name} failed: {cli.one_line(e)}", file=sys.stderr, flush=True)
-                    failed.add(s.name)
-                    continue
+            except (Exception, SystemExit) as e:  # a failed step (argparse exits too) skips the rows that need it
+                traceback.print_exc()
+                print(f"step {s.name} failed: {cli.one_line(e)}", file=sys.stderr, flush=True)
+                failed.add(s.name)
+                continue
             cli.atomic_write(rec, json.dumps({"command": command, "seconds": round(time.time() - t0, 1),
                                               "host": where, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}))
         if cfg.dry_run or any(s.name in failed for s in r.steps):
@@ -519,10 +512,8 @@ def chart(rows, path: Path) -> Path:
     else:
         b.axis("off")
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    cli.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
