@@ -350,39 +350,27 @@ class World:
         ch[1]["then"] = THEN[tpl]  # how a first thought may name hop 2 without knowing the bridge entity yet
         return q, a, "bridge", ch, f"{ch[-1]['note']} So the answer is {a}."
 
-    def questions(self, split, n, E):
+    def questions(self, split, n, E, task="toy", rng=None):
+        """n questions of `task` over one split's entities: the QA task's (self.question, the world's random
+        stream) or an extra task's (EXTRA_TASKS, self.task_question with its own stream `rng`)."""
+        tpls, make = (TEMPLATES, lambda tpl: self.question(tpl, E)) if task == "toy" else \
+            (EXTRA_TASKS[task], lambda tpl: self.task_question(tpl, E, rng))
         out, seen, tries = [], set(), 0
         while len(out) < n:
-            tpl = TEMPLATES[(len(out) + tries // 50) % len(TEMPLATES)]  # a template out of fresh questions: next
-            got = self.question(tpl, E)
+            if tries > 100 * n:
+                raise ValueError(f"toyworld: too few entities for {n} {task} questions; lower the question counts")
+            tpl = tpls[(len(out) + tries // 50) % len(tpls)]  # a template out of fresh questions: next
+            got = make(tpl)
             if got is None or got[0] in seen:
                 tries += 1
                 continue
             seen.add(got[0])
             q, a, typ, chain, concl = got
-            out.append({"id": f"toy-{split}-{len(out):04d}", "question": q, "answer": a, "type": typ,
-                        "chain": chain, "template": tpl, "conclusion": concl})
-        return out
-
-
-    # ------------------------------------------------------------------------- the extra tasks
-    def task_questions(self, task, split, n, E, rng):
-        """n questions of an extra task (EXTRA_TASKS) over one split's entities, drawn with `rng`."""
-        out, seen, tries = [], set(), 0
-        tpls = EXTRA_TASKS[task]
-        while len(out) < n:
-            if tries > 100 * n:
-                raise ValueError(f"toyworld: too few entities for {n} {task} questions; lower --n-task-{split}")
-            got = self.task_question(tpls[(len(out) + tries // 50) % len(tpls)], E, rng)
-            if got is None or got[0] in seen:
-                tries += 1
-                continue
-            seen.add(got[0])
-            q, a, typ, chain, concl, tpl = got
             out.append({"id": f"{task}-{split}-{len(out):04d}", "question": q, "answer": a, "type": typ,
                         "chain": chain, "template": tpl, "conclusion": concl})
         return out
 
+    # ------------------------------------------------------------------------- the extra tasks
     def task_question(self, tpl, E, r):
         """StrategyQA-like yes/no questions whose two facts sit on two pages and are never named in the question
         (the agent must decompose it), and MMLU-like four-option questions whose options the agent checks with
@@ -401,7 +389,7 @@ class World:
             concl = (f"{p['name']} was born in {p['year']} and {w['name']} was released in {w['year']}, "
                      + ("so the film came out after the birth and the answer is yes." if want else
                         "before the birth, so the answer is no."))
-            return q, ("yes" if want else "no"), "strategy", ch, concl, tpl
+            return q, ("yes" if want else "no"), "strategy", ch, concl
         if tpl == "band_hometown":  # yes iff the band was formed in the person's birth town
             want = r.random() < 0.5
             b = r.choice(E["band"])
@@ -414,7 +402,7 @@ class World:
                   self.person_fact(p, "where {p} was born", "{p} was born in {town}.")]
             concl = (f"{b['name']} was formed in {b['town']} and {p['name']} was born in {p['town']}, "
                      + ("the same town, so the answer is yes." if want else "a different town, so the answer is no."))
-            return q, ("yes" if want else "no"), "strategy", ch, concl, tpl
+            return q, ("yes" if want else "no"), "strategy", ch, concl
         if tpl == "which_occupation":  # four people of four occupations
             occs = r.sample(sorted(OCC), 4)
             opts = [r.choice([p for p in E["person"] if p["occ"] == o]) for o in occs]
@@ -424,7 +412,7 @@ class World:
             checked = " and ".join(f"{p['name']} is {an(p['occ'])}" for p in opts[:k])
             concl = (f"{checked}, but {opts[k]['name']} is {an(occs[k])}, so the answer is {'ABCD'[k]}." if k else
                      f"{opts[0]['name']} is {an(occs[0])}, so the answer is A.")
-            return q, "ABCD"[k], "choice", ch, concl, tpl
+            return q, "ABCD"[k], "choice", ch, concl
         if tpl == "which_year":  # four novels, one of them published in the asked year
             opts = r.sample(E["novel"], 4)
             if len({w["year"] for w in opts}) < 4:
@@ -437,7 +425,7 @@ class World:
             checked = " and ".join(f"{w['name']} in {w['year']}" for w in opts[:k])
             concl = (f"{checked} do not fit, but {opts[k]['name']} was published in {y}, so the answer is "
                      f"{'ABCD'[k]}." if k else f"{opts[0]['name']} was published in {y}, so the answer is A.")
-            return q, "ABCD"[k], "choice", ch, concl, tpl
+            return q, "ABCD"[k], "choice", ch, concl
         raise ValueError(f"toyworld: unknown template {tpl!r}")
 
 
@@ -479,7 +467,7 @@ def generate(cfg: WorldConfig) -> dict:
         (out / task).mkdir(exist_ok=True)
         for split, n in (("train", cfg.n_task_train), ("dev", cfg.n_task_dev), ("test", cfg.n_task_test)):
             rng = random.Random(f"{cfg.seed}/{task}/{split}")
-            rows = world.task_questions(task, split, n, entities[split], rng)
+            rows = world.questions(split, n, entities[split], task, rng)
             write_jsonl(out / task / QUESTION_FILES[split], rows)
             counts[f"{task}/{split}"] = len(rows)
     write_jsonl(out / "corpus.jsonl", [{"title": t, "sentences": world.pages[t]} for t in sorted(world.pages)])
