@@ -23,7 +23,6 @@ def quick(monkeypatch):
     """Two optimizer steps per training and two 8-token turns per episode: the grid's logic, not its quality."""
     monkeypatch.setattr(X, "RECIPE", X.RECIPE + ["--max-steps", "2"])
     monkeypatch.setattr(X, "TOY_EVAL", ["--max-steps", "2", "--max-new-tokens", "8"])
-    monkeypatch.setattr(fireact, "CACHE", fireact.CACHE)
 
 
 def test_toy_rows_run_choose_on_dev_resume_and_tabulate(tmp_path, quick, capsys):
