@@ -597,6 +597,7 @@ class ToyMC(Toy):
 
 TASKS = {t.name: t for t in (HotpotQA(), HotpotQAOffline(), Bamboogle(), StrategyQA(), MMLU(), Toy(), ToyYesNo(),
                              ToyMC())}
+TaskName = Literal["toy", "toy_yesno", "toy_mc", "hotpotqa", "hotpotqa_offline", "bamboogle", "strategyqa", "mmlu"]  # the --task choices (TASKS' keys)
 
 
 def get_task(name: str) -> Task:
@@ -628,8 +629,8 @@ TOOLS = ("local", "snippet", "wikipedia", "google")  # local: page tool over a c
 def corpus_path(task: str) -> Path:
     """The offline corpus of a task: the toy world's pages, or the 9,366 paragraphs of the 957 HotpotQA dev
     questions (built once from dev_distractor.jsonl into the cache, rebuilt when that file changes)."""
-    if task.startswith("toy"):  # the extra toy tasks ask about the same world
-        return REPO / "data" / "toy" / "corpus.jsonl"
+    if isinstance(get_task(task), Toy):  # every toy task asks about the same world
+        return Toy.folder / "corpus.jsonl"
     if task.startswith("hotpotqa"):
         src = data_dir() / "hotpotqa" / "dev_distractor.jsonl"
         if not src.exists():
@@ -953,7 +954,7 @@ def error_digest(errors: list[str], k=3) -> list[str]:
 # ----------------------------------------------------------------------------------------------------- configs
 @dataclass
 class RunConfig:  # what generate and eval share
-    task: Literal["toy", "toy_yesno", "toy_mc", "hotpotqa", "hotpotqa_offline", "bamboogle", "strategyqa", "mmlu"] = "toy"  # toy | toy_yesno | toy_mc | hotpotqa | hotpotqa_offline | bamboogle | strategyqa | mmlu
+    task: TaskName = "toy"        # the task: its splits, metric, prompt family and default tool (README's task table)
     split: str = ""               # "" = generate: the task's training split; eval: its first evaluation split
     n: int = 0                    # first n questions (0 = all)
     tool: Literal["", "local", "snippet", "wikipedia", "google"] = ""  # local = page tool over the offline corpus, snippet = offline search engine (FireAct-style); "" = eval: the tool family of the adapter's training data, else the task's default
@@ -1099,7 +1100,7 @@ class ExportConfig:
 @dataclass
 class AskConfig:
     question: list = field(default_factory=list)  # the question (quotes optional: the words are joined)
-    task: Literal["toy", "toy_yesno", "toy_mc", "hotpotqa", "hotpotqa_offline", "bamboogle", "strategyqa", "mmlu"] = "toy"  # the tool's corpus and the few-shot prompt family
+    task: TaskName = "toy"        # the tool's corpus and the few-shot prompt family
     tool: Literal["", "local", "snippet", "wikipedia", "google"] = ""  # "" = the tool family of the adapter's training data, else the task's default
     model: str = ""               # local checkpoint dir / hub name; "" = the embedded SmolLM2-135M-Instruct
     adapter: str = ""             # LoRA adapter dir (fine-tuned, zero-shot prompt); "" = the prompted model (few-shot)

@@ -301,6 +301,11 @@ def test_generate_resumes_after_crash(tmp_path, wiki, monkeypatch):
     assert kept == 6
 
 
+def test_task_choices_are_the_tasks():
+    import typing
+    assert set(typing.get_args(fireact.TaskName)) == set(fireact.TASKS)
+
+
 def test_generate_with_noisy_tools_records_it_and_refuses_to_mix_settings(tmp_path):
     """--noise: trajectories that saw noisy observations (FireAct's robustness data); the oracle recovers from most."""
     out = tmp_path / "n.jsonl"
