@@ -357,7 +357,7 @@ def run_grid(cfg: ExpConfig):
         for r in rows:
             print(f"{r.name:<28}{r.group:<11}{r.label}")
         print(f"\n{len(rows)} rows, {len(steps)} steps: about {total / 3600:.1f} h of CPU time on a 2-core AVX2 CPU "
-              f"(cost model in experiments.py; on an H200 the three methods rows took 8 min, bound by Python, not the GPU)")
+              f"(cost model in experiments.py; on an H200 the three methods rows took 8 min)")
         for s in steps.values():
             print(f"  {s.seconds(cfg.eval_n) / 60:6.1f} min  python " + " ".join(resolve(s, run, cfg)))
         return
