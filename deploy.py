@@ -63,6 +63,7 @@ class ServeConfig:
     prefix_cache_mb: int = 2048   # K/V kept between requests: an agent's next turn prefills only its new tokens
     device: str = ""              # cpu | cuda | cuda:N | mps; "" = the best available
     dtype: Literal["", "float32", "bfloat16", "float16"] = ""  # "" = float32 on CPU, bfloat16 on GPU
+    quant: Literal["", "int4"] = ""  # int4: decode through 4-bit layer weights (CPU; one client at a time is where it wins, README §5)
 
     def check(self):
         if not 0 <= self.port < 65536:
@@ -457,7 +458,9 @@ def make_server(cfg: ServeConfig, model=None, tok=None):
         model, tok = M.load_model(cfg.model or None, device, getattr(M.torch, cfg.dtype) if cfg.dtype else None)
         if cfg.adapter:
             M.load_adapter(model, cfg.adapter)
-            M.merge_lora(model)   # same outputs, no LoRA matmuls per token
+            if not cfg.quant:     # (4-bit weights would round a merged LoRA away: it stays a term of its own)
+                M.merge_lora(model)   # same outputs, no LoRA matmuls per token
+        M.quantize(model, cfg.quant)
     chat_format = cfg.chat_format or ("trajectory" if cfg.adapter else "template")
     template = cfg.template or fireact.adapter_training(cfg.adapter).get("template", "react")
     name = cfg.name or (Path(cfg.adapter).resolve().name if cfg.adapter else

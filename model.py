@@ -179,11 +179,12 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=b)
         self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=b)
         self.packs = {}  # fused + prepacked inference weights (fast_linear); not parameters, not in state_dict
+        self.quant = ""  # "" = fp32 packs | "int4" (Llama.fast_kernels)
 
     def forward(self, x, cos, sin, mask, cache):
         B, T, _ = x.shape
         if use_packed(self, x):  # decode: q, k, v in one prepacked matmul (bitwise the same as three)
-            q, k, v = fast_linear(self.packs, "qkv", (self.q_proj, self.k_proj, self.v_proj), x)
+            q, k, v = fast_linear(self, "qkv", (self.q_proj, self.k_proj, self.v_proj), x)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(B, T, self.nh, self.hd).transpose(1, 2)                 # [B, nh, T, hd]
@@ -199,19 +200,19 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                                enable_gqa=self.nkv != self.nh)  # [B, nh, T, hd]
         y = y.transpose(1, 2).reshape(B, T, self.nh * self.hd)
-        return fast_linear(self.packs, "o", (self.o_proj,), y)[0] if use_packed(self, y) else self.o_proj(y)
+        return fast_linear(self, "o", (self.o_proj,), y)[0] if use_packed(self, y) else self.o_proj(y)
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         D, H, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
         self.gate_proj, self.up_proj, self.down_proj = nn.Linear(D, H, bias=b), nn.Linear(D, H, bias=b), nn.Linear(H, D, bias=b)
-        self.packs = {}
+        self.packs, self.quant = {}, ""
 
     def forward(self, x):
         if use_packed(self, x):  # decode: gate and up in one prepacked matmul
-            g, u = fast_linear(self.packs, "gate_up", (self.gate_proj, self.up_proj), x)
-            return fast_linear(self.packs, "down", (self.down_proj,), F.silu(g) * u)[0]
+            g, u = fast_linear(self, "gate_up", (self.gate_proj, self.up_proj), x)
+            return fast_linear(self, "down", (self.down_proj,), F.silu(g) * u)[0]
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 class Block(nn.Module):
@@ -241,7 +242,7 @@ class Llama(nn.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
-        self.packs = {}  # the LM head's prepacked weight (fast_linear)
+        self.packs, self.quant = {}, ""  # the LM head's prepacked weight (fast_linear); the head stays fp32
 
     @property
     def device(self):
@@ -284,15 +285,31 @@ class Llama(nn.Module):
     def head(self, h):
         lin = self.model.embed_tokens if self.config.tie_word_embeddings else self.lm_head
         if use_packed(self, h):
-            return fast_linear(self.packs, "head", (lin,), h)[0]
+            return fast_linear(self, "head", (lin,), h)[0]
         return F.linear(h, lin.weight)
 
-    def fast_kernels(self, on: bool = True):
+    def fast_kernels(self, on: bool = True, quant: str = ""):
         """Inference linears through oneDNN-prepacked weights where it wins (on: the default on CPU), or plain
-        F.linear (off: bitwise what training computes; frees the packed copies)."""
+        F.linear (off: bitwise what training computes; frees the packed copies). quant="int4": the decoder
+        layers' linears decode through 4-bit weights (int4_pack; bf16 activations, fp32 everything else, the
+        head kept fp32; prefill stays fp32 MKL)."""
+        if quant not in ("", "int4"):
+            raise ValueError(f"--quant {quant}: choose int4 (or nothing: fp32)")
+        if quant:
+            if not INT4:
+                raise ValueError(f"--quant {quant}: this torch ({torch.__version__}) has no CPU int4 kernel "
+                                 "(aten._weight_int4pack_mm_for_cpu); use fp32")
+            if self.device.type != "cpu":
+                raise ValueError(f"--quant {quant}: the int4 kernel is CPU only (this model is on {self.device})")
+            bad = [n for n, m in self.model.layers.named_modules() if isinstance(m, nn.Linear)
+                   and m.in_features % INT4_GROUP]
+            if bad:
+                raise ValueError(f"--quant {quant}: layers.{bad[0]} has {self.model.layers.get_submodule(bad[0]).in_features}"
+                                 f" inputs, not a multiple of the {INT4_GROUP}-input group")
         for m in self.modules():
             if hasattr(m, "packs"):
                 m.packs = {} if on else None
+                m.quant = quant if on and m is not self else ""
         return self
 
     def forward(self, input_ids):
@@ -332,11 +349,14 @@ def native_bf16(info=None) -> bool:
     info = info or cpu_info()
     return info["onednn_bf16"] and (info["avx512_bf16"] or info["amx_bf16"])
 
-def cpu_report(dtype=torch.float32, info=None) -> str:
+def cpu_report(dtype=torch.float32, info=None, quant="") -> str:
     """One line: the CPU, what it has, and the inference path this process takes on it."""
     info = info or cpu_info()
     isa = [k for k in ("avx2", "avx512", "avx512_bf16", "amx_bf16", "vnni") if info[k]]
-    if dtype == torch.float32:
+    if quant:
+        path = (f"{quant} weights (group {INT4_GROUP}, bf16 activations) for the layers' linears at <= "
+                f"{PACKED_MAX_ROWS} rows (decode), fp32 head, norms, attention and LoRA; fp32 MKL prefill")
+    elif dtype == torch.float32:
         path = (f"fp32, frozen linears prepacked for oneDNN at <= {PACKED_MAX_ROWS} rows (decode), MKL above"
                 if ONEDNN else "fp32, F.linear (no oneDNN in this torch)")
     else:
@@ -351,29 +371,59 @@ ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_re
 PACKED_MAX_ROWS = 16  # oneDNN's prepacked fp32 kernel beats MKL's sgemm at decode's few rows; MKL wins at prefill's
 
 def use_packed(mod, x) -> bool:
-    """Whether `mod` (with a `packs` dict, None = off) runs x through prepacked weights: fp32 CPU inference
-    (no autograd: training keeps F.linear) with few rows."""
-    return (mod.packs is not None and ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32
+    """Whether `mod` (with a `packs` dict, None = off) runs x through packed weights: fp32 CPU inference (no
+    autograd: training keeps F.linear) with few rows (decode)."""
+    return (mod.packs is not None and (ONEDNN or mod.quant) and x.device.type == "cpu" and x.dtype == torch.float32
             and not torch.is_grad_enabled() and x.numel() <= PACKED_MAX_ROWS * x.shape[-1])
 
-def fast_linear(packs, name, mods, x) -> list:
+def fast_linear(mod, name, mods, x) -> list:
     """x through the Linear modules `mods` as ONE matmul: their weights concatenated along the outputs (bitwise
-    the same as separate matmuls: each output is its own dot product) and reordered once into oneDNN's blocked
-    layout, as inductor's freezing pass does; MKL's sgemm re-packs the weight on every call, which at a few rows
-    costs as much as the arithmetic. -> one output per module. The pack is rebuilt when a weight is replaced or
-    changed in place (LoRA merge/unmerge bump its version); an unmerged LoRA adds its own low-rank term."""
+    the same as separate matmuls: each output is its own dot product) and packed once, kept in mod.packs[name]:
+    reordered into oneDNN's blocked layout, as inductor's freezing pass does (MKL's sgemm re-packs the weight on
+    every call, which at a few rows costs as much as the arithmetic), or with mod.quant == "int4" quantised to
+    4 bits (int4_pack). -> one output per module. The pack is rebuilt when a weight is replaced or changed in
+    place (LoRA merge/unmerge bump its version); an unmerged LoRA adds its own low-rank term, in fp32."""
     key = tuple((m.weight.data_ptr(), m.weight._version) for m in mods)
-    p = packs.get(name)
+    p = mod.packs.get(name)
     if p is None or p[0] != key:
         with torch.no_grad():
             w = torch.cat([m.weight for m in mods]) if len(mods) > 1 else mods[0].weight
             bias = [getattr(m, "bias", None) for m in mods]
             b = None if all(t is None for t in bias) else torch.cat(
                 [t if t is not None else w.new_zeros(m.weight.shape[0]) for t, m in zip(bias, mods)])
-            p = packs[name] = (key, torch.ops.mkldnn._reorder_linear_weight(w), b, [m.weight.shape[0] for m in mods])
-    y = torch.ops.mkldnn._linear_pointwise(x, p[1], p[2], "none", [], "")
+            packed = int4_pack(w) if mod.quant == "int4" else torch.ops.mkldnn._reorder_linear_weight(w)
+            p = mod.packs[name] = (key, packed, b, [m.weight.shape[0] for m in mods])
+    if mod.quant == "int4":  # the kernel takes bf16 activations (with fp32 ones it falls back to a path ~15x slower)
+        q, sz = p[1][:2]
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), q,
+                                                        INT4_GROUP, sz).float().view(*x.shape[:-1], -1)
+        y = y if p[2] is None else y + p[2]
+    else:
+        y = torch.ops.mkldnn._linear_pointwise(x, p[1], p[2], "none", [], "")
     ys = y.split(p[3], -1) if len(mods) > 1 else (y,)
     return [m.add_lora(x, y) if isinstance(m, LoRALinear) and not m.merged else y for m, y in zip(mods, ys)]
+
+INT4 = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(torch.ops.aten,
+                                                                          "_convert_weight_to_int4pack_for_cpu")
+INT4_GROUP = 32  # inputs per (scale, zero): GGUF Q4_0/Q4_1's block
+
+@torch.no_grad()
+def int4_pack(w: torch.Tensor):
+    """w [out, in] -> (packed codes for torch's CPU int4 kernel, scales and zeros [in/32, out, 2] bf16, squared
+    error of the weights it represents, squared norm of w). Asymmetric 4-bit codes, one (scale, min) per 32 inputs:
+    GGUF Q4_1's layout. A weight dequantised from Q4_1 lies on that grid (Q4_1 maps a block's min and max to
+    codes 0 and 15, so min and max give back its scale), and only the bf16 rounding of scale and zero is lost;
+    any other weight is rounded to 16 levels per block. The kernel computes w = (code - 8) * scale + zero."""
+    n, k = w.shape
+    wg = w.float().reshape(n, k // INT4_GROUP, INT4_GROUP)                        # [out, in/32, 32]
+    lo, hi = wg.amin(-1), wg.amax(-1)                                              # [out, in/32]
+    scale = ((hi - lo) / 15).clamp_min(torch.finfo(torch.float32).tiny)
+    sz = torch.stack([scale, lo + 8 * scale], -1).to(torch.bfloat16)               # [out, in/32, 2]
+    s, z = sz[..., :1].float(), sz[..., 1:].float()                                # rounded: code with them
+    codes = ((wg - z) / s + 8).round().clamp(0, 15)                                # [out, in/32, 32] in 0..15
+    deq = (codes - 8) * s + z
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).reshape(n, k), 2)
+    return packed, sz.transpose(0, 1).contiguous(), float((deq - wg).pow(2).sum()), float(wg.pow(2).sum())
 
 # ----------------------------------------------------------------------------------------------------------------
 # safetensors I/O (our own reader: no pickle, no mmap double-counting, exact errors for truncated files)
@@ -1365,6 +1415,18 @@ class GenerateConfig:
     seed: int = 0
     device: str = ""           # cpu | cuda | cuda:N | mps; empty = cuda, then mps, then cpu
     dtype: str = ""            # float32 | bfloat16 | float16; empty = float32 on CPU, bfloat16 on GPU
+    quant: str = ""            # int4: decode the layers' linears through 4-bit weights (CPU; lossless for a Q4 GGUF's)
+
+def quantize(model, quant: str):
+    """--quant: pack the decoder layers' weights (Llama.fast_kernels) and say on stderr what it cost them."""
+    if quant:
+        with torch.no_grad():  # one decode step packs every layer, as the first real one would
+            model.fast_kernels(True, quant).hidden(torch.zeros(1, 1, dtype=torch.long), cache=model.new_cache(1, 1))
+        packs = [p[1] for m in model.model.layers.modules() if getattr(m, "quant", "") for p in m.packs.values()]
+        err = (sum(p[2] for p in packs) / sum(p[3] for p in packs)) ** 0.5  # relative RMS error of their weights
+        print(f"quant: {quant}, relative RMS error of the layers' weights {err:.1e}"
+              + (" (they were on a 4-bit grid already)" if err < 5e-3 else ""), file=sys.stderr)
+    return model
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
@@ -1378,6 +1440,7 @@ def main(argv=None):
         if c.dtype not in ("", "float32", "bfloat16", "float16"):
             raise ValueError(f"--dtype {c.dtype!r}: use float32, bfloat16 or float16")
         model, tok = load_model(c.model or None, device, getattr(torch, c.dtype) if c.dtype else None)
+        quantize(model, c.quant)
         prompt = c.prompt.replace("\\n", "\n")  # shells pass "\n" literally
         out = generate(model, tok, [prompt], c.max_new_tokens, c.temperature, c.top_p, seed=c.seed)[0]
     except (ValueError, OSError) as e:

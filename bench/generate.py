@@ -4,6 +4,7 @@ with random weights. Same prompts, same greedy token count, same process, interl
 
     python bench/generate.py                          # batch 1 and 8, 64 new tokens
     python bench/generate.py --new-tokens 32 --repeats 1 --layers 30 --hf-bf16 0
+    python bench/generate.py --quant int4 --memory 0  # ours with 4-bit layer weights (batch 1 is where it wins)
 
 It prints the CPU, what it has and the path ours takes (model.cpu_report), and two baselines: transformers in
 float32 and in bfloat16 (its best setting depends on the CPU: bf16 wins only with native bf16 matmuls). The last
@@ -33,6 +34,8 @@ class BenchConfig:
     speed: int = 1            # measure generation speed
     hf_bf16: int = 1          # also time transformers in bfloat16 (the second baseline)
     fast: int = 1             # ours with its CPU fast path (model.fast_kernels); 0 = plain F.linear, as before
+    quant: str = ""           # int4: ours decodes through 4-bit layer weights (model.quantize). The random weights
+                              # here are not on a 4-bit grid, so its greedy rows may differ: a speed figure only
 
 
 class NoEosTokenizer:
@@ -150,11 +153,11 @@ def main(argv=None):
                       f"the {before / 2**20:.0f} MiB interpreter+torch baseline)", flush=True)
         if not c.speed:
             return
-        ours = M.load_checkpoint(d).fast_kernels(bool(c.fast))
+        ours = M.quantize(M.load_checkpoint(d).fast_kernels(bool(c.fast)), c.quant)
         refs = {"float32": LlamaForCausalLM.from_pretrained(d, dtype=torch.float32).eval()}
         if c.hf_bf16:
             refs["bfloat16"] = LlamaForCausalLM.from_pretrained(d, dtype=torch.bfloat16).eval()
-    print(M.cpu_report(torch.float32) if c.fast else "path: fp32, F.linear (--fast 0)", flush=True)
+    print(M.cpu_report(torch.float32, quant=c.quant) if c.fast else "path: fp32, F.linear (--fast 0)", flush=True)
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(c.prompt_min, c.prompt_max + 1, (8,), generator=g).tolist()
     prompts = [torch.randint(3, 49152, (n,), generator=g).tolist() for n in lengths]

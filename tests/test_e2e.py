@@ -136,6 +136,15 @@ def test_pipeline_generate_filter_mix_train_eval(world, tiny_llama, capsys):
         assert 1 <= summary["mean_steps"] <= 3 and summary["tokens"]["completion_tokens"] > 0
         (scored,) = fireact.score(fireact.ScoreConfig(files=[str(runs / f"eval_{label}.json")]))
         assert scored["n"] == 3 and abs(scored["em"] - summary["em"]) < 1e-9
+    # the same eval decoding through 4-bit layer weights: said on stderr, recorded in the summary
+    import model as M
+    if M.INT4:
+        fireact.main(["eval", "--task", "hotpotqa_offline", "--model", str(tiny_llama), "--adapter", str(lora),
+                      "--n", "3", "--max-steps", "2", "--max-new-tokens", "6", "--out", str(runs / "q4.json"),
+                      "--quant", "int4"])
+        assert "quant: int4, relative RMS error of the layers' weights" in capsys.readouterr().err
+        q4 = json.loads((runs / "q4.summary.json").read_text())
+        assert q4["n"] == 3 and q4["quant"] == "int4" and q4["config"]["quant"] == "int4"
 
 
 def test_batched_local_eval_equals_one_at_a_time(world, tiny_llama):

@@ -796,6 +796,65 @@ def test_prepacked_decode_gives_the_same_tokens_and_repacks_after_lora_merge(tin
     assert m.hidden(x).requires_grad and attn.packs == {} and m.packs == {}       # training never packs
 
 
+def on_int4_grid(w, group=32):
+    """w rounded the way GGUF Q4_1 stores it: per 32 inputs, codes 0..15 times a scale plus the block's min
+    (scale and min bf16-exact, as the int4 kernel keeps them)."""
+    g = w.reshape(w.shape[0], -1, group)
+    lo = g.amin(-1, keepdim=True)
+    d = ((g.amax(-1, keepdim=True) - lo) / 15).bfloat16().float()
+    lo = (lo + 8 * d).bfloat16().float() - 8 * d                               # the zero (lo + 8d) is bf16-exact
+    return (((g - lo) / d).round().clamp(0, 15) * d + lo).reshape(w.shape)
+
+
+@pytest.mark.skipif(not M.INT4, reason="this torch has no CPU int4 kernel")
+def test_int4_decode_is_lossless_on_a_4bit_grid_and_keeps_lora_terms(tiny_llama, capsys):
+    m, tok = M.load_model(str(tiny_llama))
+    lins = [l for l in m.model.layers.modules() if isinstance(l, torch.nn.Linear)]
+    torch.manual_seed(0)
+    w = torch.randn(96, 128)
+    assert M.int4_pack(w)[2] / M.int4_pack(w)[3] > 1e-3                        # any weight: 16 levels a block
+    with torch.no_grad():
+        for l in lins:                                                           # a Q4 GGUF's weights, dequantised
+            l.weight.copy_(on_int4_grid(l.weight))
+    x = torch.randint(0, 400, (2, 1))
+    with torch.no_grad():
+        ref = m.fast_kernels(False).head(m.hidden(x, cache=m.new_cache(2, 1)))  # fp32 F.linear decode
+        M.quantize(m, "int4")
+        err = capsys.readouterr().err
+        assert "on a 4-bit grid already" in err and float(err.split("weights ")[1].split()[0]) < 1e-6
+        attn = m.model.layers[0].self_attn
+        assert attn.quant == "int4" and m.quant == "" and len(attn.packs["qkv"][1]) == 4  # head stays fp32
+        q4 = m.head(m.hidden(x, cache=m.new_cache(2, 1)))
+        torch.testing.assert_close(q4, ref, rtol=0, atol=0.02 * float(ref.abs().max()))  # bf16 activations only
+        assert (q4.argmax(-1) == ref.argmax(-1)).all()
+        prompts = ["Question: What is the capital of France? Thought:", "Hi"]
+        assert len(M.generate(m, tok, prompts, max_new_tokens=8)) == 2
+        base = m.fast_kernels(False).hidden(x, cache=m.new_cache(2, 1))
+    M.apply_lora(m, ("q_proj", "down_proj"), r=4, alpha=8, dropout=0.0)         # unmerged LoRA: its own fp32 term
+    for _, l in M.lora_layers(m):
+        torch.nn.init.normal_(l.lora_B, std=0.5)
+    m.eval()
+    with torch.no_grad():
+        lora_ref = m.fast_kernels(False).hidden(x, cache=m.new_cache(2, 1))
+        lora_q4 = m.fast_kernels(True, "int4").hidden(x, cache=m.new_cache(2, 1))
+        assert (lora_ref - base).abs().max() > 0.1                               # the LoRA changes the output
+        torch.testing.assert_close(lora_q4, lora_ref, rtol=0, atol=0.02 * float(lora_ref.abs().max()))
+        key = attn.packs["qkv"][0]
+        M.merge_lora(m)                                                          # weights changed: packed again
+        m.hidden(x, cache=m.new_cache(2, 1))
+        assert attn.packs["qkv"][0] != key
+    with pytest.raises(ValueError, match="choose int4"):
+        m.fast_kernels(True, "int8")
+
+
+@pytest.mark.skipif(not M.INT4, reason="this torch has no CPU int4 kernel")
+def test_int4_refuses_layers_off_the_32_input_group(tmp_path):
+    m, _ = M.load_model(str(make_tiny_llama(tmp_path / "m", hidden_size=48, intermediate_size=96,
+                                            num_attention_heads=4, num_key_value_heads=2)))
+    with pytest.raises(ValueError, match=r"--quant int4: layers\.0\.self_attn\.q_proj has 48 inputs, not a multiple"):
+        M.quantize(m, "int4")
+
+
 def test_shared_prefix_attention_equals_attention_over_the_concatenation():
     torch.manual_seed(0)
     B, nh, nkv, hd, P = 3, 6, 2, 8, 11
