@@ -51,9 +51,11 @@ class Step:
     argv: list           # ["fireact.py" | "train.py", *flags]; paths are relative to the run dir, except REPO ones
     cost: float = 0.0    # estimated CPU seconds (--list)
     questions: int = 0   # an eval's question count (--eval-n scales its cost)
+    prompted: bool = False  # a prompted (few-shot) eval: --prompted-n subsamples it apart from the others
 
-    def seconds(self, eval_n=0):
-        return self.cost * min(1, eval_n / self.questions) if eval_n and self.questions else self.cost
+    def seconds(self, eval_n=0, prompted_n=0):
+        n = prompted_n if self.prompted and prompted_n else eval_n
+        return self.cost * min(1, n / self.questions) if n and self.questions else self.cost
 
 
 @dataclass
@@ -88,7 +90,7 @@ def train_step(name, data, *flags, n=545, hp=False):
 def eval_step(name, task, split, *flags, n=200, prompted=False, hp=False):
     kind = ("eval_hp" if hp else "eval_toy") + ("_prompted" if prompted else "")
     return Step(f"eval_{name}", ["fireact.py", "eval", "--task", task, "--split", split, "--out",
-                                 f"evals/{name}.json", *flags], n * CPU_S[kind], n)
+                                 f"evals/{name}.json", *flags], n * CPU_S[kind], n, prompted)
 
 
 # three toy mixes of the same size (the default's 545): which methods, not how much data. The default data,
@@ -256,6 +258,8 @@ class ExpConfig:
     list: bool = False             # print the rows, their commands and the estimated CPU time; run nothing
     dry_run: bool = False          # print the commands that would run now (finished steps skipped)
     eval_n: int = 0                # > 0: every eval on the first N questions of its split (a subsample; said in the table)
+    prompted_n: int = 0            # > 0: the prompted (few-shot) evals on the first N instead: ~9x a fine-tuned question's
+                                   # CPU time, and a 135M model that barely follows the format scores near 0 on any N
     model: str = ""                # the student's base model (train.py/eval --model); "" = the embedded SmolLM2-135M
     device: str = ""               # passed to train.py and eval (cpu | cuda); "" = their default
     eval_batch: int = 0            # > 0: eval's --batch-size (live episodes per generate call; a GPU takes 200)
@@ -266,7 +270,7 @@ class ExpConfig:
         bad = [n for n in self.only if n not in names]
         if bad:
             raise ValueError(f"--only {bad[0]}: no such row in grid {self.grid}; rows: {', '.join(names)}")
-        for name in ("eval_n", "eval_batch"):
+        for name in ("eval_n", "prompted_n", "eval_batch"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 0")
 
@@ -290,8 +294,9 @@ def resolve(step: Step, run: Path, cfg: ExpConfig) -> list:
         out += ["--device", cfg.device]
     if cfg.model and (script == "train.py" or out[0] == "eval") and "--model" not in out:
         out += ["--model", cfg.model]
-    if cfg.eval_n and script == "fireact.py" and out[0] == "eval":
-        out += ["--n", str(cfg.eval_n)]
+    n = cfg.prompted_n if step.prompted and cfg.prompted_n else cfg.eval_n
+    if n and script == "fireact.py" and out[0] == "eval":
+        out += ["--n", str(n)]
     if cfg.eval_batch and script == "fireact.py" and out[0] == "eval":
         out += ["--batch-size", str(cfg.eval_batch)]
     return [script, *out]
@@ -353,20 +358,20 @@ def run_grid(cfg: ExpConfig):
         for s in r.steps:
             steps.setdefault(s.name, s)
     if cfg.list:
-        total = sum(s.seconds(cfg.eval_n) for s in steps.values())
+        total = sum(s.seconds(cfg.eval_n, cfg.prompted_n) for s in steps.values())
         for r in rows:
             print(f"{r.name:<28}{r.group:<11}{r.label}")
         print(f"\n{len(rows)} rows, {len(steps)} steps: about {total / 3600:.1f} h of CPU time on a 2-core AVX2 CPU "
               f"(cost model in experiments.py; on an H200 the three methods rows took 8 min)")
         for s in steps.values():
-            print(f"  {s.seconds(cfg.eval_n) / 60:6.1f} min  python " + " ".join(resolve(s, run, cfg)))
+            print(f"  {s.seconds(cfg.eval_n, cfg.prompted_n) / 60:6.1f} min  python " + " ".join(resolve(s, run, cfg)))
         return
     (run / "steps").mkdir(parents=True, exist_ok=True)
     (run / "rows").mkdir(exist_ok=True)
     where = host(cfg.device)
     todo = [s for s in steps.values() if not (run / "steps" / f"{s.name}.json").exists()]
     print(f"grid {cfg.grid}: {len(rows)} rows, {len(steps)} steps, {len(todo)} to run; about "
-          f"{sum(s.seconds(cfg.eval_n) for s in todo) / 3600:.1f} h of CPU time on a 2-core AVX2 CPU ({where})", flush=True)
+          f"{sum(s.seconds(cfg.eval_n, cfg.prompted_n) for s in todo) / 3600:.1f} h of CPU time on a 2-core AVX2 CPU ({where})", flush=True)
     failed, skipped = set(), set()  # failed includes skipped: the steps after a failure in its rows
     order = {r.name: i for i, r in enumerate(GRIDS[cfg.grid]())}
     for r in rows:

@@ -5,6 +5,7 @@ one-line errors.
     python -m pytest -q tests/test_experiments.py
 """
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -110,6 +111,12 @@ def test_list_and_one_line_errors(tmp_path):
     r = run_cli("--list")
     assert r.returncode == 0 and "methods_react_cot_reflexion" in r.stdout and "h of CPU time" in r.stdout
     assert "python train.py --data runs/exp/data/chosen.jsonl:50" in r.stdout
+    hours = lambda out: float(re.search(r"about ([\d.]+) h of CPU time", out).group(1))
+    r2 = run_cli("--list", "--eval-n", "100", "--prompted-n", "30")  # prompted evals on 30, the others on 100
+    lines = r2.stdout.splitlines()
+    assert any("--out runs/exp/evals/prompted_test.json" in l and l.endswith("--n 30") for l in lines), r2.stdout
+    assert any("evals/mask_all_test.json" in l and l.endswith("--n 100") for l in lines)
+    assert hours(r2.stdout) < hours(run_cli("--list", "--eval-n", "100").stdout) < hours(r.stdout)
     r = run_cli("--grid", "hotpotqa", "--list")
     assert r.returncode == 0 and "--split report" in r.stdout and "--split tune" in r.stdout
     r = run_cli("--only", "nope", "--out", str(tmp_path / "x"))
