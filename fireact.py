@@ -1026,7 +1026,7 @@ class EvalConfig(RunConfig):
     exclude_overlap: list = field(default_factory=list)  # training files: drop eval questions that appear in them
     max_failures: float = 0.0     # exit non-zero when more than this fraction of episodes failed (server errors)
     device: str = ""              # cpu | cuda | mps; "" = the best available
-    quant: Literal["", "int4"] = ""  # int4: decode through 4-bit layer weights (CPU; faster at 1-2 rows, README §5)
+    quant: Literal["", "int4"] = ""  # int4: decode through 4-bit layer weights (CPU; pays for one stream at a time, README §5)
 
     def check(self):
         super().check()
@@ -1111,7 +1111,7 @@ class AskConfig:
     interactive: bool = False     # after this question, keep asking (an empty line or Ctrl-D ends)
     color: Literal["auto", "always", "never"] = "auto"  # auto: colour on a terminal, plain when piped
     device: str = ""              # cpu | cuda | mps; "" = the best available
-    quant: Literal["", "int4"] = ""  # int4: decode through 4-bit layer weights (CPU; faster at 1-2 rows, README §5)
+    quant: Literal["", "int4"] = ""  # int4: decode through 4-bit layer weights (CPU; pays for one stream at a time, README §5)
 
     def check(self):
         if self.max_steps < 1 or self.max_new_tokens < 1:
