@@ -40,9 +40,10 @@ FT_DATA = fireact.SHARED_DATA / "fireact" / "finetune" / "alpaca_format"
 # toy trajectory (545 in 12-13 min idle) and ~1.5 s per FireAct HotpotQA one (500 in 768 s); eval ~2.8 s per
 # fine-tuned toy question (100 in 278 s), over 22 s per prompted one (its 3k-token few-shot prefix, turns that
 # ramble to the cap, up to 11 of them: a run of 100 was stopped unfinished after 37 min; 11 s with 6 turns), and
-# 2.8 / 4.4 s per HotpotQA one (fine-tuned / prompted, 7 turns).
-CPU_S = {"train_toy": 1.4, "train_hp": 1.5, "eval_toy": 2.8, "eval_toy_prompted": 25.0, "eval_hp": 2.8,
-         "eval_hp_prompted": 4.4}
+# ~3 s per fine-tuned HotpotQA one (100 in 274-335 s), over 15 s per prompted one (7 turns of up to FireAct's 1,000
+# tokens, re-sampled twice when they write no action: a run of 100 was stopped unfinished after 25 min).
+CPU_S = {"train_toy": 1.4, "train_hp": 1.5, "eval_toy": 2.8, "eval_toy_prompted": 25.0, "eval_hp": 3.0,
+         "eval_hp_prompted": 20.0}
 
 
 @dataclass
