@@ -432,6 +432,14 @@ def load_rows(dirs) -> list[dict]:
 GROUP_ORDER = ("headline", "methods", "scaling", "masking", "full", "noise", "multitask", "hotpotqa")
 
 
+def scaling_points(rows) -> list:
+    """[(trajectories, toy test EM)] of the scaling rows, ending at the full mix: the methods row chosen on dev
+    (recorded in the choices of any row trained after the choice, from whichever run dir)."""
+    mix = next((r["choices"]["chosen.json"]["mix"] for r in rows if r.get("choices", {}).get("chosen.json")), None)
+    pick = [r for r in rows if mix and r["name"] == f"methods_{mix}" and "test" in r["evals"]][:1]
+    return sorted((r["x"], r["evals"]["test"]["em"]) for r in rows if r["group"] == "scaling" or r in pick)
+
+
 def table(dirs, out: str = "") -> tuple[Path, Path]:
     """Row summaries -> OUT/table.md (one markdown table, grouped) and OUT/table.png (EM per row; the scaling
     curve). OUT = the first run dir unless given."""
@@ -502,15 +510,14 @@ def chart(rows, path: Path) -> Path:
     a.set_xlim(0, 105)
     a.set_xlabel("EM (test / report split)")
     a.tick_params(axis="y", labelsize=7)
-    pick = next((r for r in rows if r.get("choices", {}).get("chosen.json") and
-                 r["name"] == "methods_" + r["choices"]["chosen.json"]["mix"]), None)
-    pts = sorted([(r["x"], r["evals"]["test"]["em"]) for r in rows if r["group"] == "scaling"] +
-                 ([(pick["x"], pick["evals"]["test"]["em"])] if pick else []))
+    pts = scaling_points(rows)
     if pts:
         b.plot([x for x, _ in pts], [y for _, y in pts], "o-")
         for x, y in pts:
             b.annotate(f"{y:.0f}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
         b.set_xscale("log")
+        b.minorticks_off()
+        b.set_xticks([x for x, _ in pts], [str(x) for x, _ in pts])
         b.set_ylim(0, 100)
         b.set_xlabel("training trajectories")
         b.set_ylabel("toy test EM")

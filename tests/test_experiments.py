@@ -127,3 +127,12 @@ def test_list_and_one_line_errors(tmp_path):
     r = subprocess.run([sys.executable, str(REPO / "fireact.py"), "table", str(tmp_path)], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 1 and f"{tmp_path / 'rows' / 'bad.json'}: not a row summary" in r.stderr
+
+
+def test_scaling_curve_ends_at_the_mix_chosen_on_dev_from_any_run():
+    row = lambda name, group, x, em, mix=None: dict(name=name, group=group, x=x, evals={"test": {"em": em}},
+                                                    choices={"chosen.json": {"mix": mix}} if mix else {})
+    rows = [row("methods_react", "methods", 545, 82.0), row("methods_react_reflexion", "methods", 545, 67.5),
+            row("scaling_200", "scaling", 200, 54.0, mix="react"), row("scaling_50", "scaling", 50, 6.0, mix="react")]
+    assert X.scaling_points(rows) == [(50, 6.0), (200, 54.0), (545, 82.0)]   # methods_react: chosen, from another run
+    assert X.scaling_points(rows[:2]) == []                                   # no scaling row, no choice: no curve
