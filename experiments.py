@@ -54,8 +54,11 @@ class Step:
     questions: int = 0   # an eval's question count (--eval-n scales its cost)
     prompted: bool = False  # a prompted (few-shot) eval: --prompted-n subsamples it apart from the others
 
+    def subsample(self, eval_n=0, prompted_n=0) -> int:  # the eval's --n under --eval-n / --prompted-n (0 = all)
+        return prompted_n if self.prompted and prompted_n else eval_n
+
     def seconds(self, eval_n=0, prompted_n=0):
-        n = prompted_n if self.prompted and prompted_n else eval_n
+        n = self.subsample(eval_n, prompted_n)
         return self.cost * min(1, n / self.questions) if n and self.questions else self.cost
 
 
@@ -295,7 +298,7 @@ def resolve(step: Step, run: Path, cfg: ExpConfig) -> list:
         out += ["--device", cfg.device]
     if cfg.model and (script == "train.py" or out[0] == "eval") and "--model" not in out:
         out += ["--model", cfg.model]
-    n = cfg.prompted_n if step.prompted and cfg.prompted_n else cfg.eval_n
+    n = step.subsample(cfg.eval_n, cfg.prompted_n)
     if n and script == "fireact.py" and out[0] == "eval":
         out += ["--n", str(n)]
     if cfg.eval_batch and script == "fireact.py" and out[0] == "eval":

@@ -301,11 +301,11 @@ class Llama(nn.Module):
                                  "(aten._weight_int4pack_mm_for_cpu); use fp32")
             if self.device.type != "cpu":
                 raise ValueError(f"--quant {quant}: the int4 kernel is CPU only (this model is on {self.device})")
-            bad = [n for n, m in self.model.layers.named_modules() if isinstance(m, nn.Linear)
+            bad = [(n, m.in_features) for n, m in self.model.layers.named_modules() if isinstance(m, nn.Linear)
                    and m.in_features % INT4_GROUP]
             if bad:
-                raise ValueError(f"--quant {quant}: layers.{bad[0]} has {self.model.layers.get_submodule(bad[0]).in_features}"
-                                 f" inputs, not a multiple of the {INT4_GROUP}-input group")
+                raise ValueError(f"--quant {quant}: layers.{bad[0][0]} has {bad[0][1]} inputs, not a multiple of "
+                                 f"the {INT4_GROUP}-input group")
         for m in self.modules():
             if hasattr(m, "packs"):
                 m.packs = {} if on else None
