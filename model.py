@@ -98,9 +98,11 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
         inv = torch.where(medium, smoothed, scaled)
     return inv
 
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def rope(x, cos, sin):
+    """HF's x * cos + rotate_half(x) * sin, where rotate_half(x) = cat(-x2, x1) for x's halves x1, x2. Here the
+    sign lives in sin (sin = cat(-sin1, sin1), built once per forward) and the halves swap by a roll: bitwise the
+    same numbers (negating a factor is exact) in 4 ops instead of 6, which at decode's tiny tensors is the cost."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
@@ -108,6 +110,8 @@ class RMSNorm(nn.Module):
         self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
 
     def forward(self, x):
+        if x.dtype == torch.float32:  # one fused op, bitwise HF's formula below in fp32 (values and gradients;
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # tested): 8 ops fewer per norm
         dtype = x.dtype  # normalise in float32 like HF, then cast back before the scale
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -190,7 +194,7 @@ class Attention(nn.Module):
         q = q.view(B, T, self.nh, self.hd).transpose(1, 2)                 # [B, nh, T, hd]
         k = k.view(B, T, self.nkv, self.hd).transpose(1, 2)                # [B, nkv, T, hd]
         v = v.view(B, T, self.nkv, self.hd).transpose(1, 2)
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.idx, k, v)                            # [B, nkv, S, hd]
         prefix = cache.prefix(self.idx) if cache is not None else None
@@ -261,8 +265,8 @@ class Llama(nn.Module):
             positions = torch.arange(off + start, off + start + T, device=input_ids.device).expand(B, T)
         x = self.model.embed_tokens(input_ids)                               # [B, T, D]
         freqs = positions[..., None].float() * self.inv_freq                 # [B, T, hd/2]
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]                     # [B, 1, T, hd]
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        cos, sin = freqs.cos().to(x.dtype)[:, None], freqs.sin().to(x.dtype)[:, None]  # [B, 1, T, hd/2]
+        cos, sin = torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)     # [B, 1, T, hd], sign for rope()
         mask = None
         if attn_mask is not None and not (T == 1 and bool(attn_mask.all())):
             S = attn_mask.shape[1]

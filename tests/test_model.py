@@ -903,3 +903,27 @@ def test_embedded_model_prepacked_decode_gives_todays_tokens():
     prompts = [f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n" for q in qs]
     fast = M.generate(m, tok, prompts, max_new_tokens=24)
     assert fast == M.generate(m.fast_kernels(False), tok, prompts, max_new_tokens=24)
+
+
+def test_rope_and_rmsnorm_are_bitwise_hf_formulas_values_and_gradients():
+    """The decode path's op cuts (roll + signed sin for RoPE, one fused rms_norm) change no bit, forward or back."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 64, requires_grad=True)
+    f = torch.randn(2, 1, 5, 32)
+    cos, sin = torch.cat((f, f), -1).cos(), torch.cat((f, f), -1).sin()           # HF's cos/sin [B, 1, T, hd]
+    x1, x2 = x.chunk(2, -1)
+    want = x * cos + torch.cat((-x2, x1), -1) * sin                              # HF's rotate_half form
+    got = M.rope(x, cos, torch.cat((-f.sin(), f.sin()), -1))
+    g = torch.randn_like(want)
+    assert torch.equal(got, want)
+    assert torch.equal(*(torch.autograd.grad((y * g).sum(), x)[0] for y in (got, want)))
+    norm = M.RMSNorm(576, 1e-5)
+    with torch.no_grad():
+        norm.weight.normal_()
+    for scale in (1e-3, 1.0, 1e3):
+        h = (torch.randn(4, 7, 576) * scale).requires_grad_()
+        ref = norm.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5))
+        out = norm(h)
+        assert torch.equal(out, ref)
+        gh = [torch.autograd.grad((y * g[0, 0, 0, 0]).sum(), (h, norm.weight)) for y in (out, ref)]
+        assert all(torch.equal(a, b) for a, b in zip(*gh))
