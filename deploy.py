@@ -455,7 +455,7 @@ def make_server(cfg: ServeConfig, model=None, tok=None):
     from cfg.model and cfg.adapter."""
     if model is None:
         device = M.pick_device(cfg.device)
-        model, tok = M.load_model(cfg.model or None, device, getattr(M.torch, cfg.dtype) if cfg.dtype else None)
+        model, tok = M.load_model(cfg.model or None, device, M.pick_dtype(cfg.dtype, device))
         if cfg.adapter:
             M.load_adapter(model, cfg.adapter)
             if not cfg.quant:     # (4-bit weights would round a merged LoRA away: it stays a term of its own)

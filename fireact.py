@@ -1027,6 +1027,7 @@ class EvalConfig(RunConfig):
     max_failures: float = 0.0     # exit non-zero when more than this fraction of episodes failed (server errors)
     device: str = ""              # cpu | cuda | mps; "" = the best available
     quant: Literal["", "int4"] = ""  # int4: decode through 4-bit layer weights (CPU; pays for one stream at a time, README §5)
+    dtype: Literal["", "float32", "bfloat16"] = ""  # "" = float32 on CPU (the exact path), bfloat16 on CUDA; bfloat16 on a CPU pays only with native bf16 (README §5)
 
     def check(self):
         super().check()
@@ -1112,6 +1113,7 @@ class AskConfig:
     color: Literal["auto", "always", "never"] = "auto"  # auto: colour on a terminal, plain when piped
     device: str = ""              # cpu | cuda | mps; "" = the best available
     quant: Literal["", "int4"] = ""  # int4: decode through 4-bit layer weights (CPU; pays for one stream at a time, README §5)
+    dtype: Literal["", "float32", "bfloat16"] = ""  # "" = float32 on CPU (the exact path), bfloat16 on CUDA; bfloat16 on a CPU pays only with native bf16 (README §5)
 
     def check(self):
         if self.max_steps < 1 or self.max_new_tokens < 1:
@@ -1460,9 +1462,21 @@ def load_local(cfg):
     """The local model of eval and ask on the device model.pick_device chooses (cuda, mps, cpu), said on stderr."""
     import model as M
     device = M.pick_device(cfg.device)
+    dtype = M.pick_dtype(cfg.dtype, device)
     print(f"device: {device}", file=sys.stderr)
-    net, tok = M.load_model(cfg.model or None, device=device)
+    if str(device) == "cpu":  # what this CPU has and the path chosen for it (a bf16 that is emulated, said so)
+        print(M.cpu_report(dtype, quant=cfg.quant), file=sys.stderr)
+    net, tok = M.load_model(cfg.model or None, device=device, dtype=dtype)
     return M.quantize(net, cfg.quant), tok
+
+
+def load_student(M, net, cfg):
+    """The adapter onto the local model, merged into its weights (W + BA): each decode step then runs 7 matmuls a
+    layer, not 7 plus 14 low-rank ones and their small ops (measured 1.26-1.36x a step, README §5). Under --quant
+    the LoRA stays a term of its own: 4-bit weights would round it away."""
+    M.load_adapter(net, cfg.adapter)
+    if not cfg.quant:
+        M.merge_lora(net)
 
 
 def student_prompt(tok, zero: bool, template: str, task: Task, tool: str):
@@ -1480,7 +1494,8 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
     meta = dict(model=cfg.teacher_model or cfg.model or "SmolLM2-135M-Instruct", adapter=cfg.adapter or None,
                 adapter_base=trained.get("base"),
                 template=template, noise=cfg.noise, noise_mode=cfg.noise_mode, force_answer=cfg.force_answer,
-                seed=cfg.seed, quant=cfg.quant or None, provenance=cli.provenance())
+                seed=cfg.seed, quant=cfg.quant or None,
+                dtype=None if cfg.teacher_model else cfg.dtype or "auto", provenance=cli.provenance())
     if cfg.teacher_model:
         llm = TeacherLLM(make_teacher(cfg.teacher_model, cfg.base_url, cfg.api_key_env, timeout=cfg.timeout,
                                       retries=cfg.retries))
@@ -1497,12 +1512,13 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
         summaries = []
         for label, tuned in runs:
             if tuned:
-                M.load_adapter(net, cfg.adapter)
+                load_student(M, net, cfg)
             prompt_fn = student_prompt(tok, tuned or cfg.zero_shot, template, task, tool)
             path = out.with_name(f"{out.stem}_{label}{out.suffix}") if cfg.compare else out
             llm = LocalLLM(net, tok, cfg.max_new_tokens, seed=cfg.seed, prefix_cache_mb=cfg.prefix_cache_mb)
             summaries.append(run_eval(cfg, llm, prompt_fn, label, path, tool,
-                                      dict(meta, adapter=cfg.adapter if tuned else None)))
+                                      dict(meta, adapter=cfg.adapter if tuned else None,
+                                           adapter_merged=tuned and not cfg.quant)))
     print_table(summaries)
     for s in summaries:
         if s["failures"] > cfg.max_failures * s["n"]:
@@ -1522,7 +1538,7 @@ def ask(cfg: AskConfig) -> list[Episode]:
     tool = pick_tool(cfg, task, trained)
     net, tok = load_local(cfg)
     if cfg.adapter:
-        M.load_adapter(net, cfg.adapter)
+        load_student(M, net, cfg)
     prompt_fn = student_prompt(tok, bool(cfg.adapter), cfg.template or trained.get("template", "react"), task, tool)
     llm, base_tool = LocalLLM(net, tok, cfg.max_new_tokens), make_tool(cfg.task, tool)
     gold = {question_key(q["question"]): q["answer"] for split in task.eval_splits for q in task.questions(split)}

@@ -357,15 +357,16 @@ def cpu_report(dtype=torch.float32, info=None, quant="") -> str:
     """One line: the CPU, what it has, and the inference path this process takes on it."""
     info = info or cpu_info()
     isa = [k for k in ("avx2", "avx512", "avx512_bf16", "amx_bf16", "vnni") if info[k]]
+    dt = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, str(dtype).removeprefix("torch."))
+    emulated = " (EMULATED on this CPU: slower than fp32)" if dtype == torch.bfloat16 and not native_bf16(info) else ""
     if quant:
         path = (f"{quant} weights (group {INT4_GROUP}, bf16 activations) for the layers' linears at <= "
-                f"{PACKED_MAX_ROWS} rows (decode), fp32 head, norms, attention and LoRA; fp32 MKL prefill")
+                f"{PACKED_MAX_ROWS} rows (decode), {dt} head, norms, attention and LoRA; {dt} prefill{emulated}")
     elif dtype == torch.float32:
         path = (f"fp32, frozen linears prepacked for oneDNN at <= {PACKED_MAX_ROWS} rows (decode), MKL above"
                 if ONEDNN else "fp32, F.linear (no oneDNN in this torch)")
     else:
-        path = f"{str(dtype).removeprefix('torch.')}" + ("" if native_bf16(info) or dtype != torch.bfloat16
-                                                          else " (EMULATED on this CPU: slower than fp32)")
+        path = dt + (" (oneDNN, native)" if dtype == torch.bfloat16 and not emulated else emulated)
     return (f"cpu: {info['name']}, torch capability {info['capability']}, {' '.join(isa) or 'no AVX2'}, "
             f"oneDNN {'yes' if info['onednn'] else 'no'} (bf16 {'native' if native_bf16(info) else 'not native'}); "
             f"path: {path}")
@@ -377,7 +378,8 @@ PACKED_MAX_ROWS = 16  # oneDNN's prepacked fp32 kernel beats MKL's sgemm at deco
 def use_packed(mod, x) -> bool:
     """Whether `mod` (with a `packs` dict, None = off) runs x through packed weights: fp32 CPU inference (no
     autograd: training keeps F.linear) with few rows (decode)."""
-    return (mod.packs is not None and (ONEDNN or mod.quant) and x.device.type == "cpu" and x.dtype == torch.float32
+    return (mod.packs is not None and (ONEDNN or mod.quant) and x.device.type == "cpu"
+            and (x.dtype == torch.float32 or mod.quant and x.dtype == torch.bfloat16)
             and not torch.is_grad_enabled() and x.numel() <= PACKED_MAX_ROWS * x.shape[-1])
 
 def fast_linear(mod, name, mods, x) -> list:
@@ -400,7 +402,7 @@ def fast_linear(mod, name, mods, x) -> list:
     if mod.quant == "int4":  # the kernel takes bf16 activations (with fp32 ones it falls back to a path ~15x slower)
         q, sz = p[1][:2]
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), q,
-                                                        INT4_GROUP, sz).float().view(*x.shape[:-1], -1)
+                                                        INT4_GROUP, sz).to(x.dtype).view(*x.shape[:-1], -1)
         y = y if p[2] is None else y + p[2]
     else:
         y = torch.ops.mkldnn._linear_pointwise(x, p[1], p[2], "none", [], "")
@@ -542,6 +544,21 @@ def checkpoint_files(d: Path) -> list[Path]:
 
 def default_dtype(device) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+def pick_dtype(name: str, device, train: bool = False) -> torch.dtype:
+    """--dtype: a name, or "" = the device's choice: bf16 on CUDA; fp32 on CPU (the exact path, what eval's EM
+    was gated on), except for *training* on a CPU with native bf16 matmuls (AVX512_BF16 or AMX): there the frozen
+    base runs in bf16 under autocast as on CUDA (LoRA weights, gradients and AdamW stay fp32). bf16 named on a CPU
+    without it is allowed (the numbers are the same) but emulated: slower than fp32, which cpu_report says."""
+    if name and name not in DTYPES:
+        raise ValueError(f"--dtype {name!r}: use {', '.join(DTYPES)} (or nothing: the device's choice)")
+    if name:
+        return getattr(torch, name)
+    if train and torch.device(device).type == "cpu" and native_bf16():
+        return torch.bfloat16
+    return default_dtype(device)
 
 def load_checkpoint(d, device=None, dtype=None) -> Llama:
     """Build on the meta device, then assign each tensor read from the safetensors file(s): weights never held twice."""
@@ -1441,9 +1458,7 @@ def main(argv=None):
     try:  # user errors (a bad path, a broken file, no network) are one line, no traceback; stdout is the answer only
         device = pick_device(c.device)
         print(f"device: {device}", file=sys.stderr)
-        if c.dtype not in ("", "float32", "bfloat16", "float16"):
-            raise ValueError(f"--dtype {c.dtype!r}: use float32, bfloat16 or float16")
-        model, tok = load_model(c.model or None, device, getattr(torch, c.dtype) if c.dtype else None)
+        model, tok = load_model(c.model or None, device, pick_dtype(c.dtype, device))
         quantize(model, c.quant)
         prompt = c.prompt.replace("\\n", "\n")  # shells pass "\n" literally
         out = generate(model, tok, [prompt], c.max_new_tokens, c.temperature, c.top_p, seed=c.seed)[0]

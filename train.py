@@ -41,13 +41,7 @@ import torch.nn.functional as F
 
 import cli
 from fireact import mask_pieces, read_records, render, show_mask
-from model import apply_lora, load_model, save_adapter, save_checkpoint
-
-try:
-    from model import pick_device
-except ImportError:     # until model.py has it (cuda, then mps, then cpu): today's choice
-    def pick_device(name=""):
-        return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+from model import apply_lora, cpu_report, load_model, pick_device, pick_dtype, save_adapter, save_checkpoint
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_DATA = "data/toy/train.jsonl"
@@ -108,6 +102,10 @@ class TrainConfig:
     save_every: int = 100               # adapter + resumable state every N optimizer steps
     seed: int = 0                       # data order, validation split and dropout masks = f(seed, step)
     device: str = ""                    # cpu | cuda | cuda:N | mps; "" = the best available
+    dtype: Literal["", "float32", "bfloat16"] = ""  # the frozen base's dtype, matmuls under bf16 autocast (trained
+                                        # weights, their gradients and AdamW stay fp32); "" = bfloat16 on CUDA and
+                                        # on CPUs with native bf16 matmuls (AVX512_BF16/AMX), float32 elsewhere
+                                        # (bf16 is emulated there: slower than fp32)
     grad_checkpointing: bool = False    # recompute activations in backward: less memory, more time
     compile: bool = False               # torch.compile the loss (pays off on CUDA; slow to start)
     resume: bool = False                # continue the run in --out exactly (refused if a setting that changes
@@ -513,8 +511,13 @@ def train(cfg):
     data_tools = {}  # which tools made the training observations: eval picks the same tool family
     for r in train_recs:
         data_tools[r.get("tool", "?")] = data_tools.get(r.get("tool", "?"), 0) + 1
-    # the frozen base in bf16 on CUDA; weights that are trained stay fp32 (full fine-tuning: all of them)
-    model, tok = load_base(cfg, device=device, dtype=torch.bfloat16 if cuda and not cfg.full else torch.float32)
+    # the frozen base in bf16 on CUDA and on CPUs with native bf16 (model.pick_dtype); weights that are trained
+    # stay fp32 (full fine-tuning: all of them, the matmuls still under bf16 autocast)
+    dtype = pick_dtype(cfg.dtype, device, train=True)
+    bf16 = dtype == torch.bfloat16
+    if device.type == "cpu":
+        log(cpu_report(dtype).replace("path:", "training path:"))
+    model, tok = load_base(cfg, device=device, dtype=torch.float32 if cfg.full else dtype)
     n_params = sum(p.numel() for p in model.parameters())
     auto_lr = cfg.lr == 0
     if auto_lr:
@@ -553,12 +556,12 @@ def train(cfg):
     model.train()
     step_loss = torch.compile(loss_sum, dynamic=True) if cfg.compile else loss_sum
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     log(f"model: {cfg.model or 'SmolLM2-135M-Instruct (embedded)'}, "
         + ("full fine-tuning: " if cfg.full else f"LoRA r={cfg.lora_r} on {cfg.lora_targets}: ") +
         f"{sum(p.numel() for p in trainable):,} trainable params; {total} steps of {cfg.batch_size} sequences "
         f"({cfg.batch_size // cfg.micro_batch} micro-batches of {cfg.micro_batch}, {world} process(es)), "
-        f"device {device}{' bf16' if cuda else ' fp32'}")
+        f"device {device}{' bf16' if bf16 else ' fp32'}")
 
     # resume: LoRA weights, optimizer, step and RNG. The data order and dropout masks are functions of
     # (seed, step), so restoring the step restores them exactly.

@@ -4,6 +4,7 @@ targets and rank, in the same run. Each side runs in its own fresh subprocess so
 
     python bench/train.py                      # batch 4 x 512, ~half the tokens masked, 3 timed steps each
     python bench/train.py --steps 5 --threads 2 --targets q_proj,v_proj --r 8
+    python bench/train.py --dtype float32      # ours in fp32 even where the CPU has native bf16
 
 It prints the CPU, what it has and the path ours takes (model.cpu_report), and two baselines: transformers+PEFT
 in float32 and in bfloat16 (transformers' best setting depends on the CPU: bf16 wins only with native bf16
@@ -76,14 +77,19 @@ def worker(args):
     if args.worker == "ours":
         import model as M
         import train as T
-        model = M.load_checkpoint(args.dir)
+        dtype = M.pick_dtype(args.dtype, "cpu", train=True)             # what train.py picks on this CPU
+        model = M.load_checkpoint(args.dir, dtype=dtype)
         M.apply_lora(model, tuple(targets), r=args.r, alpha=2 * args.r, dropout=0.05)
+        for p in model.parameters():
+            if p.requires_grad:                                          # LoRA weights fp32, as train.py keeps them
+                p.data = p.data.float()
         y = torch.where(mask[:, 1:].bool(), ids[:, 1:], -100)
         y = torch.cat([y, torch.full((args.batch, 1), -100)], 1)       # y[:, t] = target for position t
         n_sup = int((y != -100).sum())
 
         def step():
-            return T.loss_sum(model, ids, y) / n_sup
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                return T.loss_sum(model, ids, y) / n_sup
     else:
         from peft import LoraConfig, get_peft_model
         from transformers import LlamaForCausalLM
@@ -124,6 +130,8 @@ def main():
     p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--hf-bf16", type=int, default=1, help="also time transformers+PEFT with a bfloat16 base")
+    p.add_argument("--dtype", default="", choices=["", "float32", "bfloat16"],
+                   help="ours: the frozen base's dtype; empty = train.py's choice (bf16 only with native bf16)")
     p.add_argument("--worker", choices=["ours", "hf", "hf-bf16"])
     p.add_argument("--dir")
     args = p.parse_args()
@@ -136,9 +144,8 @@ def main():
         import model as M
         print(f"SmolLM2-135M shape, random weights; batch {args.batch}x{args.seq}, LoRA r={args.r} on "
               f"{args.targets}; {args.steps} timed steps, {args.threads} threads")
-        print(M.cpu_report(torch.float32).replace("path: ", "path (generation): ")
-              + "; training: fp32 (" + ("bf16 base would be native here" if M.native_bf16()
-                                        else "no native bf16 on this CPU") + ")", flush=True)
+        print(M.cpu_report(M.pick_dtype(args.dtype, "cpu", train=True)).replace("path: ", "training path (ours): "),
+              flush=True)
         res = {}
         for name in ("hf", "hf-bf16", "ours") if args.hf_bf16 else ("hf", "ours"):
             cmd = [sys.executable, __file__, *sys.argv[1:], "--worker", name, "--dir", d]

@@ -145,6 +145,16 @@ def test_pipeline_generate_filter_mix_train_eval(world, tiny_llama, capsys):
         assert "quant: int4, relative RMS error of the layers' weights" in capsys.readouterr().err
         q4 = json.loads((runs / "q4.summary.json").read_text())
         assert q4["n"] == 3 and q4["quant"] == "int4" and q4["config"]["quant"] == "int4"
+        assert q4["adapter_merged"] is False                # 4-bit weights would round the LoRA away
+    # and in bf16: the CPU and the path chosen said on stderr (emulated where the CPU has no native bf16)
+    fireact.main(["eval", "--task", "hotpotqa_offline", "--model", str(tiny_llama), "--adapter", str(lora),
+                  "--n", "3", "--max-steps", "2", "--max-new-tokens", "6", "--out", str(runs / "bf16.json"),
+                  "--dtype", "bfloat16"])
+    err = capsys.readouterr().err
+    assert re.search(r"^cpu: .*path: bf16", err, re.M) and ("EMULATED" in err) != M.native_bf16()
+    bf = json.loads((runs / "bf16.summary.json").read_text())
+    assert bf["n"] == 3 and bf["dtype"] == "bfloat16" and summary["dtype"] == "auto"
+    assert summary["adapter_merged"] is True   # fine-tuned evals run W + BA as one weight
 
 
 def test_batched_local_eval_equals_one_at_a_time(world, tiny_llama):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from conftest import make_tiny_llama, make_tokenizer
@@ -282,6 +283,31 @@ def test_tiny_model_overfits_a_few_trajectories(tiny, tmp_path):
     tools = T.read_records(tiny[1])[:3]
     assert meta["template"] == "react" and sum(meta["data_tools"].values()) == 3
     assert set(meta["data_tools"]) == {r.get("tool", "?") for r in tools}
+
+
+def test_bf16_base_on_cpu_trains_fp32_lora_and_follows_fp32(tiny, tmp_path, capsys, monkeypatch):
+    """--dtype bfloat16 (auto on a CPU with native bf16): the frozen base in bf16 under autocast, the LoRA weights
+    and their updates fp32; the losses follow the fp32 run's within bf16 rounding. Auto here follows the CPU."""
+    kw = dict(epochs=3, lr=2e-2, lora_dropout=0.0, save_every=1)
+    ref = T.train(cfg_for(tiny, tmp_path / "fp32", dtype="float32", **kw))
+    out = T.train(cfg_for(tiny, tmp_path / "bf16", dtype="bfloat16", **kw))
+    log = capsys.readouterr().out
+    assert "training path: bf16" in log and ("EMULATED" in log) != M.native_bf16()
+    losses = [[json.loads(l)["loss"] for l in (d / "metrics.jsonl").read_text().splitlines() if "loss" in l]
+              for d in (ref, out)]
+    assert len(losses[1]) == len(losses[0]) == 6 and losses[1][-1] < losses[1][0] - 0.2
+    assert all(abs(a - b) < 0.05 * a for a, b in zip(*losses)), losses
+    lora = load_file(out / "adapter_model.safetensors")
+    assert lora and all(t.dtype == torch.float32 for t in lora.values())
+    want = load_file(ref / "adapter_model.safetensors")
+    cos = [F.cosine_similarity(lora[k].flatten(), want[k].flatten(), 0) for k in want if "lora_B" in k]
+    assert min(cos) > 0.9, cos
+    assert M.pick_dtype("", "cpu", train=True) == (torch.bfloat16 if M.native_bf16() else torch.float32)
+    monkeypatch.setattr(M, "native_bf16", lambda info=None: True)
+    assert M.pick_dtype("", "cpu", train=True) == torch.bfloat16 and M.pick_dtype("", "cpu") == torch.float32
+    assert M.pick_dtype("", "cuda") == torch.bfloat16 and M.pick_dtype("float32", "cuda", train=True) == torch.float32
+    with pytest.raises(ValueError, match="--dtype 'half'"):
+        M.pick_dtype("half", "cpu")
 
 
 def test_resume_equals_uninterrupted(tiny, tmp_path):
