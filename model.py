@@ -353,13 +353,16 @@ def native_bf16(info=None) -> bool:
     info = info or cpu_info()
     return info["onednn_bf16"] and (info["avx512_bf16"] or info["amx_bf16"])
 
-def cpu_report(dtype=torch.float32, info=None, quant="") -> str:
-    """One line: the CPU, what it has, and the inference path this process takes on it."""
+def cpu_report(dtype=torch.float32, info=None, quant="", train=False) -> str:
+    """One line: the CPU, what it has, and the path this process takes on it (inference, or train=True)."""
     info = info or cpu_info()
     isa = [k for k in ("avx2", "avx512", "avx512_bf16", "amx_bf16", "vnni") if info[k]]
     dt = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, str(dtype).removeprefix("torch."))
     emulated = " (EMULATED on this CPU: slower than fp32)" if dtype == torch.bfloat16 and not native_bf16(info) else ""
-    if quant:
+    if train:
+        path = ("bf16 frozen base under autocast, fp32 LoRA/trained weights and AdamW" + emulated
+                if dtype == torch.bfloat16 else f"{dt}, F.linear (MKL)")
+    elif quant:
         path = (f"{quant} weights (group {INT4_GROUP}, bf16 activations) for the layers' linears at <= "
                 f"{PACKED_MAX_ROWS} rows (decode), {dt} head, norms, attention and LoRA; {dt} prefill{emulated}")
     elif dtype == torch.float32:

@@ -516,7 +516,7 @@ def train(cfg):
     dtype = pick_dtype(cfg.dtype, device, train=True)
     bf16 = dtype == torch.bfloat16
     if device.type == "cpu":
-        log(cpu_report(dtype).replace("path:", "training path:"))
+        log(cpu_report(dtype, train=True).replace("path:", "training path:"))
     model, tok = load_base(cfg, device=device, dtype=torch.float32 if cfg.full else dtype)
     n_params = sum(p.numel() for p in model.parameters())
     auto_lr = cfg.lr == 0

@@ -3,12 +3,15 @@
     python bench/eval.py                       # 64 toy dev episodes (else the offline HotpotQA subset)
     python bench/eval.py --n 16 --max-steps 2 --max-new-tokens 24
     python bench/eval.py --prompt few-shot --versus unshared --n 20   # the prompted eval: shared prefix on/off
+    python bench/eval.py --adapter runs/exp/train/chosen --versus unmerged --max-new-tokens 128   # the fine-tuned
+                                               # eval: LoRA merged into the weights (what eval does) vs kept apart
 
 Both runs use fireact.run_agent with greedy decoding without re-sampling, so they do the same work and must give
 the same episodes. Batched: all live episodes advance together through one model.generate call per step.
 Sequential: one episode at a time. Unshared: batched, but each row attends to its own copy of the prompt prefix
-the rows share (the few-shot examples) instead of one copy for all (model.shared_prefix_attention). Last line:
-`eval speedup vs sequential: X.XXx` (or `vs unshared`).
+the rows share (the few-shot examples) instead of one copy for all (model.shared_prefix_attention). Unmerged:
+batched, with --adapter's LoRA as a term of its own in each projection instead of merged into the weights. Last
+line: `eval speedup vs sequential: X.XXx` (or `vs unshared`, `vs unmerged`).
 """
 import sys
 import time
@@ -30,7 +33,8 @@ class BenchConfig:
     task: str = ""        # "" = toy if data/toy exists, else hotpotqa_offline
     model: str = ""       # "" = the embedded SmolLM2-135M-Instruct
     prompt: Literal["zero-shot", "few-shot"] = "zero-shot"  # zero-shot: the student's layout; few-shot: the prompted eval's examples
-    versus: Literal["sequential", "unshared"] = "sequential"  # the reference run: one episode at a time, or batched with the shared prefix attended per row
+    versus: Literal["sequential", "unshared", "unmerged"] = "sequential"  # the reference run: one episode at a time, batched with the shared prefix attended per row, or batched with --adapter unmerged
+    adapter: str = ""     # LoRA adapter dir: the fine-tuned eval (zero-shot prompt in the adapter's template), merged as eval does
 
 
 def main(argv=None):
@@ -38,8 +42,14 @@ def main(argv=None):
     task = cfg.task or ("toy" if (fireact.REPO / "data" / "toy" / "dev.jsonl").exists() else "hotpotqa_offline")
     qs = fireact.load_questions(task, n=cfg.n)
     tool = fireact.make_tool(task)
+    if cfg.versus == "unmerged" and not cfg.adapter:
+        raise SystemExit("--versus unmerged: give --adapter DIR (the LoRA to keep apart)")
     net, tok = M.load_model(cfg.model or None)
-    prompt_fn = fireact.zero_shot(tok) if cfg.prompt == "zero-shot" else \
+    if cfg.adapter:
+        M.load_adapter(net, cfg.adapter)
+        M.merge_lora(net)
+    template = fireact.adapter_training(cfg.adapter).get("template", "react") if cfg.adapter else "react"
+    prompt_fn = fireact.zero_shot(tok, template) if cfg.prompt == "zero-shot" or cfg.adapter else \
         fireact.few_shot("react", fireact.get_task(task).family, fireact.get_task(task).tool)
     print(M.cpu_report(), flush=True)
 
@@ -56,6 +66,10 @@ def main(argv=None):
     t0 = time.time()
     if cfg.versus == "sequential":
         ref = [run([q])[0][0] for q in qs]
+    elif cfg.versus == "unmerged":
+        M.unmerge_lora(net)
+        ref = run(qs)[0]
+        M.merge_lora(net)
     else:
         shared_min, M.SHARED_PREFIX_MIN = M.SHARED_PREFIX_MIN, 10**9  # every row attends to its own prefix copy
         try:
@@ -65,7 +79,7 @@ def main(argv=None):
     t_ref = time.time() - t0
     same = sum((a.steps, a.pred) == (b.steps, b.pred) for a, b in zip(batched, ref))
     steps = sum(len(e.steps) for e in batched)
-    print(f"task {task}, {cfg.prompt} prompt: {len(qs)} episodes, {steps} steps, {usage['completion_tokens']} "
+    print(f"task {task}, {'fine-tuned (' + cfg.adapter + ')' if cfg.adapter else cfg.prompt + ' prompt'}: {len(qs)} episodes, {steps} steps, {usage['completion_tokens']} "
           f"generated tokens, max_steps {cfg.max_steps}, max_new_tokens {cfg.max_new_tokens}, "
           f"{M.torch.get_num_threads()} threads")
     print(f"{cfg.versus + ':':11s} {t_ref:8.1f} s  ({len(qs) / t_ref * 60:.1f} episodes/min)")

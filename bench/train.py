@@ -144,7 +144,7 @@ def main():
         import model as M
         print(f"SmolLM2-135M shape, random weights; batch {args.batch}x{args.seq}, LoRA r={args.r} on "
               f"{args.targets}; {args.steps} timed steps, {args.threads} threads")
-        print(M.cpu_report(M.pick_dtype(args.dtype, "cpu", train=True)).replace("path: ", "training path (ours): "),
+        print(M.cpu_report(M.pick_dtype(args.dtype, "cpu", train=True), train=True).replace("path: ", "training path (ours): "),
               flush=True)
         res = {}
         for name in ("hf", "hf-bf16", "ours") if args.hf_bf16 else ("hf", "ours"):
