@@ -457,9 +457,7 @@ def make_server(cfg: ServeConfig, model=None, tok=None):
         device = M.pick_device(cfg.device)
         model, tok = M.load_model(cfg.model or None, device, M.pick_dtype(cfg.dtype, device))
         if cfg.adapter:
-            M.load_adapter(model, cfg.adapter)
-            if not cfg.quant:     # (4-bit weights would round a merged LoRA away: it stays a term of its own)
-                M.merge_lora(model)   # same outputs, no LoRA matmuls per token
+            M.load_adapter(model, cfg.adapter, merge=not cfg.quant)  # (4-bit weights would round a merged LoRA away)
         M.quantize(model, cfg.quant)
     chat_format = cfg.chat_format or ("trajectory" if cfg.adapter else "template")
     template = cfg.template or fireact.adapter_training(cfg.adapter).get("template", "react")
@@ -491,8 +489,7 @@ def serve(cfg: ServeConfig):
 def merged_model(cfg: ExportConfig):
     model, tok = M.load_model(cfg.model or None, "cpu", M.torch.float32)
     if cfg.adapter:
-        M.load_adapter(model, cfg.adapter)
-        M.merge_lora(model)
+        M.load_adapter(model, cfg.adapter, merge=True)
     return model, tok
 
 

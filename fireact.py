@@ -1470,15 +1470,6 @@ def load_local(cfg):
     return M.quantize(net, cfg.quant), tok
 
 
-def load_student(M, net, cfg):
-    """The adapter onto the local model, merged into its weights (W + BA): each decode step then runs 7 matmuls a
-    layer, not 7 plus 14 low-rank ones and their small ops (measured 1.26-1.36x a step, README §5). Under --quant
-    the LoRA stays a term of its own: 4-bit weights would round it away."""
-    M.load_adapter(net, cfg.adapter)
-    if not cfg.quant:
-        M.merge_lora(net)
-
-
 def student_prompt(tok, zero: bool, template: str, task: Task, tool: str):
     """A fine-tuned student's prompt (render, no examples) or the prompted model's (few-shot ReAct for the tool)."""
     return zero_shot(tok, template) if zero else few_shot("react", task.family, tool)
@@ -1512,7 +1503,7 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
         summaries = []
         for label, tuned in runs:
             if tuned:
-                load_student(M, net, cfg)
+                M.load_adapter(net, cfg.adapter, merge=not cfg.quant)
             prompt_fn = student_prompt(tok, tuned or cfg.zero_shot, template, task, tool)
             path = out.with_name(f"{out.stem}_{label}{out.suffix}") if cfg.compare else out
             llm = LocalLLM(net, tok, cfg.max_new_tokens, seed=cfg.seed, prefix_cache_mb=cfg.prefix_cache_mb)
@@ -1538,7 +1529,7 @@ def ask(cfg: AskConfig) -> list[Episode]:
     tool = pick_tool(cfg, task, trained)
     net, tok = load_local(cfg)
     if cfg.adapter:
-        load_student(M, net, cfg)
+        M.load_adapter(net, cfg.adapter, merge=not cfg.quant)
     prompt_fn = student_prompt(tok, bool(cfg.adapter), cfg.template or trained.get("template", "react"), task, tool)
     llm, base_tool = LocalLLM(net, tok, cfg.max_new_tokens), make_tool(cfg.task, tool)
     gold = {question_key(q["question"]): q["answer"] for split in task.eval_splits for q in task.questions(split)}

@@ -46,11 +46,10 @@ def main(argv=None):
         raise SystemExit("--versus unmerged: give --adapter DIR (the LoRA to keep apart)")
     net, tok = M.load_model(cfg.model or None)
     if cfg.adapter:
-        M.load_adapter(net, cfg.adapter)
-        M.merge_lora(net)
-    template = fireact.adapter_training(cfg.adapter).get("template", "react") if cfg.adapter else "react"
-    prompt_fn = fireact.zero_shot(tok, template) if cfg.prompt == "zero-shot" or cfg.adapter else \
-        fireact.few_shot("react", fireact.get_task(task).family, fireact.get_task(task).tool)
+        M.load_adapter(net, cfg.adapter, merge=True)                  # as eval does
+    t = fireact.get_task(task)
+    prompt_fn = fireact.student_prompt(tok, cfg.prompt == "zero-shot" or bool(cfg.adapter),
+                                       fireact.adapter_training(cfg.adapter).get("template", "react"), t, t.tool)
     print(M.cpu_report(), flush=True)
 
     def run(batch):
