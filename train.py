@@ -292,6 +292,15 @@ def loss_sum(model, x, y):
     return F.cross_entropy(logits.float(), y[sel], reduction="sum")
 
 
+def mixed_precision(model, dtype, device_type):
+    """The trained weights (those that require grad) in fp32, whatever the frozen base's dtype; -> the autocast
+    context every forward runs in: bf16 matmuls when the base is bf16 (pick_dtype), off otherwise."""
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+
+
 def lr_at(step, total, cfg):
     """Linear warmup to cfg.lr, then cosine decay to cfg.lr * min_lr_frac at the last step. Warmup is capped
     at a fifth of the run so that short runs still reach the peak."""
@@ -514,7 +523,6 @@ def train(cfg):
     # the frozen base in bf16 on CUDA and on CPUs with native bf16 (model.pick_dtype); weights that are trained
     # stay fp32 (full fine-tuning: all of them, the matmuls still under bf16 autocast)
     dtype = pick_dtype(cfg.dtype, device, train=True)
-    bf16 = dtype == torch.bfloat16
     if device.type == "cpu":
         log(cpu_report(dtype, train=True).replace("path:", "training path:"))
     model, tok = load_base(cfg, device=device, dtype=torch.float32 if cfg.full else dtype)
@@ -549,19 +557,17 @@ def train(cfg):
     else:
         apply_lora(model, targets=tuple(cfg.lora_targets.split(",")), r=cfg.lora_r, alpha=cfg.lora_alpha,
                    dropout=cfg.lora_dropout)
+    autocast = mixed_precision(model, dtype, device.type)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    for p in trainable:
-        p.data = p.data.float()
     model.grad_checkpointing = cfg.grad_checkpointing
     model.train()
     step_loss = torch.compile(loss_sum, dynamic=True) if cfg.compile else loss_sum
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     log(f"model: {cfg.model or 'SmolLM2-135M-Instruct (embedded)'}, "
         + ("full fine-tuning: " if cfg.full else f"LoRA r={cfg.lora_r} on {cfg.lora_targets}: ") +
         f"{sum(p.numel() for p in trainable):,} trainable params; {total} steps of {cfg.batch_size} sequences "
         f"({cfg.batch_size // cfg.micro_batch} micro-batches of {cfg.micro_batch}, {world} process(es)), "
-        f"device {device}{' bf16' if bf16 else ' fp32'}")
+        f"device {device}{' bf16' if dtype == torch.bfloat16 else ' fp32'}")
 
     # resume: LoRA weights, optimizer, step and RNG. The data order and dropout masks are functions of
     # (seed, step), so restoring the step restores them exactly.

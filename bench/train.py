@@ -80,15 +80,13 @@ def worker(args):
         dtype = M.pick_dtype(args.dtype, "cpu", train=True)             # what train.py picks on this CPU
         model = M.load_checkpoint(args.dir, dtype=dtype)
         M.apply_lora(model, tuple(targets), r=args.r, alpha=2 * args.r, dropout=0.05)
-        for p in model.parameters():
-            if p.requires_grad:                                          # LoRA weights fp32, as train.py keeps them
-                p.data = p.data.float()
+        autocast = T.mixed_precision(model, dtype, "cpu")
         y = torch.where(mask[:, 1:].bool(), ids[:, 1:], -100)
         y = torch.cat([y, torch.full((args.batch, 1), -100)], 1)       # y[:, t] = target for position t
         n_sup = int((y != -100).sum())
 
         def step():
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            with autocast:
                 return T.loss_sum(model, ids, y) / n_sup
     else:
         from peft import LoraConfig, get_peft_model
