@@ -408,19 +408,21 @@ def run_concurrently(fn, items, workers=8, rpm=None, sleep=time.sleep):
             limiter.wait()
         return fn(item)
 
-    items, pending = iter(items), {}
+    items, pending = enumerate(items), {}
     ex = ThreadPoolExecutor(max_workers=workers)
     try:
-        for item in itertools.islice(items, 2 * workers):
-            pending[ex.submit(call, item)] = item
+        for i, item in itertools.islice(items, 2 * workers):
+            pending[ex.submit(call, item)] = (i, item)
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for fut in done:
-                item = pending.pop(fut)
+            # Calls that ended together come out in submission order (a set's order is arbitrary): a consumer that
+            # stops at a failure has then seen every earlier call that had already ended, on every run.
+            for fut in sorted(done, key=lambda f: pending[f][0]):
+                _, item = pending.pop(fut)
                 exc = fut.exception()
                 yield item, (exc if exc is not None else fut.result())
                 for nxt in itertools.islice(items, 1):
-                    pending[ex.submit(call, nxt)] = nxt
+                    pending[ex.submit(call, nxt[1])] = nxt
     finally:  # also when the consumer stops early: drop queued work, let running calls finish
         ex.shutdown(wait=True, cancel_futures=True)
 

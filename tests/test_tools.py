@@ -2,6 +2,7 @@
 injected faults. Run: python -m pytest -q tests/test_tools.py
 
 The servers (`serve`, `openai_app`, `mediawiki_app`) are reused by bench/tools.py."""
+import concurrent.futures
 import json
 import logging
 import os
@@ -815,6 +816,21 @@ def test_run_concurrently_bounds_and_errors():
     gen = tools.run_concurrently(fn, range(10 ** 9), workers=2)  # lazy: an endless input is fine
     assert len([next(gen) for _ in range(5)]) == 5
     gen.close()
+
+
+def test_run_concurrently_yields_calls_that_ended_together_in_submission_order(monkeypatch):
+    """Calls that ended together come out in input order, so a consumer that stops at a failure (generate on
+    Ctrl-C) has handled every earlier call, on every run. `wait` returns a set, whose order is arbitrary: here it
+    reports every finished call, newest first."""
+    real_wait = tools.wait
+
+    def wait_all_newest_first(fs, return_when):
+        done, _ = real_wait(fs, return_when=concurrent.futures.ALL_COMPLETED)
+        return sorted(done, key=list(fs).index, reverse=True), set()
+
+    monkeypatch.setattr(tools, "wait", wait_all_newest_first)
+    seen = [x for x, _ in tools.run_concurrently(lambda x: x, range(30), workers=3)]
+    assert seen == list(range(30))
 
 
 def test_rate_limiter_spacing():
