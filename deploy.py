@@ -64,6 +64,7 @@ class ServeConfig:
     device: str = ""              # cpu | cuda | cuda:N | mps; "" = the best available
     dtype: Literal["", "float32", "bfloat16", "float16"] = ""  # "" = float32 on CPU, bfloat16 on GPU
     quant: Literal["", "int4"] = ""  # int4: decode through 4-bit layer weights (CPU; one client at a time is where it wins, README §5)
+    compile: bool = False         # torch.compile the decode step of one stream (one client at a time): ~1 min at the first request; C++ compiler on CPU (README §5)
 
     def check(self):
         if not 0 <= self.port < 65536:
@@ -458,7 +459,7 @@ def make_server(cfg: ServeConfig, model=None, tok=None):
         model, tok = M.load_model(cfg.model or None, device, M.pick_dtype(cfg.dtype, device))
         if cfg.adapter:
             M.load_adapter(model, cfg.adapter, merge=not cfg.quant)  # (4-bit weights would round a merged LoRA away)
-        M.quantize(model, cfg.quant)
+        M.quantize(model, cfg.quant).compile_decode(cfg.compile)
     chat_format = cfg.chat_format or ("trajectory" if cfg.adapter else "template")
     template = cfg.template or fireact.adapter_training(cfg.adapter).get("template", "react")
     name = cfg.name or (Path(cfg.adapter).resolve().name if cfg.adapter else

@@ -126,8 +126,13 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.pos, self.offset, self.shared = 0, 0, None
+        self.index = None  # compiled decode (Llama.decode): LongTensor [1], the index this step writes
 
     def update(self, i, k, v):  # k, v: [B, kvh, T, hd] -> all cached keys/values so far [B, kvh, pos+T, hd]
+        if self.index is not None:  # static shapes for torch.compile: write at a tensor index, return the whole
+            self.k[i].index_copy_(2, self.index, k)  # buffer [B, kvh, max_len, hd]; the mask hides what is unwritten
+            self.v[i].index_copy_(2, self.index, v)
+            return self.k[i], self.v[i]
         end = self.pos + k.shape[2]
         self.k[i][:, :, self.pos:end] = k
         self.v[i][:, :, self.pos:end] = v
@@ -144,7 +149,7 @@ class KVCache:
         """A batch-1 cache writing into row i from index `start` on (views: no copy)."""
         r = KVCache.__new__(KVCache)
         r.k, r.v, r.pos = [k[i:i + 1, :, start:] for k in self.k], [v[i:i + 1, :, start:] for v in self.v], 0
-        r.offset, r.shared = self.offset, self.shared
+        r.offset, r.shared, r.index = self.offset, self.shared, None
         return r
 
     def keep(self, rows: torch.Tensor):  # drop finished batch rows (rows: LongTensor of rows to keep)
@@ -247,6 +252,7 @@ class Llama(nn.Module):
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.packs, self.quant = {}, ""  # the LM head's prepacked weight (fast_linear); the head stays fp32
+        self.compiled = None  # compile_decode(): the compiled decode step
 
     @property
     def device(self):
@@ -264,9 +270,7 @@ class Llama(nn.Module):
             off = cache.offset if cache is not None else 0
             positions = torch.arange(off + start, off + start + T, device=input_ids.device).expand(B, T)
         x = self.model.embed_tokens(input_ids)                               # [B, T, D]
-        freqs = positions[..., None].float() * self.inv_freq                 # [B, T, hd/2]
-        cos, sin = freqs.cos().to(x.dtype)[:, None], freqs.sin().to(x.dtype)[:, None]  # [B, 1, T, hd/2]
-        cos, sin = torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)     # [B, 1, T, hd], sign for rope()
+        cos, sin = self.rope_tables(positions, x.dtype)
         mask = None
         if attn_mask is not None and not (T == 1 and bool(attn_mask.all())):
             S = attn_mask.shape[1]
@@ -285,6 +289,40 @@ class Llama(nn.Module):
         if cache is not None:
             cache.pos += T
         return self.model.norm(x)
+
+    def rope_tables(self, positions, dtype):
+        """positions [B, T] -> cos, sin [B, 1, T, hd] for rope(), the sign of rotate_half folded into sin."""
+        freqs = positions[..., None].float() * self.inv_freq                 # [B, T, hd/2]
+        cos, sin = freqs.cos().to(dtype)[:, None], freqs.sin().to(dtype)[:, None]  # [B, 1, T, hd/2]
+        return torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)
+
+    def decode(self, tokens, positions, mask, cache):
+        """One decode step with static shapes, the function torch.compile sees (compile_decode): tokens and
+        positions [B, 1]; mask [B, S] bool over the whole cache width S (real keys written so far, this step's
+        included); cache with cache.index set (KVCache.update writes there). -> logits [B, V]. The same blocks as
+        hidden(); only the cache indexing and the mask differ, so no shape depends on how far decoding is."""
+        x = self.model.embed_tokens(tokens)                                  # [B, 1, D]
+        cos, sin = self.rope_tables(positions, x.dtype)
+        for block in self.model.layers:
+            x = block(x, cos, sin, mask[:, None, None, :], cache)            # mask [B, 1, 1, S]
+        return self.head(self.model.norm(x)[:, -1])
+
+    def compile_decode(self, on: bool = True):
+        """Decode steps of one row (ask, serve with one client, `model.py`) through torch.compile (inductor): the
+        ~1,500 small ops of a step fused into a few kernels (the int4 and fp32 matmuls stay library kernels).
+        Compiling takes ~1 minute on a 2-core CPU, cached on disk by torch for later runs, so it pays off over a
+        session, not one short answer. The cache width is rounded up to COMPILED_WIDTH; at the second width seen,
+        torch compiles once more a graph for any width (its automatic dynamic shapes): two compiles in all.
+        Batches of several rows keep the eager path (their batch shrinks as rows finish: each size would compile
+        again). Not bitwise the eager path (fused float sums round differently); tests compare greedy tokens
+        (fp32) and logits (int4, where bf16 activations make a 1-ulp difference visible)."""
+        if on and self.device.type == "cpu":
+            cxx = os.environ.get("CXX", "g++")
+            if not shutil.which(cxx):
+                raise ValueError(f"--compile: torch.compile on CPU needs a C++ compiler ({cxx} not found; install "
+                                 "g++, or set CXX), or leave --compile off")
+        self.compiled = torch.compile(self.decode, fullgraph=True) if on else None
+        return self
 
     def head(self, h):
         lin = self.model.embed_tokens if self.config.tie_word_embeddings else self.lm_head
@@ -353,7 +391,7 @@ def native_bf16(info=None) -> bool:
     info = info or cpu_info()
     return info["onednn_bf16"] and (info["avx512_bf16"] or info["amx_bf16"])
 
-def cpu_report(dtype=torch.float32, info=None, quant="", train=False) -> str:
+def cpu_report(dtype=torch.float32, info=None, quant="", train=False, compiled=False) -> str:
     """One line: the CPU, what it has, and the path this process takes on it (inference, or train=True)."""
     info = info or cpu_info()
     isa = [k for k in ("avx2", "avx512", "avx512_bf16", "amx_bf16", "vnni") if info[k]]
@@ -370,6 +408,8 @@ def cpu_report(dtype=torch.float32, info=None, quant="", train=False) -> str:
                 if ONEDNN else "fp32, F.linear (no oneDNN in this torch)")
     else:
         path = dt + (emulated or (" (oneDNN, native)" if dtype == torch.bfloat16 else ""))
+    if compiled and not train:
+        path += "; one-row decode steps compiled (torch.compile)"
     return (f"cpu: {info['name']}, torch capability {info['capability']}, {' '.join(isa) or 'no AVX2'}, "
             f"oneDNN {'yes' if info['onednn'] else 'no'} (bf16 {'native' if native_bf16(info) else 'not native'}); "
             f"path: {path}")
@@ -381,6 +421,8 @@ PACKED_MAX_ROWS = 16  # oneDNN's prepacked fp32 kernel beats MKL's sgemm at deco
 def use_packed(mod, x) -> bool:
     """Whether `mod` (with a `packs` dict, None = off) runs x through packed weights: fp32 CPU inference (no
     autograd: training keeps F.linear) with few rows (decode)."""
+    if torch.compiler.is_compiling() and not mod.quant:
+        return False  # oneDNN's packed weights are opaque to the compiler; inductor plans fp32 linears itself
     return (mod.packs is not None and (ONEDNN or mod.quant) and x.device.type == "cpu"
             and (x.dtype == torch.float32 or mod.quant and x.dtype == torch.bfloat16)
             and not torch.is_grad_enabled() and x.numel() <= PACKED_MAX_ROWS * x.shape[-1])
@@ -392,8 +434,11 @@ def fast_linear(mod, name, mods, x) -> list:
     every call, which at a few rows costs as much as the arithmetic), or with mod.quant == "int4" quantised to
     4 bits (int4_pack). -> one output per module. The pack is rebuilt when a weight is replaced or changed in
     place (LoRA merge/unmerge bump its version); an unmerged LoRA adds its own low-rank term, in fp32."""
-    key = tuple((m.weight.data_ptr(), m.weight._version) for m in mods)
     p = mod.packs.get(name)
+    if torch.compiler.is_compiling():  # traced: the packs were checked before the call (refresh_packs)
+        key = p[0]
+    else:
+        key = pack_key(mods)
     if p is None or p[0] != key:
         with torch.no_grad():
             w = torch.cat([m.weight for m in mods]) if len(mods) > 1 else mods[0].weight
@@ -401,7 +446,7 @@ def fast_linear(mod, name, mods, x) -> list:
             b = None if all(t is None for t in bias) else torch.cat(
                 [t if t is not None else w.new_zeros(m.weight.shape[0]) for t, m in zip(bias, mods)])
             packed = int4_pack(w) if mod.quant == "int4" else torch.ops.mkldnn._reorder_linear_weight(w)
-            p = mod.packs[name] = (key, packed, b, [m.weight.shape[0] for m in mods])
+            p = mod.packs[name] = (key, packed, b, [m.weight.shape[0] for m in mods], mods)
     if mod.quant == "int4":  # the kernel takes bf16 activations (with fp32 ones it falls back to a path ~15x slower)
         q, sz = p[1][:2]
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), q,
@@ -411,6 +456,23 @@ def fast_linear(mod, name, mods, x) -> list:
         y = torch.ops.mkldnn._linear_pointwise(x, p[1], p[2], "none", [], "")
     ys = y.split(p[3], -1) if len(mods) > 1 else (y,)
     return [m.add_lora(x, y) if isinstance(m, LoRALinear) and not m.merged else y for m, y in zip(mods, ys)]
+
+def pack_key(mods) -> tuple:  # which weights a pack was made from, and their in-place version
+    return tuple((m.weight.data_ptr(), m.weight._version) for m in mods)
+
+def refresh_packs(model):
+    """Drop the 4-bit packs whose weights changed since they were made and rebuild them (fast_linear checks at
+    each eager call; the compiled decode step reads them as they are, so generate calls this before it)."""
+    stale = False
+    for mod in model.modules():
+        if getattr(mod, "quant", "") and mod.packs is not None:
+            old = [n for n, p in mod.packs.items() if p[0] != pack_key(p[4])]
+            for name in old:
+                del mod.packs[name]
+            stale |= bool(old) or not mod.packs
+    if stale:
+        with torch.no_grad():  # one eager decode step packs every layer, as quantize() does
+            model.hidden(torch.zeros(1, 1, dtype=torch.long, device=model.device), cache=model.new_cache(1, 1))
 
 INT4 = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(torch.ops.aten,
                                                                           "_convert_weight_to_int4pack_for_cpu")
@@ -843,6 +905,7 @@ def generate(model, tokenizer, prompts, max_new_tokens=128, temperature=0.0, top
     finally:
         model.train(was_training)
 
+COMPILED_WIDTH = 256  # a compiled decode step's cache width is rounded up to a multiple of this
 SHARED_PREFIX_MIN = 256  # tokens all prompts of a generate call must share before it attends to them once
 
 def common_prefix(ids) -> int:
@@ -865,9 +928,14 @@ def _generate(model, tokenizer, prompts, max_new_tokens, temperature, top_p, sto
     P = common_prefix(ids) if B > 1 else 0
     P = P if P >= SHARED_PREFIX_MIN else 0
     W = L - P                                      # cache width of the prompts (left-padded)
-    mask = torch.zeros(B, W + max_new_tokens, dtype=torch.bool, device=dev)  # [B, S_max] real-token keys
+    S_max = W + max_new_tokens
+    compiled = model.compiled if B == 1 and not P else None  # compile_decode: one row's decode steps
+    if compiled is not None:
+        S_max = -(-S_max // COMPILED_WIDTH) * COMPILED_WIDTH  # a few cache widths, so a few compiles
+        refresh_packs(model)
+    mask = torch.zeros(B, S_max, dtype=torch.bool, device=dev)  # [B, S_max] real-token keys
     gen = torch.Generator(dev).manual_seed(seed) if seed is not None else None
-    cache = model.new_cache(B, W + max_new_tokens)
+    cache = model.new_cache(B, S_max)
     shared = ()
     if P:
         prefix = model.new_cache(1, P)
@@ -930,7 +998,12 @@ def _generate(model, tokenizer, prompts, max_new_tokens, temperature, top_p, sto
             toks, mask, nxt, rows = toks[k], mask[k], nxt[k], [rows[j] for j in keep]
         S = W + step + 1
         mask[:, S - 1] = True
-        logits = model.head(model.hidden(toks[:, None], nxt, mask[:, :S], cache)[:, -1])
+        if compiled is not None:  # static shapes: the whole mask, the cache written at a tensor index
+            cache.index = torch.tensor([cache.pos], device=dev)
+            logits = compiled(toks[:, None], nxt, mask, cache)
+            cache.index, cache.pos = None, cache.pos + 1
+        else:
+            logits = model.head(model.hidden(toks[:, None], nxt, mask[:, :S], cache)[:, -1])
         nxt = nxt + 1
         for r in rows:
             fed[r] += 1
@@ -1456,6 +1529,7 @@ class GenerateConfig:
     device: str = ""           # cpu | cuda | cuda:N | mps; empty = cuda, then mps, then cpu
     dtype: str = ""            # float32 | bfloat16 | float16; empty = float32 on CPU, bfloat16 on GPU
     quant: str = ""            # int4: decode the layers' linears through 4-bit weights (CPU; lossless for a Q4 GGUF's)
+    compile: bool = False      # torch.compile the decode step (~1 min once, cached by torch; C++ compiler on CPU)
 
 def quantize(model, quant: str):
     """--quant: pack the decoder layers' weights (Llama.fast_kernels) and say on stderr what it cost them."""
@@ -1478,7 +1552,7 @@ def main(argv=None):
         device = pick_device(c.device)
         print(f"device: {device}", file=sys.stderr)
         model, tok = load_model(c.model or None, device, pick_dtype(c.dtype, device))
-        quantize(model, c.quant)
+        quantize(model, c.quant).compile_decode(c.compile)
         prompt = c.prompt.replace("\\n", "\n")  # shells pass "\n" literally
         out = generate(model, tok, [prompt], c.max_new_tokens, c.temperature, c.top_p, seed=c.seed)[0]
     except (ValueError, OSError) as e:

@@ -5,6 +5,7 @@ with random weights. Same prompts, same greedy token count, same process, interl
     python bench/generate.py                          # batch 1 and 8, 64 new tokens
     python bench/generate.py --new-tokens 32 --repeats 1 --layers 30 --hf-bf16 0
     python bench/generate.py --quant int4 --memory 0  # ours with 4-bit layer weights (batch 1 is where it wins)
+    python bench/generate.py --compile 1 --memory 0   # ours with batch-1 decode steps compiled (compile time apart)
 
 It prints the CPU, what it has and the path ours takes (model.cpu_report), and two baselines: transformers in
 float32 and in bfloat16 (its best setting depends on the CPU: bf16 wins only with native bf16 matmuls). The last
@@ -36,6 +37,8 @@ class BenchConfig:
     fast: int = 1             # ours with its CPU fast path (model.fast_kernels); 0 = plain F.linear, as before
     quant: str = ""           # int4: ours decodes through 4-bit layer weights (model.quantize). The random weights
                               # here are not on a 4-bit grid, so its greedy rows may differ: a speed figure only
+    compile: int = 0          # 1: ours compiles its batch-1 decode step (Llama.compile_decode); the compile happens
+                              # in the warm-up and is printed apart, not in the timed runs
 
 
 class NoEosTokenizer:
@@ -86,7 +89,11 @@ def bench_batch(ours, refs, prompts, c: BenchConfig):
 
     names = list(refs)
     fns = [run_ours] + [lambda r=refs[k]: run_ref(r) for k in names]
+    t = time.perf_counter()
     run_ours(2), [run_ref(r, 2) for r in refs.values()]  # warm-up (allocator, thread pool, weight packing)
+    if ours.compiled is not None and B == 1:
+        print(f"batch 1: warm-up with the compile took {time.perf_counter() - t:.0f} s (not in the timed runs)",
+              flush=True)
     times, outs = timed(fns, c.repeats)
     n = B * c.new_tokens
     line = f"batch {B}: ours {n / times[0]:7.1f} tok/s"
@@ -153,11 +160,12 @@ def main(argv=None):
                       f"the {before / 2**20:.0f} MiB interpreter+torch baseline)", flush=True)
         if not c.speed:
             return
-        ours = M.quantize(M.load_checkpoint(d).fast_kernels(bool(c.fast)), c.quant)
+        ours = M.quantize(M.load_checkpoint(d).fast_kernels(bool(c.fast)), c.quant).compile_decode(bool(c.compile))
         refs = {"float32": LlamaForCausalLM.from_pretrained(d, dtype=torch.float32).eval()}
         if c.hf_bf16:
             refs["bfloat16"] = LlamaForCausalLM.from_pretrained(d, dtype=torch.bfloat16).eval()
-    print(M.cpu_report(torch.float32, quant=c.quant) if c.fast else "path: fp32, F.linear (--fast 0)", flush=True)
+    print(M.cpu_report(torch.float32, quant=c.quant, compiled=bool(c.compile)) if c.fast
+          else "path: fp32, F.linear (--fast 0)", flush=True)
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(c.prompt_min, c.prompt_max + 1, (8,), generator=g).tolist()
     prompts = [torch.randint(3, 49152, (n,), generator=g).tolist() for n in lengths]

@@ -2,6 +2,7 @@
 loopback port, and `python model.py export` (merged HF, GGUF read back by our reader and by transformers)."""
 import json
 import os
+import shutil
 import threading
 import urllib.error
 import urllib.request
@@ -68,6 +69,21 @@ def test_completions_equal_generate(server):
     assert r.choices[0].text == cut and r.choices[0].finish_reason == "stop"
     streamed = c.completions.create(model="tiny", prompt=PROMPT, max_tokens=24, temperature=0, stop=stop, stream=True)
     assert "".join(ch.choices[0].text for ch in streamed) == cut
+
+
+@pytest.mark.skipif(not shutil.which(os.environ.get("CXX", "g++")), reason="torch.compile on CPU needs a C++ compiler")
+def test_serve_with_a_compiled_decode_step_answers_as_eager(tiny):
+    """serve --compile: the compile happens at the first request, in the server's generate thread."""
+    model, tok = M.load_model(tiny)
+    want = M.generate(model, tok, [PROMPT], 24)[0]
+    httpd, app, url = start(deploy.ServeConfig(port=0, name="tiny"), model.compile_decode(), tok)
+    try:
+        r = openai.OpenAI(base_url=url, api_key="unused").completions.create(model="tiny", prompt=PROMPT, max_tokens=24,
+                                                                               temperature=0)
+        assert r.choices[0].text == want and want
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
 
 
 def test_chat_uses_the_chat_template(server):

@@ -323,8 +323,8 @@ def test_generate_with_noisy_tools_records_it_and_refuses_to_mix_settings(tmp_pa
 def test_parse_config_flags(tmp_path):
     (tmp_path / "adapter_config.json").write_text("{}")
     cfg = fireact.parse_config(fireact.EvalConfig, ["--task", "bamboogle", "--max-steps", "7", "--compare",
-                                                     "--noise", "0.5", "--adapter", str(tmp_path)])
-    assert (cfg.task, cfg.max_steps, cfg.compare, cfg.noise) == ("bamboogle", 7, True, 0.5)
+                                                     "--noise", "0.5", "--adapter", str(tmp_path), "--compile"])
+    assert (cfg.task, cfg.max_steps, cfg.compare, cfg.noise, cfg.compile) == ("bamboogle", 7, True, 0.5, True)
     cfg = fireact.parse_config(fireact.MixConfig, ["a.jsonl", "b.jsonl", "--tasks", "toy", "--per-group", "3"])
     assert cfg.files == ["a.jsonl", "b.jsonl"] and cfg.tasks == ["toy"] and cfg.per_group == 3
 

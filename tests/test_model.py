@@ -4,6 +4,7 @@
 """
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -860,6 +861,58 @@ def test_int4_decode_is_lossless_on_a_4bit_grid_and_keeps_lora_terms(tiny_llama,
         assert attn.packs["qkv"][0] != key
     with pytest.raises(ValueError, match="choose int4"):
         m.fast_kernels(True, "int8")
+
+
+def one_decode_step(m, compiled: bool):
+    """Prefill 20 tokens eagerly (more rows than the packed path takes: the packs are not touched), then one decode
+    step at position 20, eager or through m.compiled (cache width 256: generate's COMPILED_WIDTH bucket for short
+    prompts, so the graph generate compiles) -> logits [1, V]."""
+    cache, mask = m.new_cache(1, M.COMPILED_WIDTH), torch.zeros(1, M.COMPILED_WIDTH, dtype=torch.bool)
+    mask[0, :21] = True
+    with torch.no_grad():
+        m.hidden(torch.arange(3, 23)[None], cache=cache)
+        tok, pos = torch.tensor([[7]]), torch.tensor([[20]])
+        if compiled:
+            M.refresh_packs(m)
+            cache.index = torch.tensor([20])
+            return m.compiled(tok, pos, mask, cache)
+        return m.head(m.hidden(tok, pos, mask[:, :21], cache)[:, -1])
+
+
+@pytest.mark.skipif(not shutil.which(os.environ.get("CXX", "g++")), reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_decode_gives_the_eager_tokens_and_follows_weight_changes(tmp_path):
+    m, tok = M.load_model(str(make_tiny_llama(tmp_path / "m", std=0.5)))     # decisive argmaxes
+    prompts = ["Question: What is the capital of France? Thought:", "Hi", "The quick brown fox"]
+    want = [M.generate(m, tok, [p], max_new_tokens=24)[0] for p in prompts]
+    batch = M.generate(m, tok, prompts, max_new_tokens=24)
+    m.compile_decode()
+    assert [M.generate(m, tok, [p], max_new_tokens=24)[0] for p in prompts] == want  # fp32: the eager tokens
+    assert M.generate(m, tok, prompts, max_new_tokens=24) == batch                # batches stay eager
+    down = m.model.layers[1].mlp.down_proj.weight
+    with torch.no_grad():
+        down.mul_(3)                                   # changed in place after compiling (as a LoRA merge does)
+    torch.testing.assert_close(one_decode_step(m, True), one_decode_step(m, False), rtol=1e-4, atol=1e-4)
+    if M.INT4:                                         # 4-bit packs: rebuilt when their weights change
+        M.quantize(m, "int4")
+        ref = one_decode_step(m, False)
+        torch.testing.assert_close(one_decode_step(m, True), ref, rtol=0, atol=0.02 * float(ref.abs().max()))
+        with torch.no_grad():
+            down.mul_(0.5)
+        got = one_decode_step(m, True)                 # before any eager step has repacked the changed weight
+        ref2 = one_decode_step(m, False)
+        assert (ref2 - ref).abs().max() > 0.1 * float(ref.abs().max())
+        torch.testing.assert_close(got, ref2, rtol=0, atol=0.02 * float(ref2.abs().max()))
+    m.compile_decode(False)
+    assert m.compiled is None
+
+
+def test_compile_without_a_cxx_compiler_is_one_clear_error(tiny_llama, monkeypatch):
+    m, _ = M.load_model(str(tiny_llama))
+    monkeypatch.setenv("CXX", "no-such-c++-compiler")
+    with pytest.raises(ValueError, match=r"--compile: torch.compile on CPU needs a C\+\+ compiler \(no-such-c\+\+-compiler "
+                                         r"not found"):
+        m.compile_decode()
+    assert m.compiled is None
 
 
 @pytest.mark.skipif(not M.INT4, reason="this torch has no CPU int4 kernel")
