@@ -322,6 +322,9 @@ class Llama(nn.Module):
                 raise ValueError(f"--compile: torch.compile on CPU needs a C++ compiler ({cxx} not found; install "
                                  "g++, or set CXX), or leave --compile off")
         self.compiled = torch.compile(self.decode, fullgraph=True) if on else None
+        if on:
+            print("compile: one-row decode steps through torch.compile; the first answer waits for it (~1 min on "
+                  "2 CPU cores, less when torch's on-disk cache has it)", file=sys.stderr)
         return self
 
     def head(self, h):

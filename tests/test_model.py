@@ -880,12 +880,13 @@ def one_decode_step(m, compiled: bool):
 
 
 @pytest.mark.skipif(not shutil.which(os.environ.get("CXX", "g++")), reason="torch.compile on CPU needs a C++ compiler")
-def test_compiled_decode_gives_the_eager_tokens_and_follows_weight_changes(tmp_path):
+def test_compiled_decode_gives_the_eager_tokens_and_follows_weight_changes(tmp_path, capsys):
     m, tok = M.load_model(str(make_tiny_llama(tmp_path / "m", std=0.5)))     # decisive argmaxes
     prompts = ["Question: What is the capital of France? Thought:", "Hi", "The quick brown fox"]
     want = [M.generate(m, tok, [p], max_new_tokens=24)[0] for p in prompts]
     batch = M.generate(m, tok, prompts, max_new_tokens=24)
     m.compile_decode()
+    assert "the first answer waits for it" in capsys.readouterr().err      # a minute of silence, said up front
     assert [M.generate(m, tok, [p], max_new_tokens=24)[0] for p in prompts] == want  # fp32: the eager tokens
     assert M.generate(m, tok, prompts, max_new_tokens=24) == batch                # batches stay eager
     down = m.model.layers[1].mlp.down_proj.weight
