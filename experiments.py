@@ -341,6 +341,8 @@ def row_summary(row: Row, order: int, run: Path, cfg: ExpConfig, done: dict) -> 
         s = read_summary(run / path)
         evals[tag] = {k: s[k] for k in ("task", "split", "n", "em", "f1", "finish_rate", "mean_steps", "wall_s",
                                         "failures", "tool", "noise", "noise_mode")}
+        step = next(s for s in row.steps if s.argv[0] == "fireact.py" and path in s.argv)  # the eval that wrote it
+        evals[tag]["command"] = done[step.name]["command"]
     step = next((s for s in reversed(row.steps) if s.name.startswith("train_")), None) if row.trains else None
     train = done[step.name] if step else None
     chosen = {}
@@ -461,9 +463,7 @@ def table(dirs, out: str = "") -> tuple[Path, Path]:
         train_cmd = [c for c in r["commands"] if c.startswith("python train.py")][-1:] if r["train_s"] is not None else []
         for tag, e in r["evals"].items():
             what = f"{e['task']} {e['split']}" + (f", p={e['noise']:g} {e['noise_mode']}" if e["noise"] else "")
-            ran = [c for c in r["commands"] if c.startswith("python fireact.py eval") and f"--split {e['split']}" in c
-                   and f"--task {e['task']} " in c + " "]
-            cmd = " ; ".join(short(c) for c in train_cmd + ran[-1:])
+            cmd = " ; ".join(short(c) for c in train_cmd + [eval_command(r, e)] if c)
             lines.append(f"| {r['group']} | {r['label']} | {what} | {e['em']:.1f} | {e['f1']:.1f} | "
                          f"{e['finish_rate']:.0f} | {e['mean_steps']:.2f} | {e['n']} | {train_s} | {e['wall_s']:.0f} | "
                          f"{machine(r)} | {chosen.get(r['name'], '')} | `{cmd}` |")
@@ -472,6 +472,17 @@ def table(dirs, out: str = "") -> tuple[Path, Path]:
     md = out / "table.md"
     cli.atomic_write(md, "\n".join(lines) + "\n")
     return md, chart(rows, out / "table.png")
+
+
+def eval_command(row, e) -> str:
+    """The command that made eval `e` of `row`: recorded with it, or (summaries written before it was) the row's
+    eval command with the same task, split and noise flags."""
+    if e.get("command"):
+        return e["command"]
+    noise = f"--noise {e['noise']:g} --noise-mode {e['noise_mode']}" if e.get("noise") else None
+    ran = [c for c in row["commands"] if c.startswith("python fireact.py eval") and f"--split {e['split']}" in c
+           and f"--task {e['task']} " in c + " " and (noise in c if noise else "--noise " not in c)]
+    return ran[-1] if ran else ""
 
 
 def machine(row) -> str:

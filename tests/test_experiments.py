@@ -41,6 +41,7 @@ def test_toy_rows_run_choose_on_dev_resume_and_tabulate(tmp_path, quick, capsys)
     assert rows["full"]["commands"][-1].endswith(f"--zero-shot --max-steps 2 --max-new-tokens 8 --device cpu --n 2")
     assert rows["noise_finetuned_none"]["train_s"] is None  # it evaluates the chosen adapter, trains nothing
     assert rows["noise_finetuned_none"]["evals"]["test"]["noise"] == 0.5
+    assert "--noise 0.5 --noise-mode none" in rows["noise_finetuned_none"]["evals"]["test"]["command"]
     # the choice is made on dev: every dev EM is 0 with a random model, so the tie goes to the simplest mix
     chosen = json.loads((run / "chosen.json").read_text())
     assert chosen["mix"] == "react" and set(chosen["dev_em"]) == set(X.MIXES)
@@ -56,6 +57,29 @@ def test_toy_rows_run_choose_on_dev_resume_and_tabulate(tmp_path, quick, capsys)
     # `fireact.py table` gathers rows from several run dirs
     md2, png2 = X.table([str(run), str(run / "rows" / "full.json")], out=str(tmp_path))
     assert md2.read_text().count("full fine-tuning") == 2 and png2.exists()
+
+
+def test_table_shows_each_evals_own_command(tmp_path):
+    """A row with three evals of one split (clean tools, None and random observations): each table line shows the
+    command that made it, recorded per eval (now) or found in the row's commands (summaries written before)."""
+    base = "python fireact.py eval --task toy --split test --out evals/x{}.json --adapter train/a"
+    cmds = [base.format(0), base.format(1) + " --noise 0.5 --noise-mode none",
+            base.format(2) + " --noise 0.5 --noise-mode random"]
+    ev = lambda noise, mode: dict(task="toy", split="test", n=10, em=1.0, f1=1.0, finish_rate=100, mean_steps=3,
+                                  wall_s=1, failures=0, tool="local", noise=noise, noise_mode=mode)
+    evals = {"test": ev(0.0, "none"), "test, none": ev(0.5, "none"), "test, random": ev(0.5, "random")}
+    row = dict(name="r", group="noise", label="L", order=0, x=None, evals=evals, train_s=None, train_host=None,
+               eval_host="h", commands=["python train.py --data d.jsonl --out train/a"] + cmds, choices={})
+    (tmp_path / "rows").mkdir()
+    for recorded in (False, True):
+        for e, c in zip(evals.values(), cmds):
+            if recorded:
+                e["command"] = c
+        (tmp_path / "rows" / "r.json").write_text(json.dumps(row))
+        md, _ = X.table([str(tmp_path)])
+        lines = [line for line in md.read_text().splitlines() if line.startswith("| noise")]
+        assert [("--noise-mode none" in line, "--noise-mode random" in line) for line in lines] == \
+            [(False, False), (True, False), (False, True)]
 
 
 def test_a_failed_step_skips_the_rows_that_need_it(tmp_path, monkeypatch):
