@@ -1555,7 +1555,9 @@ def main(argv=None):
         device = pick_device(c.device)
         print(f"device: {device}", file=sys.stderr)
         model, tok = load_model(c.model or None, device, pick_dtype(c.dtype, device))
-        quantize(model, c.quant).compile_decode(c.compile)
+        quantize(model, c.quant)
+        if c.compile:
+            model.compile_decode()
         prompt = c.prompt.replace("\\n", "\n")  # shells pass "\n" literally
         out = generate(model, tok, [prompt], c.max_new_tokens, c.temperature, c.top_p, seed=c.seed)[0]
     except (ValueError, OSError) as e:

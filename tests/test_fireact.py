@@ -990,6 +990,13 @@ def test_on_step_streams_each_step_as_it_is_recorded(wiki):
         [e.steps for e in eps]   # the hook changes nothing
 
 
+def test_load_local_compiles_the_decode_step_only_when_asked(tiny_llama, capsys):
+    net, _ = fireact.load_local(fireact.EvalConfig(model=str(tiny_llama), device="cpu"))
+    assert net.compiled is None
+    net, _ = fireact.load_local(fireact.EvalConfig(model=str(tiny_llama), device="cpu", compile=True))
+    assert net.compiled is not None and "one-row decode steps compiled" in capsys.readouterr().err
+
+
 def test_ask_prints_the_steps_then_the_answer(monkeypatch, capsys):
     import model as M
     q = fireact.load_questions("toy", "test", 1)[0]   # "In which town was the director of the film Iron Garden born?"
