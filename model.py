@@ -464,17 +464,12 @@ def pack_key(mods) -> tuple:  # which weights a pack was made from, and their in
     return tuple((m.weight.data_ptr(), m.weight._version) for m in mods)
 
 def refresh_packs(model):
-    """Drop the 4-bit packs whose weights changed since they were made and rebuild them (fast_linear checks at
-    each eager call; the compiled decode step reads them as they are, so generate calls this before it)."""
-    stale = False
-    for mod in model.modules():
-        if getattr(mod, "quant", "") and mod.packs is not None:
-            old = [n for n, p in mod.packs.items() if p[0] != pack_key(p[4])]
-            for name in old:
-                del mod.packs[name]
-            stale |= bool(old) or not mod.packs
-    if stale:
-        with torch.no_grad():  # one eager decode step packs every layer, as quantize() does
+    """Pack the 4-bit weights that are not packed yet or changed since (LoRA merge/unmerge): one eager decode
+    step, whose fast_linear calls do it. The compiled decode step reads the packs as they are, so generate calls
+    this before it; quantize() calls it to pack every layer up front."""
+    mods = [m for m in model.modules() if getattr(m, "quant", "") and m.packs is not None]
+    if any(not m.packs or any(p[0] != pack_key(p[4]) for p in m.packs.values()) for m in mods):
+        with torch.no_grad():
             model.hidden(torch.zeros(1, 1, dtype=torch.long, device=model.device), cache=model.new_cache(1, 1))
 
 INT4 = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(torch.ops.aten,
@@ -932,7 +927,7 @@ def _generate(model, tokenizer, prompts, max_new_tokens, temperature, top_p, sto
     P = P if P >= SHARED_PREFIX_MIN else 0
     W = L - P                                      # cache width of the prompts (left-padded)
     S_max = W + max_new_tokens
-    compiled = model.compiled if B == 1 and not P else None  # compile_decode: one row's decode steps
+    compiled = model.compiled if B == 1 else None  # compile_decode: one row's decode steps
     if compiled is not None:
         S_max = -(-S_max // COMPILED_WIDTH) * COMPILED_WIDTH  # a few cache widths, so a few compiles
         refresh_packs(model)
@@ -1537,8 +1532,7 @@ class GenerateConfig:
 def quantize(model, quant: str):
     """--quant: pack the decoder layers' weights (Llama.fast_kernels) and say on stderr what it cost them."""
     if quant:
-        with torch.no_grad():  # one decode step packs every layer, as the first real one would
-            model.fast_kernels(True, quant).hidden(torch.zeros(1, 1, dtype=torch.long), cache=model.new_cache(1, 1))
+        refresh_packs(model.fast_kernels(True, quant))
         packs = [p[1] for m in model.model.layers.modules() if getattr(m, "quant", "") for p in m.packs.values()]
         err = (sum(p[2] for p in packs) / sum(p[3] for p in packs)) ** 0.5  # relative RMS error of their weights
         print(f"quant: {quant}, relative RMS error of the layers' weights {err:.1e}"
