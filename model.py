@@ -316,11 +316,8 @@ class Llama(nn.Module):
         Batches of several rows keep the eager path (their batch shrinks as rows finish: each size would compile
         again). Not bitwise the eager path (fused float sums round differently); tests compare greedy tokens
         (fp32) and logits (int4, where bf16 activations make a 1-ulp difference visible)."""
-        if on and self.device.type == "cpu":
-            cxx = os.environ.get("CXX", "g++")
-            if not shutil.which(cxx):
-                raise ValueError(f"--compile: torch.compile on CPU needs a C++ compiler ({cxx} not found; install "
-                                 "g++, or set CXX), or leave --compile off")
+        if on:
+            require_compiler(self.device.type)
         self.compiled = torch.compile(self.decode, fullgraph=True) if on else None
         if on:
             print("compile: one-row decode steps through torch.compile; the first answer waits for it (~1 min on "
@@ -362,6 +359,14 @@ class Llama(nn.Module):
 
 # ----------------------------------------------------------------------------------------------------------------
 # CPU inference kernels: detect what this CPU runs natively, and run frozen weights the way it is fastest
+
+def require_compiler(device_type: str):
+    """torch.compile on CPU builds C++ (inductor, with $CXX or g++): a missing compiler is one clear error up front
+    (`--compile` of train.py, eval, ask, serve), not a traceback at the first step."""
+    cxx = os.environ.get("CXX", "g++")
+    if device_type == "cpu" and not shutil.which(cxx):
+        raise ValueError(f"--compile: torch.compile on CPU needs a C++ compiler ({cxx} not found; install g++, or "
+                         "set CXX), or leave --compile off")
 
 def cpu_info() -> dict:
     """What this CPU can do, detected, never assumed (machines differ): its name, torch's capability string,

@@ -41,7 +41,8 @@ import torch.nn.functional as F
 
 import cli
 from fireact import mask_pieces, read_records, render, show_mask
-from model import apply_lora, cpu_report, load_model, pick_device, pick_dtype, save_adapter, save_checkpoint
+from model import (apply_lora, cpu_report, load_model, pick_device, pick_dtype, require_compiler, save_adapter,
+                   save_checkpoint)
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_DATA = "data/toy/train.jsonl"
@@ -500,6 +501,8 @@ def train(cfg):
     log = print if master else (lambda *a, **k: None)
     warn = (lambda m: print(m, file=sys.stderr)) if master else log
     cuda = device.type == "cuda"
+    if cfg.compile:
+        require_compiler(device.type)
     cfg.micro_batch = cfg.micro_batch or (16 if cuda else 4)
     cfg.batch_size = cfg.batch_size or cfg.micro_batch * world  # one micro-batch per process (more updates)
     cfg.epochs = cfg.epochs or (3 if cuda else 1)

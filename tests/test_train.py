@@ -419,6 +419,16 @@ def test_bad_settings_are_one_line_errors_before_anything_loads(tiny, tmp_path, 
     assert_one_line_error(2, capsys.readouterr().err, e.value.code, *words)
 
 
+def test_compile_without_a_cxx_compiler_is_one_line_before_anything_loads(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-c++-compiler")
+    cfg = T.parse_args(["--model", str(tiny[0]), "--data", str(tiny[1]), "--out", str(tmp_path / "o"), "--compile",
+                        "--device", "cpu"])
+    with pytest.raises(ValueError, match=r"^--compile: torch.compile on CPU needs a C\+\+ compiler "
+                                         r"\(no-such-c\+\+-compiler not found"):
+        T.train(cfg)
+    assert not (tmp_path / "o").exists()
+
+
 def test_negative_max_steps_writes_nothing_and_help_exits_0(tiny, tmp_path):
     r = run_cli("--model", tiny[0], "--data", tiny[1], "--out", tmp_path / "o", "--max-steps", "-3")
     assert_one_line_error(2, r.stderr, r.returncode, "--max-steps -3: must be >= 0")
