@@ -1021,7 +1021,7 @@ def dropout(x, p):
     """Inverted dropout, as F.dropout. On CPU, F.dropout draws one random number per element, and those draws
     were 15% of a LoRA training step (210 masks of [B, T, D] per step on SmolLM2). Here one 64-bit draw gives
     four 16-bit uniforms (p exact to 1/65536): 2.5x cheaper. torch.where keeps only the bool mask for backward."""
-    if x.device.type != "cpu":
+    if x.device.type != "cpu" or torch.compiler.is_compiling():  # compiled: inductor fuses F.dropout's draws
         return F.dropout(x, p)
     bits = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_(-2**63, None)  # full 64-bit range
     keep = bits.view(torch.int16)[:x.numel()].view(x.shape) >= round(p * 65536) - 32768  # P(keep) = 1 - p

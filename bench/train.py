@@ -5,6 +5,7 @@ targets and rank, in the same run. Each side runs in its own fresh subprocess so
     python bench/train.py                      # batch 4 x 512, ~half the tokens masked, 3 timed steps each
     python bench/train.py --steps 5 --threads 2 --targets q_proj,v_proj --r 8
     python bench/train.py --dtype float32      # ours in fp32 even where the CPU has native bf16
+    python bench/train.py --dropout 0 --compile 1   # LoRA dropout off on both sides; ours as train.py --compile
 
 It prints the CPU, what it has and the path ours takes (model.cpu_report), and two baselines: transformers+PEFT
 in float32 and in bfloat16 (transformers' best setting depends on the CPU: bf16 wins only with native bf16
@@ -79,21 +80,23 @@ def worker(args):
         import train as T
         dtype = M.pick_dtype(args.dtype, "cpu", train=True)             # what train.py picks on this CPU
         model = M.load_checkpoint(args.dir, dtype=dtype)
-        M.apply_lora(model, tuple(targets), r=args.r, alpha=2 * args.r, dropout=0.05)
+        M.apply_lora(model, tuple(targets), r=args.r, alpha=2 * args.r, dropout=args.dropout)
         autocast = T.mixed_precision(model, dtype, "cpu")
         y = torch.where(mask[:, 1:].bool(), ids[:, 1:], -100)
         y = torch.cat([y, torch.full((args.batch, 1), -100)], 1)       # y[:, t] = target for position t
         n_sup = int((y != -100).sum())
 
+        loss_sum = torch.compile(T.loss_sum, dynamic=True) if args.compile else T.loss_sum  # as train.py
+
         def step():
             with autocast:
-                return T.loss_sum(model, ids, y) / n_sup
+                return loss_sum(model, ids, y) / n_sup
     else:
         from peft import LoraConfig, get_peft_model
         from transformers import LlamaForCausalLM
         dtype = torch.bfloat16 if args.worker == "hf-bf16" else torch.float32  # PEFT keeps LoRA weights fp32
         model = LlamaForCausalLM.from_pretrained(args.dir, dtype=dtype, attn_implementation="sdpa")
-        model = get_peft_model(model, LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=0.05,
+        model = get_peft_model(model, LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=args.dropout,
                                                  target_modules=targets, task_type="CAUSAL_LM"))
         labels = torch.where(mask.bool(), ids, -100)                    # HF shifts labels itself
 
@@ -127,6 +130,9 @@ def main():
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
     p.add_argument("--r", type=int, default=16)
+    p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout, both sides (train.py's default)")
+    p.add_argument("--compile", type=int, default=0, help="ours: torch.compile the loss, as train.py --compile "
+                   "(the warm-up step, not timed, compiles)")
     p.add_argument("--hf-bf16", type=int, default=1, help="also time transformers+PEFT with a bfloat16 base")
     p.add_argument("--dtype", default="", choices=["", "float32", "bfloat16"],
                    help="ours: the frozen base's dtype; empty = train.py's choice (bf16 only with native bf16)")

@@ -230,6 +230,18 @@ def test_dropout_is_inverted_dropout_with_rate_p():
     m = torch.stack([M.dropout(torch.ones(4096), 0.05) != 0 for _ in range(8)])
     assert 0 < (~m).float().mean().item() < 0.1 and not torch.equal(m[0], m[1])  # fresh mask per call
 
+@pytest.mark.skipif(not shutil.which(os.environ.get("CXX", "g++")), reason="torch.compile on CPU needs a C++ compiler")
+def test_dropout_under_torch_compile_is_inverted_dropout_too():
+    """Compiled (train.py --compile), dropout is F.dropout, whose draws inductor fuses into its kernels; the 64-bit
+    draw trick is for eager CPU only: its in-place random_ breaks the graph (210 breaks a SmolLM2 step)."""
+    assert torch._dynamo.explain(lambda x: M.dropout(x, 0.2))(torch.ones(8, 16)).graph_break_count == 0
+    torch.manual_seed(0)
+    f = torch.compile(lambda x: M.dropout(x, 0.2))
+    y = f(torch.ones(64, 100, 97))
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.8) < 0.005 and torch.allclose(y[kept], torch.tensor(1 / 0.8))
+    assert not torch.equal(f(torch.ones(64, 100, 97)), y)                # a fresh mask per call
+
 def test_loader_errors(tmp_path):
     from safetensors.torch import load_file, save_file
     d = make_tiny_llama(tmp_path / "m", tokenizer=False)
