@@ -130,7 +130,9 @@ def main():
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
     p.add_argument("--r", type=int, default=16)
-    p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout, both sides (train.py's default)")
+    import train as T
+    p.add_argument("--dropout", type=float, default=T.TrainConfig.lora_dropout,
+                   help="LoRA dropout, both sides (default: train.py's)")
     p.add_argument("--compile", type=int, default=0, help="ours: torch.compile the loss, as train.py --compile "
                    "(the warm-up step, not timed, compiles)")
     p.add_argument("--hf-bf16", type=int, default=1, help="also time transformers+PEFT with a bfloat16 base")
