@@ -160,3 +160,12 @@ def test_scaling_curve_ends_at_the_mix_chosen_on_dev_from_any_run():
             row("scaling_200", "scaling", 200, 54.0, mix="react"), row("scaling_50", "scaling", 50, 6.0, mix="react")]
     assert X.scaling_points(rows) == [(50, 6.0), (200, 54.0), (545, 82.0)]   # methods_react: chosen, from another run
     assert X.scaling_points(rows[:2]) == []                                   # no scaling row, no choice: no curve
+
+
+def test_a_rows_own_training_flag_replaces_the_pinned_recipe_value():
+    argv = X.train_step("x", ["d.jsonl"], "--epochs", "3").argv
+    assert argv.count("--epochs") == 1 and argv[argv.index("--epochs") + 1] == "3"
+    assert argv[argv.index("--lora-dropout") + 1] == "0.05"                  # the rest of the recipe stays pinned
+    hp = {r.name: r for r in X.hotpotqa_rows()}
+    step = hp["hp_hotpotqa_3ep"].steps[0].argv
+    assert step[step.index("--epochs") + 1] == "3" and step.count("--epochs") == 1
