@@ -459,9 +459,7 @@ def make_server(cfg: ServeConfig, model=None, tok=None):
         model, tok = M.load_model(cfg.model or None, device, M.pick_dtype(cfg.dtype, device))
         if cfg.adapter:
             M.load_adapter(model, cfg.adapter, merge=not cfg.quant)  # (4-bit weights would round a merged LoRA away)
-        M.quantize(model, cfg.quant)
-        if cfg.compile:
-            model.compile_decode()
+        M.setup_inference(model, cfg.quant, cfg.compile)
     chat_format = cfg.chat_format or ("trajectory" if cfg.adapter else "template")
     template = cfg.template or fireact.adapter_training(cfg.adapter).get("template", "react")
     name = cfg.name or (Path(cfg.adapter).resolve().name if cfg.adapter else

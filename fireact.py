@@ -1469,10 +1469,7 @@ def load_local(cfg):
     if str(device) == "cpu":  # what this CPU has and the path chosen for it (a bf16 that is emulated, said so)
         print(M.cpu_report(dtype, quant=cfg.quant, compiled=cfg.compile), file=sys.stderr)
     net, tok = M.load_model(cfg.model or None, device=device, dtype=dtype)
-    net = M.quantize(net, cfg.quant)
-    if cfg.compile:
-        net.compile_decode()
-    return net, tok
+    return M.setup_inference(net, cfg.quant, cfg.compile), tok
 
 
 def student_prompt(tok, zero: bool, template: str, task: Task, tool: str):

@@ -1544,6 +1544,14 @@ def quantize(model, quant: str):
               + (" (they were on a 4-bit grid already)" if err < 5e-3 else ""), file=sys.stderr)
     return model
 
+def setup_inference(model, quant: str = "", compile: bool = False):
+    """The inference options eval, ask, serve and `model.py` share, in their one order: --quant packs the layers,
+    then --compile compiles the decode step (which reads those packs)."""
+    quantize(model, quant)
+    if compile:
+        model.compile_decode()
+    return model
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] in (["serve"], ["export"]):  # serving and exporting the student live in deploy.py
@@ -1554,9 +1562,7 @@ def main(argv=None):
         device = pick_device(c.device)
         print(f"device: {device}", file=sys.stderr)
         model, tok = load_model(c.model or None, device, pick_dtype(c.dtype, device))
-        quantize(model, c.quant)
-        if c.compile:
-            model.compile_decode()
+        setup_inference(model, c.quant, c.compile)
         prompt = c.prompt.replace("\\n", "\n")  # shells pass "\n" literally
         out = generate(model, tok, [prompt], c.max_new_tokens, c.temperature, c.top_p, seed=c.seed)[0]
     except (ValueError, OSError) as e:

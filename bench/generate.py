@@ -160,7 +160,7 @@ def main(argv=None):
                       f"the {before / 2**20:.0f} MiB interpreter+torch baseline)", flush=True)
         if not c.speed:
             return
-        ours = M.quantize(M.load_checkpoint(d).fast_kernels(bool(c.fast)), c.quant).compile_decode(bool(c.compile))
+        ours = M.setup_inference(M.load_checkpoint(d).fast_kernels(bool(c.fast)), c.quant, bool(c.compile))
         refs = {"float32": LlamaForCausalLM.from_pretrained(d, dtype=torch.float32).eval()}
         if c.hf_bf16:
             refs["bfloat16"] = LlamaForCausalLM.from_pretrained(d, dtype=torch.bfloat16).eval()
