@@ -296,6 +296,12 @@ def loss_sum(model, x, y):
     return F.cross_entropy(logits.float(), y[sel], reduction="sum")
 
 
+def loss_function(compile: bool):
+    """loss_sum, through torch.compile under --compile (shapes vary by batch, so dynamic): the loss train() steps
+    with, and the one bench/train.py times."""
+    return torch.compile(loss_sum, dynamic=True) if compile else loss_sum
+
+
 def mixed_precision(model, dtype, device_type):
     """The trained weights (those that require grad) in fp32, whatever the frozen base's dtype; -> the autocast
     context every forward runs in: bf16 matmuls when the base is bf16 (pick_dtype), off otherwise."""
@@ -567,7 +573,7 @@ def train(cfg):
     trainable = [p for p in model.parameters() if p.requires_grad]
     model.grad_checkpointing = cfg.grad_checkpointing
     model.train()
-    step_loss = torch.compile(loss_sum, dynamic=True) if cfg.compile else loss_sum
+    step_loss = loss_function(cfg.compile)
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
     log(f"model: {cfg.model or 'SmolLM2-135M-Instruct (embedded)'}, "
         + ("full fine-tuning: " if cfg.full else f"LoRA r={cfg.lora_r} on {cfg.lora_targets}: ") +

@@ -67,6 +67,9 @@ def make_batch(B, T, vocab, seed=0):
             mask[b, t:t + n] = on
             t, on = t + n, 1 - on
     mask[:, 0] = 0
+    if not mask[:, 1:].any():  # the loss would be 0/0 (NaN) on both sides: nothing to time
+        raise SystemExit(f"--batch {B} --seq {T}: no trained token in the batch (the first masked span can be up "
+                         "to 95 tokens); use a longer --seq")
     return ids, mask
 
 
@@ -86,7 +89,7 @@ def worker(args):
         y = torch.cat([y, torch.full((args.batch, 1), -100)], 1)       # y[:, t] = target for position t
         n_sup = int((y != -100).sum())
 
-        loss_sum = torch.compile(T.loss_sum, dynamic=True) if args.compile else T.loss_sum  # as train.py
+        loss_sum = T.loss_function(bool(args.compile))                   # train.py's, compiled under --compile 1
 
         def step():
             with autocast:
