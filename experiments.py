@@ -84,11 +84,11 @@ def gen(task, method, noise=0.0):
 
 # train.py's CPU defaults, pinned so that a GPU run trains the same recipe (CUDA's defaults: 3 epochs of 16s), and
 # LoRA dropout 0.05, the default every row of the table was trained with (train.py's is 0 since 2026-11-26)
-RECIPE = ["--epochs", "1", "--batch-size", "4", "--micro-batch", "4", "--lora-dropout", "0.05"]
+RECIPE = {"--epochs": "1", "--batch-size": "4", "--micro-batch": "4", "--lora-dropout": "0.05"}
 
 
 def train_step(name, data, *flags, n=545, hp=False):
-    recipe = [x for k, v in zip(RECIPE[::2], RECIPE[1::2]) if k not in flags for x in (k, v)]  # a row's own wins
+    recipe = [x for k, v in RECIPE.items() if k not in flags for x in (k, v)]  # a row's own flag wins
     return Step(f"train_{name}", ["train.py", "--data", *data, "--out", f"train/{name}", "--no-progress", *recipe,
                                   *flags], n * CPU_S["train_hp" if hp else "train_toy"])
 

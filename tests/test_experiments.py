@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture
 def quick(monkeypatch):
     """Two optimizer steps per training and two 8-token turns per episode: the grid's logic, not its quality."""
-    monkeypatch.setattr(X, "RECIPE", X.RECIPE + ["--max-steps", "2"])
+    monkeypatch.setattr(X, "RECIPE", {**X.RECIPE, "--max-steps": "2"})
     monkeypatch.setattr(X, "TOY_EVAL", ["--max-steps", "2", "--max-new-tokens", "8"])
 
 
