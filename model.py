@@ -206,7 +206,10 @@ class Attention(nn.Module):
         if prefix is not None:  # keys/values every row shares, stored once (generate's shared prompt prefix)
             y = shared_prefix_attention(q, k, v, mask, *prefix)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+            # `True if .. else False`: under train.py --compile (dynamic shapes) T > 1 is a symbolic bool, which
+            # SDPA refuses (a graph break at every layer); branching on it makes it a guard on T instead
+            causal = True if mask is None and T > 1 else False
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                                enable_gqa=self.nkv != self.nh)  # [B, nh, T, hd]
         y = y.transpose(1, 2).reshape(B, T, self.nh * self.hd)
         return fast_linear(self, "o", (self.o_proj,), y)[0] if use_packed(self, y) else self.o_proj(y)

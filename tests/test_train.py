@@ -6,6 +6,7 @@ overfitting, resume, DDP, PEFT/transformers interop, errors.
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -267,6 +268,35 @@ def test_accumulated_micro_batches_equal_one_big_batch(tiny):
         torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.skipif(not shutil.which(os.environ.get("CXX", "g++")), reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_loss_compiles_by_region_and_matches_eager(tiny):
+    """--compile: each block one graph that serves every layer (two: the first block's input needs no grad), the
+    head + cross-entropy one more; no graph break (SDPA's is_causal once broke every block at a symbolic T > 1),
+    and no recompile when the batch shape changes. Same loss and LoRA gradients as eager."""
+    from torch._dynamo.utils import counters
+    model, tok = tiny_model(tiny)
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    batches = [T.collate(batch_of(tok, n), tok.pad_id, "cpu") for n in (4, 3, 2)]  # three batch shapes
+
+    def run(loss):
+        model.zero_grad()
+        loss(model, *batches[0]).backward()
+        return loss(model, *batches[0]).detach(), [p.grad.clone() for p in lora]
+
+    want = run(T.loss_sum)
+    torch._dynamo.reset()
+    counters.clear()
+    loss = T.loss_function(model, compile=True)
+    got = run(loss)
+    for x, y in batches[1:]:
+        loss(model, x, y).backward()
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-4)
+    for g1, g2 in zip(got[1], want[1]):
+        torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 3 and not counters["graph_break"], (dict(counters["stats"]), dict(counters["graph_break"]))
+    torch._dynamo.reset()
+
+
 # ---------------------------------------------------------------------------------------------- the loop
 def test_tiny_model_overfits_a_few_trajectories(tiny, tmp_path):
     # weights with std 0.3: with std 0.02 the frozen head after RMSNorm cannot reach confident logits at all
@@ -477,7 +507,6 @@ def partial(tiny, tmp_path_factory):
 
 
 def copy_run(partial, tmp_path):
-    import shutil
     return Path(shutil.copytree(partial, tmp_path / "run"))
 
 
