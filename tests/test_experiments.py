@@ -82,6 +82,18 @@ def test_table_shows_each_evals_own_command(tmp_path):
             [(False, False), (True, False), (False, True)]
 
 
+def test_table_command_hides_the_pinned_recipe_but_shows_a_rows_own_value():
+    """The table's command column shows what sets a row apart: a recipe flag at its pinned value is in the row's
+    summary, not the table; a row that changes it (FireAct's 3 epochs) shows its own value."""
+    pinned = " ".join(f"{k} {v}" for k, v in X.RECIPE.items())
+    train = "python train.py --data /d/hotpotqa.json --out /r/train/a --no-progress "
+    assert X.short(train + pinned) == "train.py --data hotpotqa.json"
+    assert X.short(train + pinned.replace("--epochs 1", "--epochs 3")) == "train.py --data hotpotqa.json --epochs 3"
+    assert X.short(train + pinned + " --train-on all") == "train.py --data hotpotqa.json --train-on all"
+    assert X.short("python fireact.py eval --task toy --split test --n 100 --batch-size 16 --adapter /r/train/a") \
+        == "fireact.py eval --task toy --split test --adapter a"
+
+
 def test_a_failed_step_skips_the_rows_that_need_it(tmp_path, monkeypatch):
     ran = []
 
