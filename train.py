@@ -113,7 +113,8 @@ class TrainConfig:
     grad_checkpointing: bool = False    # recompute activations in backward: less memory, more time
     compile: bool = False               # torch.compile each decoder block and the loss: ~1 min to start (~20 s
                                         # with torch's on-disk cache), then fused small ops (CPU, dropout off:
-                                        # 1.05-1.22x a step, README §5; bench/train.py --compile 1)
+                                        # 1.03-1.22x a step, half the memory, README §5;
+                                        # bench/train.py --compile 1)
     resume: bool = False                # continue the run in --out exactly (refused if a setting that changes
                                         # the result differs from its config.json)
     merge: bool = False                 # also write a full HF checkpoint (LoRA merged) to OUT/merged
