@@ -304,10 +304,11 @@ def loss_sum(model, x, y, head_loss=head_loss):
 
 
 def loss_function(model, compile: bool):
-    """The loss train() steps with (and bench/train.py times): loss_sum, under --compile through torch.compile by
-    region. Each decoder block is one graph (dynamic: batch shapes vary), compiled once and reused by all of
-    them (same code, same shapes), and the head + cross-entropy another. One graph of the whole model compiles
-    ~4x longer: 30 unrolled blocks, in each of which inductor recomputes the rope tables it inlines."""
+    """The loss train() steps and validates with (and bench/train.py times): loss_sum, under --compile through
+    torch.compile by region. Each decoder block is one graph (compiled in place, Module.compile; dynamic: batch
+    shapes vary), compiled once and reused by all of them (same code, same shapes), and the head + cross-entropy
+    another. One graph of the whole model compiles ~4x longer: 30 unrolled blocks, in each of which inductor
+    recomputes the rope tables it inlines."""
     if not compile:
         return loss_sum
     for block in model.model.layers:
@@ -387,15 +388,16 @@ def sync(lora_params, loss, world):
 
 
 @torch.no_grad()
-def evaluate(model, val, cfg, device, pad_id, rank, world, autocast):
-    """Mean token loss over this process's share of the validation examples, summed over processes."""
+def evaluate(model, val, cfg, device, pad_id, rank, world, autocast, loss):
+    """Mean token loss over this process's share of the validation examples, summed over processes. loss: the
+    one the steps take (loss_function), so that --compile's blocks and head serve both."""
     model.eval()
     tot = torch.zeros(2, dtype=torch.float64, device=device)
     mine = val[rank::world]
     for i in range(0, len(mine), cfg.micro_batch):
         x, y = collate(mine[i:i + cfg.micro_batch], pad_id, device)
         with autocast:
-            tot[0] += loss_sum(model, x, y).double()
+            tot[0] += loss(model, x, y).double()
         tot[1] += (y != -100).sum()
     if world > 1:
         dist.all_reduce(tot)
@@ -695,7 +697,7 @@ def train(cfg):
                                 sup_s=f"{row['sup_tok_s']:.0f}", **({"mfu": row["mfu"]} if peak else {}))
                 bar.update(1)
             if val_ex and (step % cfg.eval_every == 0 or step == total):
-                v = evaluate(model, val_ex, cfg, device, tok.pad_id, rank, world, autocast)
+                v = evaluate(model, val_ex, cfg, device, tok.pad_id, rank, world, autocast, step_loss)
                 log_metrics({"step": step, "val_loss": round(v, 5)})
                 (bar.write if bar else log)(f"step {step}: train loss {loss_val:.4f}, val loss {v:.4f}")
             if step % cfg.save_every == 0 and step < total:
