@@ -17,7 +17,8 @@ of torch per step).
 Method (README): choices are made on dev, results are reported once on test. The toy grid's recipe, the mix of
 teacher methods, is the `methods` row with the best dev EM (step `choose`, which writes RUN/chosen.json); every
 later toy row builds on that choice. The HotpotQA rows tune on the 200-question `tune` part of the 957 offline
-questions and report on the other 757 (`report`).
+questions and report on the other 757 (`report`); row `hp_best` is the fine-tuned row with the best tune EM, read
+on report after the choice (`python experiments.py --grid hotpotqa --only hp_best`: no report eval runs before it).
 """
 import dataclasses
 import json
@@ -70,6 +71,7 @@ class Row:
     steps: list          # [Step], in order
     evals: dict = field(default_factory=dict)  # tag ("test", "dev", "toy_mc test") -> eval --out path
     trains: bool = True  # its last train step is the row's own (time, data size); False: it evaluates another's
+    shows: str = ""      # a choice file (hp_best.json): the label names the row that choice picked
 
 
 def gen(task, method, noise=0.0):
@@ -208,8 +210,10 @@ def hotpotqa_rows() -> list[Row]:
             {"tune": f"evals/hp_{name}_tune.json", "report": f"evals/hp_{name}_report.json"}))
     rows.append(Row("hp_mask_all", "hotpotqa", "FireAct's hotpotqa, loss on every token", [
         train_step("hp_mask_all", [str(FT_DATA / "hotpotqa.json")], "--train-on", "all", n=500, hp=True),
+        eval_step("hp_mask_all_tune", "hotpotqa_offline", "tune", "--adapter", "train/hp_mask_all", *HP_EVAL,
+                  n=200, hp=True),
         eval_step("hp_mask_all_report", "hotpotqa_offline", "report", "--adapter", "train/hp_mask_all", *HP_EVAL,
-                  n=757, hp=True)], {"report": "evals/hp_mask_all_report.json"}))
+                  n=757, hp=True)], {"tune": "evals/hp_mask_all_tune.json", "report": "evals/hp_mask_all_report.json"}))
     # FireAct trained its students for 3 epochs; the grid's recipe is 1 (the CPU default): the step count that the
     # toy's scaling rows say matters most, tried on tune before it is read on report. Then the same with LoRA
     # dropout 0, train.py's default since the toy's dev split chose it (compiled: the same loss, faster)
@@ -233,7 +237,20 @@ def hotpotqa_rows() -> list[Row]:
             eval_step(f"hp_noise_{who}_report", "hotpotqa_offline", "report", *flags, "--noise", "0.5",
                       "--noise-mode", "none", *HP_EVAL, n=757, prompted=prompted, hp=True)],
             {"report": f"evals/hp_noise_{who}_report.json"}, trains=False))
+    # the issue's bar is on "the best fine-tuned row": which one is a choice, so it is made on tune (every fine-tuned
+    # row's tune eval, `--choose hp_best`) and read once on report. Its steps are the fine-tuned rows' training and
+    # tune evals only, so `--only hp_best` never reads a report score before the choice is made
+    fts = [r for r in rows if any(s.name.startswith("train_") for s in r.steps)]
+    rows.append(Row("hp_best", "hotpotqa", "best fine-tuned, chosen on tune", [
+        *[s for r in fts for s in r.steps if not s.name.endswith("_report")],
+        Step("hp_choose_best", ["experiments.py", "--choose", "hp_best"], 0),
+        eval_step("hp_best_report", "hotpotqa_offline", "report", "--adapter", "train/hp_best", *HP_EVAL, n=757,
+                  hp=True)], {"report": "evals/hp_best_report.json"}, trains=False, shows="hp_best.json"))
     return rows
+
+
+HP_BEST = ["hotpotqa", "hotpotqa_multimethod", "multitask", "multitask_multimethod", "mask_all", "hotpotqa_3ep",
+           "hotpotqa_3ep_drop0"]  # the fine-tuned HotpotQA rows (hp_*), simplest first: a tie goes to the earlier
 
 
 GRIDS = {"toy": toy_rows, "hotpotqa": hotpotqa_rows}
@@ -247,25 +264,29 @@ def dev_em(run: Path, row: str, split: str) -> float:
 def choose(run: Path, what: str):
     """`--choose methods`: the toy mix whose model has the best dev EM -> data/chosen.jsonl, train/chosen.
     `--choose hp`: the FireAct data whose model has the best tune EM -> train/hp_chosen.
+    `--choose hp_best`: the fine-tuned HotpotQA row (any recipe) with the best tune EM -> train/hp_best.
     `--choose mix:TASK`: an extra toy task's mix, with the methods (and per-method counts) of the chosen mix."""
     if what.startswith("mix:"):
         task, picked = what[4:], json.loads((run / "chosen.json").read_text())
         fireact.main(["mix", str(run / f"data/ok_{task}.jsonl"), "--methods", *picked["mix"].split("_"),
                       "--per-method", *MIXES[picked["mix"]], "--out", str(run / f"data/mix_{task}.jsonl")])
         return
-    rows, split, prefix = ((["react", "react_reflexion", "react_cot_reflexion"], "dev", "methods") if what == "methods"
-                           else (["hotpotqa", "hotpotqa_multimethod", "multitask", "multitask_multimethod"], "tune", "hp"))
+    if what not in ("methods", "hp", "hp_best"):
+        raise ValueError(f"--choose {what}: expected methods, hp, hp_best or mix:TASK")
+    rows, split, prefix = {"methods": (["react", "react_reflexion", "react_cot_reflexion"], "dev", "methods"),
+                           "hp": (HP_BEST[:4], "tune", "hp"), "hp_best": (HP_BEST, "tune", "hp")}[what]
     ems = {r: dev_em(run, f"{prefix}_{r}", split) for r in rows}
     best = max(rows, key=lambda r: (ems[r], -rows.index(r)))  # ties: the simpler (earlier) one
-    link = run / "train" / ("chosen" if what == "methods" else "hp_chosen")
+    name = {"methods": "chosen", "hp": "hp_chosen", "hp_best": "hp_best"}[what]
+    link = run / "train" / name
     link.parent.mkdir(parents=True, exist_ok=True)
     if link.is_symlink() or link.exists():
         link.unlink()
     link.symlink_to(f"{prefix}_{best}")
-    record = {"mix" if what == "methods" else "data": best, f"{split}_em": ems}
+    record = {"mix" if what == "methods" else "data" if what == "hp" else "row": best, f"{split}_em": ems}
     if what == "methods":
         shutil.copyfile(run / f"data/mix_{best}.jsonl", run / "data/chosen.jsonl")
-    cli.atomic_write(run / ("chosen.json" if what == "methods" else "hp_chosen.json"), json.dumps(record, indent=1))
+    cli.atomic_write(run / f"{name}.json", json.dumps(record, indent=1))
     print(f"chosen on {split}: {best} ({', '.join(f'{k} {v:.1f}' for k, v in ems.items())})")
 
 
@@ -283,7 +304,7 @@ class ExpConfig:
     model: str = ""                # the student's base model (train.py/eval --model); "" = the embedded SmolLM2-135M
     device: str = ""               # passed to train.py and eval (cpu | cuda); "" = their default
     eval_batch: int = 0            # > 0: eval's --batch-size (live episodes per generate call; a GPU takes 200)
-    choose: str = ""               # (a step of the grid) make the choice on dev: methods | hp | mix:TASK
+    choose: str = ""               # (a step of the grid) make the choice on dev: methods | hp | hp_best | mix:TASK
 
     def check(self):
         names = [r.name for r in GRIDS[self.grid]()]
@@ -362,10 +383,11 @@ def row_summary(row: Row, order: int, run: Path, cfg: ExpConfig, done: dict) -> 
     step = next((s for s in reversed(row.steps) if s.name.startswith("train_")), None) if row.trains else None
     train = done[step.name] if step else None
     chosen = {}
-    for f in ("chosen.json", "hp_chosen.json"):
+    for f in ("chosen.json", "hp_chosen.json", "hp_best.json"):
         if (run / f).exists():
             chosen[f] = json.loads((run / f).read_text())
-    return dict(name=row.name, group=row.group, label=row.label, order=order, x=step and trained_on(step, run), evals=evals,
+    label = row.label + (f": hp_{chosen[row.shows]['row']}" if row.shows in chosen else "")
+    return dict(name=row.name, group=row.group, label=label, order=order, x=step and trained_on(step, run), evals=evals,
                 train_s=train and train["seconds"], train_host=train and train["host"],
                 eval_host=done[next(s.name for s in reversed(row.steps) if s.name.startswith("eval_"))]["host"],
                 commands=[done[s.name]["command"] for s in row.steps], choices=chosen, eval_n=cfg.eval_n,

@@ -181,3 +181,21 @@ def test_a_rows_own_training_flag_replaces_the_pinned_recipe_value():
     hp = {r.name: r for r in X.hotpotqa_rows()}
     step = hp["hp_hotpotqa_3ep"].steps[0].argv
     assert step[step.index("--epochs") + 1] == "3" and step.count("--epochs") == 1
+
+
+def test_hp_best_is_chosen_on_tune_before_any_report_eval_runs(tmp_path):
+    row = next(r for r in X.hotpotqa_rows() if r.name == "hp_best")
+    names = [s.name for s in row.steps]
+    choose = names.index("hp_choose_best")
+    assert all(not n.endswith("_report") for n in names[:choose])  # the choice never sees a report score
+    assert names[choose + 1:] == ["eval_hp_best_report"]
+    assert {f"eval_hp_{r}_tune" for r in X.HP_BEST} <= set(names[:choose])  # every fine-tuned row is a candidate
+    (tmp_path / "evals").mkdir()
+    for r, em in zip(X.HP_BEST, (19.0, 15.0, 19.0, 16.0, 12.0, 21.5, 21.5)):
+        fireact.write_json(tmp_path / "evals" / f"hp_{r}_tune.summary.json", {"em": em})
+    X.choose(tmp_path, "hp_best")
+    record = json.loads((tmp_path / "hp_best.json").read_text())
+    assert record["row"] == "hotpotqa_3ep" and record["tune_em"]["mask_all"] == 12.0  # tie: the earlier row
+    assert Path(str((tmp_path / "train/hp_best").readlink())) == Path("hp_hotpotqa_3ep")
+    with pytest.raises(ValueError, match="--choose best: expected"):
+        X.choose(tmp_path, "best")
