@@ -240,7 +240,7 @@ def hotpotqa_rows() -> list[Row]:
     # the issue's bar is on "the best fine-tuned row": which one is a choice, so it is made on tune (every fine-tuned
     # row's tune eval, `--choose hp_best`) and read once on report. Its steps are the fine-tuned rows' training and
     # tune evals only, so `--only hp_best` never reads a report score before the choice is made
-    fts = [r for r in rows if any(s.name.startswith("train_") for s in r.steps)]
+    fts = [r for r in rows if r.trains and any(s.name.startswith("train_") for s in r.steps)]
     rows.append(Row("hp_best", "hotpotqa", "best fine-tuned, chosen on tune", [
         *[s for r in fts for s in r.steps if not s.name.endswith("_report")],
         Step("hp_choose_best", ["experiments.py", "--choose", "hp_best"], 0),

@@ -188,7 +188,7 @@ def test_hp_best_is_chosen_on_tune_before_any_report_eval_runs(tmp_path):
     names = [s.name for s in row.steps]
     choose = names.index("hp_choose_best")
     assert all(not n.endswith("_report") for n in names[:choose])  # the choice never sees a report score
-    assert names[choose + 1:] == ["eval_hp_best_report"]
+    assert names[choose + 1:] == ["eval_hp_best_report"] and "hp_choose" not in names  # only its own choice
     assert {f"eval_hp_{r}_tune" for r in X.HP_BEST} <= set(names[:choose])  # every fine-tuned row is a candidate
     (tmp_path / "evals").mkdir()
     for r, em in zip(X.HP_BEST, (19.0, 15.0, 19.0, 16.0, 12.0, 21.5, 21.5)):
