@@ -64,7 +64,7 @@ class ServeConfig:
     device: str = ""              # cpu | cuda | cuda:N | mps; "" = the best available
     dtype: Literal["", "float32", "bfloat16", "float16"] = ""  # "" = float32 on CPU, bfloat16 on GPU
     quant: Literal["", "int4"] = ""  # int4: decode through 4-bit layer weights (CPU; one client at a time is where it wins, README §5)
-    compile: bool = False         # torch.compile the decode step of one stream (one client at a time): ~1 min at the first request; C++ compiler on CPU (README §5)
+    compile: bool = False         # torch.compile the decode step (fp32 CPU: any batch; --quant int4: one stream): minutes at the first request; C++ compiler on CPU (README §5)
 
     def check(self):
         if not 0 <= self.port < 65536:

@@ -1028,7 +1028,7 @@ class EvalConfig(RunConfig):
     device: str = ""              # cpu | cuda | mps; "" = the best available
     quant: Literal["", "int4"] = ""  # int4: decode through 4-bit layer weights (CPU; pays for one stream at a time, README §5)
     dtype: Literal["", "float32", "bfloat16"] = ""  # "" = float32 on CPU (the exact path), bfloat16 on CUDA; bfloat16 on a CPU pays only with native bf16 (README §5)
-    compile: bool = False         # torch.compile the decode steps of one row (here: --batch-size 1, or the last live episode); ~1 min once; C++ compiler on CPU (README §5)
+    compile: bool = False         # torch.compile the decode steps (fp32 CPU: every batch, weights frozen in; --quant int4: one row); minutes once; C++ compiler on CPU (README §5)
 
     def check(self):
         super().check()
@@ -1115,7 +1115,7 @@ class AskConfig:
     device: str = ""              # cpu | cuda | mps; "" = the best available
     quant: Literal["", "int4"] = ""  # int4: decode through 4-bit layer weights (CPU; pays for one stream at a time, README §5)
     dtype: Literal["", "float32", "bfloat16"] = ""  # "" = float32 on CPU (the exact path), bfloat16 on CUDA; bfloat16 on a CPU pays only with native bf16 (README §5)
-    compile: bool = False         # torch.compile the decode step (one stream): ~1 min once, then faster tokens; C++ compiler on CPU (README §5)
+    compile: bool = False         # torch.compile the decode step: minutes once, then faster tokens; C++ compiler on CPU (README §5)
 
     def check(self):
         if self.max_steps < 1 or self.max_new_tokens < 1:

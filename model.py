@@ -255,7 +255,7 @@ class Llama(nn.Module):
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.packs, self.quant = {}, ""  # the LM head's prepacked weight (fast_linear); the head stays fp32
-        self.compiled = None  # compile_decode(): the compiled decode step
+        self.compiled, self.frozen = None, None  # compile_decode(): the compiled decode step, the weights frozen in
 
     @property
     def device(self):
@@ -311,21 +311,46 @@ class Llama(nn.Module):
         return self.head(self.model.norm(x)[:, -1])
 
     def compile_decode(self, on: bool = True):
-        """Decode steps of one row (ask, serve with one client, `model.py`) through torch.compile (inductor): the
-        ~1,500 small ops of a step fused into a few kernels (the int4 and fp32 matmuls stay library kernels).
-        Compiling takes ~1 minute on a 2-core CPU, cached on disk by torch for later runs, so it pays off over a
-        session, not one short answer. The cache width is rounded up to COMPILED_WIDTH; at the second width seen,
-        torch compiles once more a graph for any width (its automatic dynamic shapes): two compiles in all.
-        Batches of several rows keep the eager path (their batch shrinks as rows finish: each size would compile
-        again). Not bitwise the eager path (fused float sums round differently); tests compare greedy tokens
-        (fp32) and logits (int4, where bf16 activations make a 1-ulp difference visible)."""
-        if on:
-            require_compiler(self.device.type)
-        self.compiled = torch.compile(self.decode, fullgraph=True) if on else None
-        if on:
+        """Decode steps through torch.compile (inductor): the ~1,500 small ops of a step fused into a few kernels.
+        fp32 on CPU (eval, ask, serve): every batch size and cache width in one graph (dynamic shapes: eval's batch
+        shrinks as its episodes finish), with the weights *frozen* into it (inductor's freezing) so that
+        max-autotune can pick its own prepacked GEMM kernels: at decode's few rows they beat MKL and oneDNN ~2x
+        (README §5). Frozen weights are constants: compiled_step() compiles again when any parameter changes
+        (LoRA merge/unmerge). Compiling benchmarks each GEMM shape: a few minutes on a 2-core CPU, so it pays
+        off over a long eval or a session, not one short answer. int4 layers (--quant) or a GPU: one row's
+        steps, the weights as inputs (no freezing: the int4 packs are opaque to inductor), the cache width
+        rounded up to COMPILED_WIDTH (two compiles in all); batches keep the eager path. Not bitwise the eager
+        path (fused float sums round differently); tests compare greedy tokens (fp32) and logits (int4)."""
+        self.compiled, self.frozen = None, None
+        if not on:
+            return self
+        require_compiler(self.device.type)
+        int4 = any(getattr(m, "quant", "") for m in self.model.layers.modules())
+        if self.device.type == "cpu" and not int4:
+            self.frozen = ()  # compiled_step() records the weights at the first call, which compiles
+            self.compiled = torch.compile(self.decode, fullgraph=True, dynamic=True)
+            print("compile: decode steps (any batch) through torch.compile, weights frozen in; the first generate "
+                  "waits for it (a few minutes on 2 CPU cores)", file=sys.stderr)
+        else:
+            self.compiled = torch.compile(self.decode, fullgraph=True)
             print("compile: one-row decode steps through torch.compile; the first answer waits for it (~1 min on "
                   "2 CPU cores, less when torch's on-disk cache has it)", file=sys.stderr)
         return self
+
+    def compiled_step(self, tokens, positions, mask, cache):
+        """generate's decode step through the compiled graph (compile_decode): Llama.decode's arguments. A
+        frozen graph holds the weights it was compiled with: after they change it is dropped and compiled again."""
+        if self.frozen is None:
+            return self.compiled(tokens, positions, mask, cache)
+        key = weights_key(self)
+        if self.frozen and self.frozen != key:
+            print("compile: the weights changed since the decode step was compiled (a LoRA merge?): compiling "
+                  "again", file=sys.stderr)
+            torch.compiler.reset()  # dynamo would serve the old graph: it guards on tensors' identity, not values
+            self.compile_decode()
+        self.frozen = key
+        with torch._inductor.config.patch(FROZEN_COMPILE):  # read when the first call compiles
+            return self.compiled(tokens, positions, mask, cache)
 
     def head(self, h):
         lin = self.model.embed_tokens if self.config.tie_word_embeddings else self.lm_head
@@ -355,6 +380,8 @@ class Llama(nn.Module):
             if hasattr(m, "packs"):
                 m.packs = {} if on else None
                 m.quant = quant if on and m is not self else ""
+        if self.compiled is not None:  # the compiled path depends on the layers' kernels (int4: one row, unfrozen)
+            self.compile_decode()
         return self
 
     def forward(self, input_ids):
@@ -420,7 +447,8 @@ def cpu_report(dtype=torch.float32, info=None, quant="", train=False, compiled=F
     else:
         path = dt + (emulated or (" (oneDNN, native)" if dtype == torch.bfloat16 else ""))
     if compiled and not train:
-        path += "; one-row decode steps compiled (torch.compile)"
+        path += ("; one-row decode steps compiled (torch.compile)" if quant else
+                 "; decode steps compiled (torch.compile, weights frozen, max-autotune GEMMs)")
     return (f"cpu: {info['name']}, torch capability {info['capability']}, {' '.join(isa) or 'no AVX2'}, "
             f"oneDNN {'yes' if info['onednn'] else 'no'} (bf16 {'native' if native_bf16(info) else 'not native'}); "
             f"path: {path}")
@@ -470,6 +498,9 @@ def fast_linear(mod, name, mods, x) -> list:
 
 def pack_key(mods) -> tuple:  # which weights a pack was made from, and their in-place version
     return tuple((m.weight.data_ptr(), m.weight._version) for m in mods)
+
+def weights_key(model) -> tuple:  # the same for every parameter: what a frozen compiled graph was made from
+    return tuple((p.data_ptr(), p._version) for p in model.parameters())
 
 def refresh_packs(model):
     """Pack the 4-bit weights that are not packed yet or changed since (LoRA merge/unmerge): one eager decode
@@ -911,6 +942,9 @@ def generate(model, tokenizer, prompts, max_new_tokens=128, temperature=0.0, top
     finally:
         model.train(was_training)
 
+# inductor's settings for compile_decode's frozen graph: weights as constants, and GEMM kernels chosen by timing
+# inductor's own (prepacked at compile time) against the libraries'. Tests turn max_autotune off (conftest.py)
+FROZEN_COMPILE = {"freezing": True, "max_autotune": True}
 COMPILED_WIDTH = 256  # a compiled decode step's cache width is rounded up to a multiple of this
 SHARED_PREFIX_MIN = 256  # tokens all prompts of a generate call must share before it attends to them once
 
@@ -935,8 +969,8 @@ def _generate(model, tokenizer, prompts, max_new_tokens, temperature, top_p, sto
     P = P if P >= SHARED_PREFIX_MIN else 0
     W = L - P                                      # cache width of the prompts (left-padded)
     S_max = W + max_new_tokens
-    compiled = model.compiled if B == 1 else None  # compile_decode: one row's decode steps
-    if compiled is not None:
+    compiled = model.compiled is not None and (B == 1 or model.frozen is not None)  # compile_decode
+    if compiled:
         S_max = -(-S_max // COMPILED_WIDTH) * COMPILED_WIDTH  # a few cache widths, so a few compiles
         refresh_packs(model)
     mask = torch.zeros(B, S_max, dtype=torch.bool, device=dev)  # [B, S_max] real-token keys
@@ -1004,9 +1038,9 @@ def _generate(model, tokenizer, prompts, max_new_tokens, temperature, top_p, sto
             toks, mask, nxt, rows = toks[k], mask[k], nxt[k], [rows[j] for j in keep]
         S = W + step + 1
         mask[:, S - 1] = True
-        if compiled is not None:  # static shapes: the whole mask, the cache written at a tensor index
+        if compiled:  # static shapes: the whole mask, the cache written at a tensor index
             cache.index = torch.tensor([cache.pos], device=dev)
-            logits = compiled(toks[:, None], nxt, mask, cache)
+            logits = model.compiled_step(toks[:, None], nxt, mask, cache)
             cache.index, cache.pos = None, cache.pos + 1
         else:
             logits = model.head(model.hidden(toks[:, None], nxt, mask[:, :S], cache)[:, -1])
@@ -1535,7 +1569,7 @@ class GenerateConfig:
     device: str = ""           # cpu | cuda | cuda:N | mps; empty = cuda, then mps, then cpu
     dtype: str = ""            # float32 | bfloat16 | float16; empty = float32 on CPU, bfloat16 on GPU
     quant: str = ""            # int4: decode the layers' linears through 4-bit weights (CPU; lossless for a Q4 GGUF's)
-    compile: bool = False      # torch.compile the decode step (~1 min once, cached by torch; C++ compiler on CPU)
+    compile: bool = False      # torch.compile the decode step (minutes once: max-autotune; C++ compiler on CPU)
 
 def quantize(model, quant: str):
     """--quant: pack the decoder layers' weights (Llama.fast_kernels) and say on stderr what it cost them."""

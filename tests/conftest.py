@@ -12,6 +12,14 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root, so tests can `import model`
 
+@pytest.fixture(autouse=True)
+def quick_compile(monkeypatch):
+    """compile_decode's frozen graph without max-autotune's GEMM timing (a minute per test saved): what can go
+    wrong is the freezing (weights held as constants), which stays on; max-autotune is speed (bench/generate.py)."""
+    import model
+    monkeypatch.setitem(model.FROZEN_COMPILE, "max_autotune", False)
+
+
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CORPUS = """Question: What is the capital of France? Thought: I need to search France.
 Action: search[France] Observation: France is a country in Western Europe. Its capital is Paris.

@@ -994,7 +994,7 @@ def test_load_local_compiles_the_decode_step_only_when_asked(tiny_llama, capsys)
     net, _ = fireact.load_local(fireact.EvalConfig(model=str(tiny_llama), device="cpu"))
     assert net.compiled is None
     net, _ = fireact.load_local(fireact.EvalConfig(model=str(tiny_llama), device="cpu", compile=True))
-    assert net.compiled is not None and "one-row decode steps compiled" in capsys.readouterr().err
+    assert net.compiled is not None and "decode steps compiled (torch.compile, weights frozen" in capsys.readouterr().err
 
 
 def test_ask_prints_the_steps_then_the_answer(monkeypatch, capsys):

@@ -887,26 +887,38 @@ def one_decode_step(m, compiled: bool):
         if compiled:
             M.refresh_packs(m)
             cache.index = torch.tensor([20])
-            return m.compiled(tok, pos, mask, cache)
+            return m.compiled_step(tok, pos, mask, cache)
         return m.head(m.hidden(tok, pos, mask[:, :21], cache)[:, -1])
 
 
 @pytest.mark.skipif(not shutil.which(os.environ.get("CXX", "g++")), reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_decode_gives_the_eager_tokens_and_follows_weight_changes(tmp_path, capsys):
-    m, tok = M.load_model(str(make_tiny_llama(tmp_path / "m", std=0.5)))     # decisive argmaxes
+    path = make_tiny_llama(tmp_path / "m", std=0.5)                          # decisive argmaxes
+    m, tok = M.load_model(str(path))
     prompts = ["Question: What is the capital of France? Thought:", "Hi", "The quick brown fox"]
+    shared = ["Few-shot examples: " + " ".join(f"w{i}" for i in range(M.SHARED_PREFIX_MIN)) + p for p in prompts]
     want = [M.generate(m, tok, [p], max_new_tokens=24)[0] for p in prompts]
-    batch = M.generate(m, tok, prompts, max_new_tokens=24)
+    batch, prefixed = M.generate(m, tok, prompts, max_new_tokens=24), M.generate(m, tok, shared, max_new_tokens=8)
     m.compile_decode()
-    assert "the first answer waits for it" in capsys.readouterr().err      # a minute of silence, said up front
+    assert "any batch" in capsys.readouterr().err and m.frozen is not None   # minutes of silence, said up front
+    with torch.no_grad():  # weights set after compile_decode, before the first step (eval loads its adapter so)
+        m.model.layers[0].mlp.up_proj.weight.mul_(1.0)
     assert [M.generate(m, tok, [p], max_new_tokens=24)[0] for p in prompts] == want  # fp32: the eager tokens
-    assert M.generate(m, tok, prompts, max_new_tokens=24) == batch                # batches stay eager
+    assert "compiling again" not in capsys.readouterr().err  # the first step compiles with the weights it sees
+    assert M.generate(m, tok, prompts, max_new_tokens=24) == batch                # batches too (rows finish apart)
+    assert M.generate(m, tok, shared, max_new_tokens=8) == prefixed               # and over a shared prefix
     down = m.model.layers[1].mlp.down_proj.weight
     with torch.no_grad():
         down.mul_(3)                                   # changed in place after compiling (as a LoRA merge does)
-    torch.testing.assert_close(one_decode_step(m, True), one_decode_step(m, False), rtol=1e-4, atol=1e-4)
-    if M.INT4:                                         # 4-bit packs: rebuilt when their weights change
+    changed, _ = M.load_model(str(path))
+    with torch.no_grad():
+        changed.model.layers[1].mlp.down_proj.weight.mul_(3)
+    assert M.generate(m, tok, prompts, max_new_tokens=24) == M.generate(changed, tok, prompts, max_new_tokens=24)
+    assert "compiling again" in capsys.readouterr().err  # the frozen graph held the old weights
+    torch.testing.assert_close(one_decode_step(m, True), one_decode_step(changed, False), rtol=1e-4, atol=1e-4)
+    if M.INT4:                                         # 4-bit packs: one row's steps, the packs as inputs
         M.quantize(m, "int4")
+        assert m.frozen is None and "one-row" in capsys.readouterr().err
         ref = one_decode_step(m, False)
         torch.testing.assert_close(one_decode_step(m, True), ref, rtol=0, atol=0.02 * float(ref.abs().max()))
         with torch.no_grad():
