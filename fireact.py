@@ -154,8 +154,10 @@ def segments(question, steps, for_inference=False, template="react"):
     if template not in TEMPLATES:
         raise ValueError(f"unknown template {template!r}; choose {' | '.join(TEMPLATES)}")
     segs = [(ALPACA.format(question=question) if template == "alpaca" else f"Question: {question}\n", 0)]
-    for i, s in enumerate(steps[:-1]):
-        if is_finish(s["action"]):  # the invariant: never render (train on) whatever came first
+    # the invariant: never render (train on) whatever came after a finish. Not for the agent's next prompt: its
+    # history may hold a finish the tool refused (unbalanced, "finish[a [b]"), then more turns, as ReAct's does
+    for i, s in enumerate(() if for_inference else steps[:-1]):
+        if is_finish(s["action"]):
             raise ValueError(f"step {i + 1} of {len(steps)} is a finish; a trajectory ends at its only finish")
     for s in steps:
         action, thought = s["action"].strip(), (s.get("thought") or "").strip()

@@ -626,3 +626,16 @@ def test_full_fine_tuning_trains_every_weight_saves_a_loadable_model_and_resumes
     whole = T.train(dataclasses.replace(part, out=str(tmp_path / "w")))
     a, b = load_file(tmp_path / "p/model/model.safetensors"), load_file(whole / "model/model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_refused_finish_renders_in_the_agents_prompt_but_never_as_training_data(tok):
+    """The tool refuses "finish[a [b]" (unbalanced: not a finish to it), so the episode goes on; the next turn's
+    prompt must render that history (an eval died on it), while training data never has steps after a finish."""
+    steps = [dict(thought="I know it.", action="finish[Paris [France]", observation="Invalid action: finish[Paris [France]"),
+             dict(thought="Look.", action="search[Paris]", observation="Paris is the capital of France."),
+             dict(thought="Again.", action="finish[Paris]", observation="Episode finished.")]
+    prompt, _ = T.render(QUESTION, steps[:2], tok, for_inference=True)  # the third turn's prompt
+    text = tok.decode(prompt)
+    assert "Action: finish[Paris [France]\nObservation: Invalid action" in text and text.endswith("of France.\n")
+    with pytest.raises(ValueError, match="step 1 of 3 is a finish"):
+        T.render(QUESTION, steps, tok)
