@@ -347,8 +347,8 @@ def resolve(step: Step, run: Path, cfg: ExpConfig) -> list:
 
 def run_step(argv: list):
     """One step in this interpreter: the same main() its command line calls. After it, what it freed goes back to
-    the OS: a HotpotQA grid's process grew ~4.5 GB a step without it (glibc keeps freed blocks; killed by the OOM
-    killer at 15.6 GB on a 24 GB machine, session 10), which the runner's RSS line after each step shows."""
+    the OS (gc, then glibc's malloc_trim), and the runner prints its RSS: a HotpotQA grid's process was killed by
+    the OOM killer at 15.6 GB on a 24 GB machine (one eval alone reached 11 GB, cause not yet found)."""
     script, *args = argv
     try:
         if script == "train.py":
