@@ -314,8 +314,8 @@ class Llama(nn.Module):
         """Decode steps through torch.compile (inductor): the ~1,500 small ops of a step fused into a few kernels.
         fp32 on CPU (eval, ask, serve): every batch size and cache width in one graph (dynamic shapes: eval's batch
         shrinks as its episodes finish), with the weights *frozen* into it (inductor's freezing) so that
-        max-autotune can pick its own prepacked GEMM kernels: at decode's few rows they beat MKL and oneDNN ~2x
-        (README §5). Frozen weights are constants: compiled_step() compiles again when any parameter changes
+        max-autotune can pick its own prepacked GEMM kernels: at decode's few rows they beat MKL's ~1.6x and our
+        oneDNN packs ~1.2x (README §5). Frozen weights are constants: compiled_step() compiles again when any parameter changes
         (LoRA merge/unmerge). Compiling benchmarks each GEMM shape: a few minutes on a 2-core CPU, so it pays
         off over a long eval or a session, not one short answer. int4 layers (--quant) or a GPU: one row's
         steps, the weights as inputs (no freezing: the int4 packs are opaque to inductor), the cache width
@@ -342,7 +342,7 @@ class Llama(nn.Module):
         frozen graph holds the weights it was compiled with: after they change it is dropped and compiled again."""
         if self.frozen is None:
             return self.compiled(tokens, positions, mask, cache)
-        key = weights_key(self)
+        key = weights_key(self.parameters())
         if self.frozen and self.frozen != key:
             print("compile: the weights changed since the decode step was compiled (a LoRA merge?): compiling "
                   "again", file=sys.stderr)
@@ -496,11 +496,11 @@ def fast_linear(mod, name, mods, x) -> list:
     ys = y.split(p[3], -1) if len(mods) > 1 else (y,)
     return [m.add_lora(x, y) if isinstance(m, LoRALinear) and not m.merged else y for m, y in zip(mods, ys)]
 
-def pack_key(mods) -> tuple:  # which weights a pack was made from, and their in-place version
-    return tuple((m.weight.data_ptr(), m.weight._version) for m in mods)
+def weights_key(tensors) -> tuple:  # which tensors (a pack's weights, a frozen graph's parameters), and their
+    return tuple((t.data_ptr(), t._version) for t in tensors)  # in-place version (LoRA merge/unmerge bump it)
 
-def weights_key(model) -> tuple:  # the same for every parameter: what a frozen compiled graph was made from
-    return tuple((p.data_ptr(), p._version) for p in model.parameters())
+def pack_key(mods) -> tuple:  # which weights a pack was made from
+    return weights_key(m.weight for m in mods)
 
 def refresh_packs(model):
     """Pack the 4-bit weights that are not packed yet or changed since (LoRA merge/unmerge): one eager decode
