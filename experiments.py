@@ -242,7 +242,7 @@ def hotpotqa_rows() -> list[Row]:
     # the issue's bar is on "the best fine-tuned row": which one is a choice, so it is made on tune (every fine-tuned
     # row's tune eval, `--choose hp_best`) and read once on report. Its steps are the fine-tuned rows' training and
     # tune evals only, so `--only hp_best` never reads a report score before the choice is made
-    fts = [r for r in rows if r.trains and any(s.name.startswith("train_") for s in r.steps)]
+    fts = [r for r in rows if trains_own(r)]
     rows.append(Row("hp_best", "hotpotqa", "best fine-tuned, chosen on tune", [
         *[s for r in fts for s in r.steps if not s.name.endswith("_report")],
         Step("hp_choose_best", ["experiments.py", "--choose", "hp_best"], 0),
@@ -251,8 +251,12 @@ def hotpotqa_rows() -> list[Row]:
     return rows
 
 
-HP_BEST = ["hotpotqa", "hotpotqa_multimethod", "multitask", "multitask_multimethod", "mask_all", "hotpotqa_3ep",
-           "hotpotqa_3ep_drop0"]  # the fine-tuned HotpotQA rows (hp_*), simplest first: a tie goes to the earlier
+def trains_own(row: Row) -> bool:  # a row that trains its own model (not one that evaluates another's)
+    return row.trains and any(s.name.startswith("train_") for s in row.steps)
+
+
+HP_BEST = [r.name.removeprefix("hp_") for r in hotpotqa_rows() if trains_own(r)]  # the fine-tuned HotpotQA rows, in
+# the grid's order (simplest first: a tie goes to the earlier); the first four are FireAct's four data files
 
 
 GRIDS = {"toy": toy_rows, "hotpotqa": hotpotqa_rows}
@@ -261,6 +265,13 @@ GRIDS = {"toy": toy_rows, "hotpotqa": hotpotqa_rows}
 # ------------------------------------------------------------------------------------------------ choices on dev
 def dev_em(run: Path, row: str, split: str) -> float:
     return read_summary(run / "evals" / f"{row}_{split}.json")["em"]
+
+
+# --choose WHAT: (candidate rows, the split that chooses, their evals' prefix, the name of the link + record, what
+# the record calls the pick)
+CHOICES = {"methods": (["react", "react_reflexion", "react_cot_reflexion"], "dev", "methods", "chosen", "mix"),
+           "hp": (HP_BEST[:4], "tune", "hp", "hp_chosen", "data"),
+           "hp_best": (HP_BEST, "tune", "hp", "hp_best", "row")}
 
 
 def choose(run: Path, what: str):
@@ -273,19 +284,17 @@ def choose(run: Path, what: str):
         fireact.main(["mix", str(run / f"data/ok_{task}.jsonl"), "--methods", *picked["mix"].split("_"),
                       "--per-method", *MIXES[picked["mix"]], "--out", str(run / f"data/mix_{task}.jsonl")])
         return
-    if what not in ("methods", "hp", "hp_best"):
-        raise ValueError(f"--choose {what}: expected methods, hp, hp_best or mix:TASK")
-    rows, split, prefix = {"methods": (["react", "react_reflexion", "react_cot_reflexion"], "dev", "methods"),
-                           "hp": (HP_BEST[:4], "tune", "hp"), "hp_best": (HP_BEST, "tune", "hp")}[what]
+    if what not in CHOICES:
+        raise ValueError(f"--choose {what}: expected {', '.join(CHOICES)} or mix:TASK")
+    rows, split, prefix, name, kind = CHOICES[what]
     ems = {r: dev_em(run, f"{prefix}_{r}", split) for r in rows}
     best = max(rows, key=lambda r: (ems[r], -rows.index(r)))  # ties: the simpler (earlier) one
-    name = {"methods": "chosen", "hp": "hp_chosen", "hp_best": "hp_best"}[what]
     link = run / "train" / name
     link.parent.mkdir(parents=True, exist_ok=True)
     if link.is_symlink() or link.exists():
         link.unlink()
     link.symlink_to(f"{prefix}_{best}")
-    record = {"mix" if what == "methods" else "data" if what == "hp" else "row": best, f"{split}_em": ems}
+    record = {kind: best, f"{split}_em": ems}
     if what == "methods":
         shutil.copyfile(run / f"data/mix_{best}.jsonl", run / "data/chosen.jsonl")
     cli.atomic_write(run / f"{name}.json", json.dumps(record, indent=1))
@@ -392,7 +401,7 @@ def row_summary(row: Row, order: int, run: Path, cfg: ExpConfig, done: dict) -> 
     step = next((s for s in reversed(row.steps) if s.name.startswith("train_")), None) if row.trains else None
     train = done[step.name] if step else None
     chosen = {}
-    for f in ("chosen.json", "hp_chosen.json", "hp_best.json"):
+    for f in [f"{c[3]}.json" for c in CHOICES.values()]:
         if (run / f).exists():
             chosen[f] = json.loads((run / f).read_text())
     label = row.label + (f": hp_{chosen[row.shows]['row']}" if row.shows in chosen else "")
