@@ -444,8 +444,10 @@ def cpu_report(dtype=torch.float32, info=None, quant="", train=False, compiled=F
     elif dtype == torch.float32:
         path = (f"fp32, frozen linears prepacked for oneDNN at <= {PACKED_MAX_ROWS} rows (decode), MKL above"
                 if ONEDNN else "fp32, F.linear (no oneDNN in this torch)")
+    elif dtype == torch.bfloat16 and ONEDNN and native_bf16(info):
+        path = f"bf16 (native), frozen linears prepacked for oneDNN at <= {PACKED_MAX_ROWS} rows (decode), oneDNN above"
     else:
-        path = dt + (emulated or (" (oneDNN, native)" if dtype == torch.bfloat16 else ""))
+        path = dt + emulated
     if compiled and not train:
         path += ("; one-row decode steps compiled (torch.compile)" if quant else
                  "; decode steps compiled (torch.compile, weights frozen, max-autotune GEMMs)")
@@ -455,15 +457,17 @@ def cpu_report(dtype=torch.float32, info=None, quant="", train=False, compiled=F
 
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") \
     and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+ONEDNN_BF16 = ONEDNN and native_bf16()  # bf16 weights prepacked too (bitwise bf16 F.linear's result, ~2x faster
+                                        # at decode rows); where bf16 is emulated nothing is gained by packing it
 PACKED_MAX_ROWS = 16  # oneDNN's prepacked fp32 kernel beats MKL's sgemm at decode's few rows; MKL wins at prefill's
 
 def use_packed(mod, x) -> bool:
-    """Whether `mod` (with a `packs` dict, None = off) runs x through packed weights: fp32 CPU inference (no
-    autograd: training keeps F.linear) with few rows (decode)."""
+    """Whether `mod` (with a `packs` dict, None = off) runs x through packed weights: fp32 CPU inference (bf16
+    too on CPUs with native bf16; no autograd: training keeps F.linear) with few rows (decode)."""
     if torch.compiler.is_compiling() and not mod.quant:
         return False  # oneDNN's packed weights are opaque to the compiler; inductor plans fp32 linears itself
     return (mod.packs is not None and (ONEDNN or mod.quant) and x.device.type == "cpu"
-            and (x.dtype == torch.float32 or mod.quant and x.dtype == torch.bfloat16)
+            and (x.dtype == torch.float32 or x.dtype == torch.bfloat16 and (mod.quant or ONEDNN_BF16))
             and not torch.is_grad_enabled() and x.numel() <= PACKED_MAX_ROWS * x.shape[-1])
 
 def fast_linear(mod, name, mods, x) -> list:

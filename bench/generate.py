@@ -6,6 +6,7 @@ with random weights. Same prompts, same greedy token count, same process, interl
     python bench/generate.py --new-tokens 32 --repeats 1 --layers 30 --hf-bf16 0
     python bench/generate.py --quant int4 --memory 0  # ours with 4-bit layer weights (batch 1 is where it wins)
     python bench/generate.py --compile 1 --memory 0   # ours with its decode steps compiled (compile time apart)
+    python bench/generate.py --dtype bfloat16 --memory 0   # ours in bf16 (fast only where the CPU has native bf16)
 
 It prints the CPU, what it has and the path ours takes (model.cpu_report), and two baselines: transformers in
 float32 and in bfloat16 (its best setting depends on the CPU: bf16 wins only with native bf16 matmuls). The last
@@ -37,6 +38,8 @@ class BenchConfig:
     fast: int = 1             # ours with its CPU fast path (model.fast_kernels); 0 = plain F.linear, as before
     quant: str = ""           # int4: ours decodes through 4-bit layer weights (model.quantize). The random weights
                               # here are not on a 4-bit grid, so its greedy rows may differ: a speed figure only
+    dtype: str = "float32"    # ours' weights: float32 (eval's CPU default) or bfloat16 (`eval --dtype bfloat16`:
+                              # prepacked for oneDNN where the CPU has native bf16, emulated and slow elsewhere)
     compile: int = 0          # 1: ours compiles its decode step (Llama.compile_decode: fp32 any batch, weights
                               # frozen; int4 one row); the compile happens in the warm-up, printed apart, not timed
 
@@ -160,12 +163,14 @@ def main(argv=None):
                       f"the {before / 2**20:.0f} MiB interpreter+torch baseline)", flush=True)
         if not c.speed:
             return
-        ours = M.setup_inference(M.load_checkpoint(d).fast_kernels(bool(c.fast)), c.quant, bool(c.compile))
+        dtype = M.pick_dtype(c.dtype, "cpu")
+        ours = M.setup_inference(M.load_checkpoint(d, dtype=dtype).fast_kernels(bool(c.fast)), c.quant,
+                                 bool(c.compile))
         refs = {"float32": LlamaForCausalLM.from_pretrained(d, dtype=torch.float32).eval()}
         if c.hf_bf16:
             refs["bfloat16"] = LlamaForCausalLM.from_pretrained(d, dtype=torch.bfloat16).eval()
-    print(M.cpu_report(torch.float32, quant=c.quant, compiled=bool(c.compile)) if c.fast
-          else "path: fp32, F.linear (--fast 0)", flush=True)
+    print(M.cpu_report(dtype, quant=c.quant, compiled=bool(c.compile)) if c.fast
+          else f"path: {c.dtype}, F.linear (--fast 0)", flush=True)
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(c.prompt_min, c.prompt_max + 1, (8,), generator=g).tolist()
     prompts = [torch.randint(3, 49152, (n,), generator=g).tolist() for n in lengths]

@@ -824,6 +824,22 @@ def test_prepacked_decode_gives_the_same_tokens_and_repacks_after_lora_merge(tin
     assert m.hidden(x).requires_grad and attn.packs == {} and m.packs == {}       # training never packs
 
 
+@pytest.mark.skipif(not M.ONEDNN_BF16, reason="no native bf16 on this CPU: bf16 weights are not packed here")
+def test_bf16_prepacked_decode_is_bitwise_bf16_f_linear(tiny_llama):
+    m, tok = M.load_model(str(tiny_llama), dtype=torch.bfloat16)
+    prompts = ["Question: What is the capital of France? Thought:", "Hi", "The quick brown fox jumps", "123"]
+    fast = M.generate(m, tok, prompts, max_new_tokens=15)
+    attn = m.model.layers[0].self_attn
+    assert set(attn.packs) == {"qkv", "o"} and attn.packs["qkv"][1].dtype == torch.bfloat16   # packed bf16 ran
+    assert fast == M.generate(m.fast_kernels(False), tok, prompts, max_new_tokens=15)
+    x = torch.randint(0, 400, (3, 1))
+    with torch.no_grad():
+        plain = m.head(m.hidden(x, cache=m.new_cache(3, 1)))                     # bf16 F.linear
+        packed = m.fast_kernels(True).head(m.hidden(x, cache=m.new_cache(3, 1)))
+    assert packed.dtype == torch.bfloat16 and torch.equal(packed, plain)
+    assert "bf16 (native), frozen linears prepacked" in M.cpu_report(torch.bfloat16)
+
+
 def on_int4_grid(w, group=32):
     """w rounded the way GGUF Q4_1 stores it: per 32 inputs, codes 0..15 times a scale plus the block's min
     (scale and min bf16-exact, as the int4 kernel keeps them)."""
