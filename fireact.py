@@ -139,7 +139,10 @@ TEMPLATES = ("react", "alpaca")
 
 
 def is_finish(action) -> bool:
-    return str(action).strip().lower().startswith("finish[")
+    """Whether the tool ends the episode on this action: the tool's own parse, so a finish it refused
+    ("finish[a [b]", unbalanced: "Invalid action", the episode goes on) is an ordinary step here too."""
+    parsed = tools.parse_action(str(action).strip())
+    return parsed is not None and parsed[0] == "finish"
 
 
 def segments(question, steps, for_inference=False, template="react"):
@@ -154,9 +157,9 @@ def segments(question, steps, for_inference=False, template="react"):
     if template not in TEMPLATES:
         raise ValueError(f"unknown template {template!r}; choose {' | '.join(TEMPLATES)}")
     segs = [(ALPACA.format(question=question) if template == "alpaca" else f"Question: {question}\n", 0)]
-    # the invariant: never render (train on) whatever came after a finish. Not for the agent's next prompt: its
-    # history may hold a finish the tool refused (unbalanced, "finish[a [b]"), then more turns, as ReAct's does
-    for i, s in enumerate(() if for_inference else steps[:-1]):
+    # the invariant: never render (train on) whatever came after a finish. A finish the tool refused
+    # ("finish[a [b]", unbalanced) is no finish (is_finish): an ordinary step, as the agent saw it
+    for i, s in enumerate(steps[:-1]):
         if is_finish(s["action"]):
             raise ValueError(f"step {i + 1} of {len(steps)} is a finish; a trajectory ends at its only finish")
     for s in steps:

@@ -21,6 +21,7 @@ from conftest import make_tiny_llama, make_tokenizer
 import cli
 import model as M
 import train as T
+from fireact import is_finish
 
 REPO = Path(__file__).resolve().parent.parent
 FT = REPO.parent / "shared" / "data" / "fireact" / "finetune"
@@ -628,14 +629,18 @@ def test_full_fine_tuning_trains_every_weight_saves_a_loadable_model_and_resumes
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_refused_finish_renders_in_the_agents_prompt_but_never_as_training_data(tok):
+def test_a_refused_finish_is_an_ordinary_step_for_the_prompt_and_for_training(tok):
     """The tool refuses "finish[a [b]" (unbalanced: not a finish to it), so the episode goes on; the next turn's
-    prompt must render that history (an eval died on it), while training data never has steps after a finish."""
+    prompt must render that history (an eval died on it), and so must training data (a filtered teacher episode
+    that recovered from it stopped train.py), while a step after a real finish is still refused."""
     steps = [dict(thought="I know it.", action="finish[Paris [France]", observation="Invalid action: finish[Paris [France]"),
              dict(thought="Look.", action="search[Paris]", observation="Paris is the capital of France."),
              dict(thought="Again.", action="finish[Paris]", observation="Episode finished.")]
     prompt, _ = T.render(QUESTION, steps[:2], tok, for_inference=True)  # the third turn's prompt
     text = tok.decode(prompt)
     assert "Action: finish[Paris [France]\nObservation: Invalid action" in text and text.endswith("of France.\n")
-    with pytest.raises(ValueError, match="step 1 of 3 is a finish"):
-        T.render(QUESTION, steps, tok)
+    ids, mask = T.render(QUESTION, steps, tok)                           # the whole episode, as the agent saw it
+    assert tok.decode(ids).startswith(text) and ids[-1] == tok.eos_id and mask[-1] == 1
+    assert is_finish("Finish[Paris] ") and not is_finish(steps[0]["action"]) and not is_finish("finish Paris")
+    with pytest.raises(ValueError, match="step 1 of 2 is a finish"):
+        T.render(QUESTION, [dict(steps[2]), steps[1]], tok)
