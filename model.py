@@ -156,23 +156,32 @@ class KVCache:
         self.k = [k[rows] for k in self.k]
         self.v = [v[rows] for v in self.v]
 
-def shared_prefix_attention(q, k, v, mask, pk, pv):
+    def grow(self, n: int):  # n more (empty) positions per row: [B, kvh, max_len + n, hd]
+        pad = lambda t: torch.cat([t, t.new_zeros(*t.shape[:2], n, t.shape[3])], 2)
+        self.k, self.v = [pad(k) for k in self.k], [pad(v) for v in self.v]
+
+def shared_prefix_attention(q, k, v, mask, pk=None, pv=None):
     """Attention over [a prefix every row shares ; each row's own keys], exact up to float rounding: one softmax
-    over both parts' scores. q [B, nh, T, hd]; k, v [B, nkv, S, hd] (own); mask [B, 1, T, S] bool or None
-    (causal); pk, pv [1, nkv, P, hd]. The prefix is read once for all rows, as one GEMM per kv head with the B*g*T
-    queries that share it as rows, instead of B GEMVs over B copies: for few-shot prompts (~3k shared tokens)
-    the copies were most of a decode step's memory traffic."""
+    (fp32) over both parts' scores. q [B, nh, T, hd]; k, v [B, nkv, S, hd] (own); mask [B, 1, T, S] bool or None
+    (causal); pk, pv [1, nkv, P, hd], or None (no prefix: plain grouped attention). The prefix is read once for
+    all rows, as one GEMM per kv head with the B*g*T queries that share it as rows, instead of B GEMVs over B
+    copies: for few-shot prompts (~3k shared tokens) the copies were most of a decode step's memory traffic.
+    With no prefix it is bf16 decode's attention on CPU: SDPA's bf16 CPU kernel takes ~8x as long at one query
+    a row (1.39 vs 0.16 ms, 8 rows x 190 keys, README §5)."""
     B, nh, T, hd = q.shape
-    nkv, P, S = pk.shape[1], pk.shape[2], k.shape[2]
+    nkv, S = k.shape[1], k.shape[2]
+    P = 0 if pk is None else pk.shape[2]
     g = nh // nkv                                   # heads j*g .. j*g+g-1 use kv head j (GQA)
     qg = q.reshape(B, nkv, g * T, hd) * hd ** -0.5  # rows (head in group, query)
-    qp = qg.transpose(0, 1).reshape(nkv, B * g * T, hd)
-    sp = torch.bmm(qp, pk[0].transpose(1, 2)).view(nkv, B, g * T, P).transpose(0, 1)  # [B, nkv, gT, P]
     so = qg @ k.transpose(-1, -2)                                                       # [B, nkv, gT, S]
     if mask is None:  # causal among the T new keys (the last T of S), all earlier ones visible
         mask = torch.arange(S, device=q.device) <= torch.arange(S - T, S, device=q.device)[:, None]  # [T, S]
     m = mask.expand(B, 1, T, S)[:, :, None].expand(B, 1, g, T, S).reshape(B, 1, g * T, S)
     so = so.masked_fill(~m, float("-inf"))
+    if not P:
+        return (torch.softmax(so.float(), -1).to(q.dtype) @ v).reshape(B, nh, T, hd)
+    qp = qg.transpose(0, 1).reshape(nkv, B * g * T, hd)
+    sp = torch.bmm(qp, pk[0].transpose(1, 2)).view(nkv, B, g * T, P).transpose(0, 1)  # [B, nkv, gT, P]
     p = torch.softmax(torch.cat([sp, so], -1).float(), -1).to(q.dtype)                 # [B, nkv, gT, P + S]
     pp = p[..., :P].transpose(0, 1).reshape(nkv, B * g * T, P)
     o = torch.bmm(pp, pv[0]).view(nkv, B, g * T, hd).transpose(0, 1) + p[..., P:] @ v   # [B, nkv, gT, hd]
@@ -205,6 +214,9 @@ class Attention(nn.Module):
         prefix = cache.prefix(self.idx) if cache is not None else None
         if prefix is not None:  # keys/values every row shares, stored once (generate's shared prompt prefix)
             y = shared_prefix_attention(q, k, v, mask, *prefix)
+        elif T == 1 and q.dtype == torch.bfloat16 and q.device.type == "cpu" and not torch.is_grad_enabled() \
+                and not torch.compiler.is_compiling():  # bf16 decode on CPU: SDPA's kernel is slow there
+            y = shared_prefix_attention(q, k, v, mask)
         else:
             # `True if .. else False`: under train.py --compile (dynamic shapes) T > 1 is a symbolic bool, which
             # SDPA refuses (a graph break at every layer); branching on it makes it a guard on T instead
@@ -950,6 +962,7 @@ def generate(model, tokenizer, prompts, max_new_tokens=128, temperature=0.0, top
 # inductor's own (prepacked at compile time) against the libraries'. Tests turn max_autotune off (conftest.py)
 FROZEN_COMPILE = {"freezing": True, "max_autotune": True}
 COMPILED_WIDTH = 256  # a compiled decode step's cache width is rounded up to a multiple of this
+CACHE_GROW = 256  # generate's cache grows by this many positions at a time (a multiple of COMPILED_WIDTH)
 SHARED_PREFIX_MIN = 256  # tokens all prompts of a generate call must share before it attends to them once
 
 def common_prefix(ids) -> int:
@@ -974,12 +987,17 @@ def _generate(model, tokenizer, prompts, max_new_tokens, temperature, top_p, sto
     W = L - P                                      # cache width of the prompts (left-padded)
     S_max = W + max_new_tokens
     compiled = model.compiled is not None and (B == 1 or model.frozen is not None)  # compile_decode
+    # the cache grows by CACHE_GROW positions as decoding needs them: most turns stop long before max_new_tokens,
+    # and 32 rows x 1,000 reserved positions of SmolLM2 would hold ~1.5 GB of zeros. A static one-row graph keeps
+    # one width per call (each new width is a compile)
+    grows = not (compiled and model.frozen is None)
     if compiled:
         S_max = -(-S_max // COMPILED_WIDTH) * COMPILED_WIDTH  # a few cache widths, so a few compiles
         refresh_packs(model)
-    mask = torch.zeros(B, S_max, dtype=torch.bool, device=dev)  # [B, S_max] real-token keys
+    S_cap = min(S_max, -(-(W + 1) // CACHE_GROW) * CACHE_GROW) if grows else S_max
+    mask = torch.zeros(B, S_cap, dtype=torch.bool, device=dev)  # [B, S_cap] real-token keys
     gen = torch.Generator(dev).manual_seed(seed) if seed is not None else None
-    cache = model.new_cache(B, S_max)
+    cache = model.new_cache(B, S_cap)
     shared = ()
     if P:
         prefix = model.new_cache(1, P)
@@ -1041,6 +1059,10 @@ def _generate(model, tokenizer, prompts, max_new_tokens, temperature, top_p, sto
             cache.keep(k)
             toks, mask, nxt, rows = toks[k], mask[k], nxt[k], [rows[j] for j in keep]
         S = W + step + 1
+        if S > mask.shape[1]:  # the cache is full: CACHE_GROW more positions (a multiple of COMPILED_WIDTH)
+            n = min(CACHE_GROW, S_max - mask.shape[1])
+            cache.grow(n)
+            mask = torch.cat([mask, mask.new_zeros(mask.shape[0], n)], 1)
         mask[:, S - 1] = True
         if compiled:  # static shapes: the whole mask, the cache written at a tensor index
             cache.index = torch.tensor([cache.pos], device=dev)

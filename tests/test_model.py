@@ -94,6 +94,23 @@ def test_batched_equals_one_at_a_time(tiny_llama):
     assert len({*single}) > 1
 
 
+def test_generate_grows_its_cache_as_rows_decode_and_changes_no_token(tiny_llama, monkeypatch):
+    m, tok = M.load_model(str(tiny_llama))
+    prompts = ["Question: What is the capital of France? Thought:", "Hi", "The quick brown fox jumps", "123"]
+    kw = dict(max_new_tokens=40, stop=["Action"])
+    monkeypatch.setattr(M, "CACHE_GROW", 10**6)                  # the whole budget up front, as before
+    whole = M.generate(m, tok, prompts, **kw)
+    widths = []
+    grow = M.KVCache.grow
+    monkeypatch.setattr(M.KVCache, "grow", lambda self, n: (widths.append(n), grow(self, n)))
+    monkeypatch.setattr(M, "CACHE_GROW", 8)                      # 8 more positions each time the cache is full
+    assert M.generate(m, tok, prompts, **kw) == whole
+    assert len(widths) >= 3 and max(widths) == 8                 # it grew, and never past what decoding needed
+    pc = M.PrefixCache()                                         # rows cached mid-call from a grown cache
+    assert M.generate(m, tok, prompts, prefix_cache=pc, **kw) == whole
+    assert M.generate(m, tok, prompts, prefix_cache=pc, **kw) == whole
+
+
 def test_prefix_cache_prefills_only_new_tokens_and_changes_nothing(tiny_llama):
     m, tok = M.load_model(str(tiny_llama))
     pc = M.PrefixCache()
@@ -978,6 +995,27 @@ def test_shared_prefix_attention_equals_attention_over_the_concatenation():
             m = torch.cat([torch.ones(B, 1, T, P, dtype=torch.bool), m.expand(B, 1, T, S)], -1)
             ref = torch.nn.functional.scaled_dot_product_attention(q, full_k, full_v, attn_mask=m, enable_gqa=True)
             torch.testing.assert_close(M.shared_prefix_attention(q, k, v, mask, pk, pv), ref, rtol=1e-5, atol=1e-5)
+            # no prefix: plain grouped attention (each query sees at least its own key, as in decoding)
+            own_m = (m[..., P:] | (torch.arange(S) == torch.arange(S - T, S)[:, None])).expand(B, 1, T, S)
+            ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=own_m, enable_gqa=True)
+            torch.testing.assert_close(M.shared_prefix_attention(q, k, v, own_m), ref, rtol=1e-5, atol=1e-5)
+            bf = M.shared_prefix_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), own_m)  # bf16 decode's path
+            assert bf.dtype == torch.bfloat16 and (bf.float() - ref).abs().max() < 0.05
+
+
+def test_bf16_cpu_decode_attends_through_grouped_matmuls(tiny_llama, monkeypatch):
+    m, tok = M.load_model(str(tiny_llama), dtype=torch.bfloat16)
+    seen, real = [], M.shared_prefix_attention
+    monkeypatch.setattr(M, "shared_prefix_attention", lambda q, *a: seen.append(q.shape[2]) or real(q, *a))
+    with torch.no_grad():
+        x = torch.randint(0, 400, (2, 5))
+        cache = m.new_cache(2, 6)
+        m.hidden(x, cache=cache)                                                 # prefill: SDPA
+        assert seen == []
+        step = m.head(m.hidden(x[:, :1], cache=cache)[:, -1])                    # one decode step: grouped matmuls
+        full = m.head(m.hidden(torch.cat([x, x[:, :1]], 1))[:, -1])              # SDPA over the 6 tokens
+    assert seen == [1] * m.config.num_hidden_layers and step.dtype == torch.bfloat16
+    assert (step.float() - full.float()).abs().max() < 0.1 * full.float().abs().max()
 
 
 def test_shared_prompt_prefix_is_attended_once_and_changes_no_token(tiny_llama, monkeypatch):
