@@ -1006,15 +1006,17 @@ def test_shared_prefix_attention_equals_attention_over_the_concatenation():
 def test_bf16_cpu_decode_attends_through_grouped_matmuls(tiny_llama, monkeypatch):
     m, tok = M.load_model(str(tiny_llama), dtype=torch.bfloat16)
     seen, real = [], M.shared_prefix_attention
-    monkeypatch.setattr(M, "shared_prefix_attention", lambda q, *a: seen.append(q.shape[2]) or real(q, *a))
+    monkeypatch.setattr(M, "shared_prefix_attention", lambda q, k, *a: seen.append(k.shape[2]) or real(q, k, *a))
     with torch.no_grad():
         x = torch.randint(0, 400, (2, 5))
-        cache = m.new_cache(2, 6)
+        cache = m.new_cache(2, 9)                                                # 3 positions left unwritten
         m.hidden(x, cache=cache)                                                 # prefill: SDPA
         assert seen == []
         step = m.head(m.hidden(x[:, :1], cache=cache)[:, -1])                    # one decode step: grouped matmuls
+        # over the whole buffer, the unwritten tail masked: zeros there would change the softmax
+        assert seen == [9] * m.config.num_hidden_layers
         full = m.head(m.hidden(torch.cat([x, x[:, :1]], 1))[:, -1])              # SDPA over the 6 tokens
-    assert seen == [1] * m.config.num_hidden_layers and step.dtype == torch.bfloat16
+    assert step.dtype == torch.bfloat16
     assert (step.float() - full.float()).abs().max() < 0.1 * full.float().abs().max()
 
 
