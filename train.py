@@ -107,9 +107,9 @@ class TrainConfig:
     seed: int = 0                       # data order, validation split and dropout masks = f(seed, step)
     device: str = ""                    # cpu | cuda | cuda:N | mps; "" = the best available
     dtype: Literal["", "float32", "bfloat16"] = ""  # the frozen base's dtype, matmuls under bf16 autocast (trained
-                                        # weights, their gradients and AdamW stay fp32); "" = bfloat16 on CUDA and
-                                        # on CPUs with native bf16 matmuls (AVX512_BF16/AMX), float32 elsewhere
-                                        # (bf16 is emulated there: slower than fp32)
+                                        # weights, their gradients and AdamW stay fp32); "" = bfloat16 on CUDA,
+                                        # float32 on CPU (bfloat16 is faster only with native bf16, AVX512_BF16/
+                                        # AMX, and scored lower on dev there: README §5)
     grad_checkpointing: bool = False    # recompute activations in backward: less memory, more time
     compile: bool = False               # torch.compile each decoder block and the loss: ~1 min to start (~20 s
                                         # with torch's on-disk cache), then fused small ops (CPU, dropout off:
@@ -547,9 +547,9 @@ def train(cfg):
     data_tools = {}  # which tools made the training observations: eval picks the same tool family
     for r in train_recs:
         data_tools[r.get("tool", "?")] = data_tools.get(r.get("tool", "?"), 0) + 1
-    # the frozen base in bf16 on CUDA and on CPUs with native bf16 (model.pick_dtype); weights that are trained
+    # the frozen base in bf16 on CUDA (or named: --dtype bfloat16; model.pick_dtype); weights that are trained
     # stay fp32 (full fine-tuning: all of them, the matmuls still under bf16 autocast)
-    dtype = pick_dtype(cfg.dtype, device, train=True)
+    dtype = pick_dtype(cfg.dtype, device)
     if device.type == "cpu":
         log(cpu_report(dtype, train=True).replace("path:", "training path:"))
     model, tok = load_base(cfg, device=device, dtype=torch.float32 if cfg.full else dtype)
