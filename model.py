@@ -677,8 +677,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 def pick_dtype(name: str, device) -> torch.dtype:
     """--dtype: a name, or "" = the device's choice: bf16 on CUDA; fp32 on CPU, for inference and training, also
     where the CPU has native bf16 matmuls (AVX512_BF16 or AMX). There `--dtype bfloat16` trains the toy demo 1.43x
-    faster (and decodes 1.4x faster), but on dev the bf16-trained student scored 68 EM against 80 (one seed each,
-    README §5), so it is an option, not the default. bf16 named on a CPU without it is allowed (the numbers are the
+    faster (and decodes 1.4x faster), but on dev the bf16-trained students averaged 78.5 EM against 84.0 (two seeds
+    each, README §5), so it is an option, not the default. bf16 named on a CPU without it is allowed (the numbers are the
     same) but emulated: slower than fp32, which cpu_report says."""
     if name and name not in DTYPES:
         raise ValueError(f"--dtype {name!r}: use {', '.join(DTYPES)} (or nothing: the device's choice)")
