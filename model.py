@@ -215,15 +215,7 @@ class Attention(nn.Module):
         if prefix is not None:  # keys/values every row shares, stored once (generate's shared prompt prefix)
             y = shared_prefix_attention(q, k, v, mask, *prefix)
         elif T == 1 and q.dtype == torch.bfloat16 and q.device.type == "cpu" and not torch.is_grad_enabled():
-            # bf16 decode on CPU (eager or compiled): SDPA's bf16 kernel is slow at one query a row. Over the
-            # cache's whole buffer, its unwritten tail masked: bmm copies a slice's K/V first (3.3x the time at
-            # 32 rows x 1,500 keys)
-            S, full = k.shape[2], cache.k[self.idx] if cache is not None else k
-            if full.shape[2] > S and full.data_ptr() == k.data_ptr():
-                k, v = full, cache.v[self.idx]
-                mask = torch.ones(1, 1, 1, S, dtype=torch.bool, device=x.device) if mask is None else mask
-                mask = F.pad(mask, (0, k.shape[2] - S))                         # [B|1, 1, 1, S_buffer]
-            y = shared_prefix_attention(q, k, v, mask)
+            y = shared_prefix_attention(q, k, v, mask)  # bf16 decode on CPU: SDPA's bf16 kernel is slow at one query
         else:
             # `True if .. else False`: under train.py --compile (dynamic shapes) T > 1 is a symbolic bool, which
             # SDPA refuses (a graph break at every layer); branching on it makes it a guard on T instead
@@ -993,6 +985,10 @@ def _generate(model, tokenizer, prompts, max_new_tokens, temperature, top_p, sto
     W = L - P                                      # cache width of the prompts (left-padded)
     S_max = W + max_new_tokens
     compiled = model.compiled is not None and (B == 1 or model.frozen is not None)  # compile_decode
+    # whole-buffer steps (Llama.decode: the cache's whole width, its unwritten tail masked): what a compiled step
+    # needs, and what bf16 on CPU wants too: its attention's bmm copies a slice of the cache first (15.4 vs 4.7 ms
+    # a layer at 32 rows x 1,500 keys)
+    whole = compiled or (dev.type == "cpu" and model.model.embed_tokens.weight.dtype == torch.bfloat16)
     # the cache grows by CACHE_GROW positions as decoding needs them: most turns stop long before max_new_tokens,
     # and 32 rows x 1,000 reserved positions of SmolLM2 would hold ~1.5 GB of zeros. A static one-row graph keeps
     # one width per call (each new width is a compile)
@@ -1070,9 +1066,9 @@ def _generate(model, tokenizer, prompts, max_new_tokens, temperature, top_p, sto
             cache.grow(n)
             mask = torch.cat([mask, mask.new_zeros(mask.shape[0], n)], 1)
         mask[:, S - 1] = True
-        if compiled:  # static shapes: the whole mask, the cache written at a tensor index
+        if whole:  # static shapes: the whole mask, the cache written at a tensor index
             cache.index = torch.tensor([cache.pos], device=dev)
-            logits = model.compiled_step(toks[:, None], nxt, mask, cache)
+            logits = (model.compiled_step if compiled else model.decode)(toks[:, None], nxt, mask, cache)
             cache.index, cache.pos = None, cache.pos + 1
         else:
             logits = model.head(model.hidden(toks[:, None], nxt, mask[:, :S], cache)[:, -1])

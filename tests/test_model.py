@@ -1012,12 +1012,19 @@ def test_bf16_cpu_decode_attends_through_grouped_matmuls(tiny_llama, monkeypatch
         cache = m.new_cache(2, 9)                                                # 3 positions left unwritten
         m.hidden(x, cache=cache)                                                 # prefill: SDPA
         assert seen == []
-        step = m.head(m.hidden(x[:, :1], cache=cache)[:, -1])                    # one decode step: grouped matmuls
+        mask = torch.zeros(2, 9, dtype=torch.bool)
+        mask[:, :6] = True                                                       # the 5 cached keys + this step's
+        cache.index = torch.tensor([5])
+        step = m.decode(x[:, :1], torch.full((2, 1), 5), mask, cache)            # generate's bf16 CPU decode step
         # over the whole buffer, the unwritten tail masked: zeros there would change the softmax
         assert seen == [9] * m.config.num_hidden_layers
         full = m.head(m.hidden(torch.cat([x, x[:, :1]], 1))[:, -1])              # SDPA over the 6 tokens
     assert step.dtype == torch.bfloat16
     assert (step.float() - full.float()).abs().max() < 0.1 * full.float().abs().max()
+    calls = []
+    monkeypatch.setattr(m, "decode", lambda *a: calls.append(a[3].k[0].shape[2]) or M.Llama.decode(m, *a))
+    M.generate(m, tok, ["Hi", "The quick brown fox"], max_new_tokens=3)
+    assert len(calls) == 2 and seen[-1] == calls[-1]                    # generate's steps: whole-buffer ones
 
 
 def test_shared_prompt_prefix_is_attended_once_and_changes_no_token(tiny_llama, monkeypatch):
