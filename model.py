@@ -455,7 +455,8 @@ def cpu_report(dtype=torch.float32, info=None, quant="", train=False, compiled=F
         path = (f"{quant} weights (group {INT4_GROUP}, bf16 activations) for the layers' linears at <= "
                 f"{PACKED_MAX_ROWS} rows (decode), {dt} head, norms, attention and LoRA; {dt} prefill{emulated}")
     elif dtype == torch.float32:
-        path = (f"fp32, frozen linears prepacked for oneDNN at <= {PACKED_MAX_ROWS} rows (decode), MKL above"
+        path = ("fp32, frozen linears prepacked for oneDNN (decode and prefill: AVX-512)" if PACKED_FP32_ANY_ROWS
+                else f"fp32, frozen linears prepacked for oneDNN at <= {PACKED_MAX_ROWS} rows (decode), MKL above"
                 if ONEDNN else "fp32, F.linear (no oneDNN in this torch)")
     elif dtype == torch.bfloat16 and ONEDNN and native_bf16(info):
         path = f"bf16 (native), frozen linears prepacked for oneDNN at <= {PACKED_MAX_ROWS} rows (decode), oneDNN above"
@@ -472,16 +473,21 @@ ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_re
     and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 ONEDNN_BF16 = ONEDNN and native_bf16()  # bf16 weights prepacked too (bitwise bf16 F.linear's result, ~2x faster
                                         # at decode rows); where bf16 is emulated nothing is gained by packing it
-PACKED_MAX_ROWS = 16  # oneDNN's prepacked fp32 kernel beats MKL's sgemm at decode's few rows; MKL wins at prefill's
+PACKED_MAX_ROWS = 16  # oneDNN's prepacked kernel beats MKL's sgemm at decode's few rows on every CPU measured
+PACKED_FP32_ANY_ROWS = ONEDNN and cpu_info()["avx512"]  # ... and with AVX-512 at prefill's many rows too (Zen 4,
+# 1 thread, one layer's projections: 0.72x MKL's time at 400 rows, 0.88x at 4,096; bench/generate.py batch 8
+# 1.48x -> 1.58x transformers fp32). On an AVX2 Zen 3, MKL won above ~16 rows: prefill stays on MKL there.
 
 def use_packed(mod, x) -> bool:
     """Whether `mod` (with a `packs` dict, None = off) runs x through packed weights: fp32 CPU inference (bf16
-    too on CPUs with native bf16; no autograd: training keeps F.linear) with few rows (decode)."""
+    too on CPUs with native bf16; no autograd: training keeps F.linear) with few rows (decode), or with any
+    number of rows (prefill too) in fp32 where the CPU has AVX-512."""
     if torch.compiler.is_compiling() and not mod.quant:
         return False  # oneDNN's packed weights are opaque to the compiler; inductor plans fp32 linears itself
     return (mod.packs is not None and (ONEDNN or mod.quant) and x.device.type == "cpu"
             and (x.dtype == torch.float32 or x.dtype == torch.bfloat16 and (mod.quant or ONEDNN_BF16))
-            and not torch.is_grad_enabled() and x.numel() <= PACKED_MAX_ROWS * x.shape[-1])
+            and not torch.is_grad_enabled() and (x.numel() <= PACKED_MAX_ROWS * x.shape[-1]
+                                                 or PACKED_FP32_ANY_ROWS and x.dtype == torch.float32 and not mod.quant))
 
 def fast_linear(mod, name, mods, x) -> list:
     """x through the Linear modules `mods` as ONE matmul: their weights concatenated along the outputs (bitwise

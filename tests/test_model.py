@@ -824,6 +824,10 @@ def test_prepacked_decode_gives_the_same_tokens_and_repacks_after_lora_merge(tin
         plain = m(x)                                                              # F.linear
         cache = m.fast_kernels(True).new_cache(3, 1)
         torch.testing.assert_close(m.head(m.hidden(x, cache=cache)), plain, rtol=1e-5, atol=1e-5)  # 3 rows: packed
+        long = torch.randint(0, 400, (2, 40))                                     # 80 prefill rows
+        want = m.fast_kernels(False).hidden(long)
+        assert M.use_packed(m.fast_kernels(True), m.hidden(long)) == M.PACKED_FP32_ANY_ROWS  # AVX-512 packs prefill
+        torch.testing.assert_close(m.hidden(long), want, rtol=1e-5, atol=1e-5)
     M.apply_lora(m, ("q_proj", "v_proj", "gate_proj"), r=4, alpha=8, dropout=0.0)
     for _, l in M.lora_layers(m):
         torch.nn.init.normal_(l.lora_B, std=0.5)                                  # a LoRA that changes the output
@@ -1051,6 +1055,7 @@ def test_shared_prompt_prefix_is_attended_once_and_changes_no_token(tiny_llama, 
 
 
 def test_embedded_model_prepacked_decode_gives_todays_tokens():
+    """Packed weights (decode; prefill too on AVX-512) give F.linear's greedy tokens on the real model."""
     if not (M.cache_root() / "SmolLM2-135M-Instruct" / M.PROVENANCE).exists():
         pytest.skip("the default model is not converted here yet: run `python model.py` once")
     m, tok = M.load_model()
