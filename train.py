@@ -117,7 +117,8 @@ class TrainConfig:
                                         # bench/train.py --compile 1)
     resume: bool = False                # continue the run in --out exactly (refused if a setting that changes
                                         # the result differs from its config.json)
-    merge: bool = False                 # also write a full HF checkpoint (LoRA merged) to OUT/merged
+    merge: bool = False                 # also write a full HF checkpoint (LoRA merged) to OUT/merged, in the
+                                        # frozen base's dtype (bf16 where it trained in bf16; --dtype float32 for fp32)
     full: bool = False                  # full fine-tuning (FireAct's other arm): every weight trained, no LoRA; the
                                         # model is saved as a full checkpoint in OUT/model (eval --model OUT/model --zero-shot)
     show_mask: int = -1                 # >= 0: print that record's rendering, trained tokens highlighted, and exit
@@ -547,9 +548,9 @@ def train(cfg):
     data_tools = {}  # which tools made the training observations: eval picks the same tool family
     for r in train_recs:
         data_tools[r.get("tool", "?")] = data_tools.get(r.get("tool", "?"), 0) + 1
-    # the frozen base in bf16 on CUDA (or named: --dtype bfloat16; model.pick_dtype); weights that are trained
+    # the frozen base in bf16 on CUDA and on CPUs with native bf16 (model.pick_dtype); weights that are trained
     # stay fp32 (full fine-tuning: all of them, the matmuls still under bf16 autocast)
-    dtype = pick_dtype(cfg.dtype, device)
+    dtype = pick_dtype(cfg.dtype, device, train=True)
     if device.type == "cpu":
         log(cpu_report(dtype, train=True).replace("path:", "training path:"))
     model, tok = load_base(cfg, device=device, dtype=torch.float32 if cfg.full else dtype)

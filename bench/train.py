@@ -4,7 +4,8 @@ targets and rank, in the same run. Each side runs in its own fresh subprocess so
 
     python bench/train.py                      # batch 4 x 512, ~half the tokens masked, 3 timed steps each
     python bench/train.py --steps 5 --threads 2 --targets q_proj,v_proj --r 8
-    python bench/train.py --dtype bfloat16 --compile 1   # ours with a bf16 base (fast where the CPU has native bf16)
+    python bench/train.py --compile 1          # ours as train.py --compile: a bf16 base where the CPU has native bf16
+    python bench/train.py --dtype float32      # ours with an fp32 base (the default where bf16 is emulated)
     python bench/train.py --dropout 0 --compile 1   # LoRA dropout off on both sides; ours as train.py --compile
 
 It prints the CPU, what it has and the path ours takes (model.cpu_report), and two baselines: transformers+PEFT
@@ -81,7 +82,7 @@ def worker(args):
     if args.worker == "ours":
         import model as M
         import train as T
-        dtype = M.pick_dtype(args.dtype, "cpu")                         # what train.py picks on this CPU
+        dtype = M.pick_dtype(args.dtype, "cpu", train=True)             # what train.py picks on this CPU
         model = M.load_checkpoint(args.dir, dtype=dtype)
         M.apply_lora(model, tuple(targets), r=args.r, alpha=2 * args.r, dropout=args.dropout)
         autocast = T.mixed_precision(model, dtype, "cpu")
@@ -142,7 +143,8 @@ def main():
                    "(the warm-up step, not timed, compiles)")
     p.add_argument("--hf-bf16", type=int, default=1, help="also time transformers+PEFT with a bfloat16 base")
     p.add_argument("--dtype", default="", choices=["", "float32", "bfloat16"],
-                   help="ours: the frozen base's dtype; empty = train.py's choice (float32 on CPU)")
+                   help="ours: the frozen base's dtype; empty = train.py's choice (bfloat16 where the CPU has native "
+                        "bf16, else float32)")
     p.add_argument("--worker", choices=["ours", "hf", "hf-bf16"])
     p.add_argument("--dir")
     args = p.parse_args()
@@ -155,7 +157,7 @@ def main():
         import model as M
         print(f"SmolLM2-135M shape, random weights; batch {args.batch}x{args.seq}, LoRA r={args.r} on "
               f"{args.targets}; {args.steps} timed steps, {args.threads} threads")
-        print(M.cpu_report(M.pick_dtype(args.dtype, "cpu"), train=True).replace("path: ", "training path (ours): "),
+        print(M.cpu_report(M.pick_dtype(args.dtype, "cpu", train=True), train=True).replace("path: ", "training path (ours): "),
               flush=True)
         res = {}
         for name in ("hf", "hf-bf16", "ours") if args.hf_bf16 else ("hf", "ours"):

@@ -333,9 +333,12 @@ def test_bf16_base_on_cpu_trains_fp32_lora_and_follows_fp32(tiny, tmp_path, caps
     want = load_file(ref / "adapter_model.safetensors")
     cos = [F.cosine_similarity(lora[k].flatten(), want[k].flatten(), 0) for k in want if "lora_B" in k]
     assert min(cos) > 0.9, cos
-    monkeypatch.setattr(M, "native_bf16", lambda info=None: True)       # fp32 on CPU, also with native bf16:
-    assert M.pick_dtype("", "cpu") == torch.float32                      # dev chose it (README §5)
-    assert "--dtype bfloat16 is faster, not the default" in M.cpu_report(torch.float32, train=True)
+    monkeypatch.setattr(M, "native_bf16", lambda info=None: True)       # training on a CPU with native bf16:
+    assert M.pick_dtype("", "cpu", train=True) == torch.bfloat16         # a bf16 base (dev chose it, README §5)
+    assert M.pick_dtype("", "cpu") == torch.float32                      # inference stays exact fp32
+    assert M.pick_dtype("float32", "cpu", train=True) == torch.float32   # a named dtype wins
+    monkeypatch.setattr(M, "native_bf16", lambda info=None: False)      # emulated bf16: fp32 trains
+    assert M.pick_dtype("", "cpu", train=True) == torch.float32
     assert M.pick_dtype("", "cuda") == torch.bfloat16 and M.pick_dtype("float32", "cuda") == torch.float32
     with pytest.raises(ValueError, match="--dtype 'half'"):
         M.pick_dtype("half", "cpu")
@@ -381,7 +384,8 @@ def test_peft_and_transformers_load_adapter_and_merged_checkpoint(tiny, tmp_path
     pytest.importorskip("peft")
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
-    out = T.train(cfg_for(tiny, tmp_path / "o", merge=True, lora_targets="q_proj,v_proj,gate_proj"))
+    out = T.train(cfg_for(tiny, tmp_path / "o", merge=True, lora_targets="q_proj,v_proj,gate_proj",
+                          dtype="float32"))  # the merged checkpoint keeps the base's dtype: fp32 compares at 1e-4
     ours, tok = M.load_model(str(tiny[0]))
     M.load_adapter(ours, out)
     assert any(p.abs().sum() > 0 for n, p in ours.named_parameters() if "lora_B" in n)
