@@ -190,6 +190,10 @@ def test_hp_best_is_chosen_on_tune_before_any_report_eval_runs(tmp_path):
     assert all(not n.endswith("_report") for n in names[:choose])  # the choice never sees a report score
     assert names[choose + 1:] == ["eval_hp_best_report"] and "hp_choose" not in names  # only its own choice
     assert {f"eval_hp_{r}_tune" for r in X.HP_BEST} <= set(names[:choose])  # every fine-tuned row is a candidate
+    full = next(r for r in X.hotpotqa_rows() if r.name == "hp_full")      # full fine-tuning: a checkpoint, so
+    assert X.is_full(full) and "full" not in X.HP_BEST and "train_hp_full" not in names  # not an adapter candidate
+    assert all(s.argv[s.argv.index("--model") + 1] == "train/hp_full/model" and "--zero-shot" in s.argv
+               for s in full.steps if s.name.startswith("eval_"))
     (tmp_path / "evals").mkdir()
     for r, em in zip(X.HP_BEST, (19.0, 15.0, 19.0, 16.0, 12.0, 21.5, 21.5)):
         fireact.write_json(tmp_path / "evals" / f"hp_{r}_tune.summary.json", {"em": em})
