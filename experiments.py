@@ -231,7 +231,8 @@ def hotpotqa_rows() -> list[Row]:
                       n=757, hp=True)],
             {"tune": f"evals/{name}_tune.json", "report": f"evals/{name}_report.json"}))
     # FireAct compared LoRA with full fine-tuning; here on real data, with the 3-epoch recipe (every weight trained,
-    # lr 1e-4, fp32 pinned: bf16 autocast is gated for LoRA only). Its model is a checkpoint, not an adapter
+    # lr 1e-4; fp32 pinned, as the LoRA rows trained: the bf16 default of CPUs with native bf16 was gated on LoRA
+    # runs only). Its model is a checkpoint, not an adapter
     rows.append(Row("hp_full", "hotpotqa", "FireAct's hotpotqa, 3 epochs, full fine-tuning (--full)", [
         train_step("hp_full", [str(FT_DATA / "hotpotqa.json")], "--epochs", "3", "--full", "--compile", "--dtype",
                    "float32", n=2700, hp=True),
@@ -267,8 +268,9 @@ def is_full(row: Row) -> bool:  # a row that fine-tunes every weight (--full): a
     return any("--full" in s.argv for s in row.steps if s.name.startswith("train_"))
 
 
-HP_BEST = [r.name.removeprefix("hp_") for r in hotpotqa_rows() if trains_own(r) and not is_full(r)]  # the fine-tuned HotpotQA rows, in
-# the grid's order (simplest first: a tie goes to the earlier); the first four are FireAct's four data files
+# the fine-tuned HotpotQA rows with an adapter, in the grid's order (simplest first: a tie goes to the earlier); the
+# first four are FireAct's four data files
+HP_BEST = [r.name.removeprefix("hp_") for r in hotpotqa_rows() if trains_own(r) and not is_full(r)]
 
 
 GRIDS = {"toy": toy_rows, "hotpotqa": hotpotqa_rows}
