@@ -108,8 +108,8 @@ class TrainConfig:
     device: str = ""                    # cpu | cuda | cuda:N | mps; "" = the best available
     dtype: Literal["", "float32", "bfloat16"] = ""  # the frozen base's dtype, matmuls under bf16 autocast (trained
                                         # weights, their gradients and AdamW stay fp32); "" = bfloat16 on CUDA,
-                                        # float32 on CPU (bfloat16 is faster only with native bf16, AVX512_BF16/
-                                        # AMX, and scored lower on dev there: README §5)
+                                        # and on CPUs with native bf16 (AVX512_BF16/AMX: 1.47x faster, dev EM within
+                                        # 1 point over four seeds, README §5), float32 on other CPUs
     grad_checkpointing: bool = False    # recompute activations in backward: less memory, more time
     compile: bool = False               # torch.compile each decoder block and the loss: ~1 min to start (~20 s
                                         # with torch's on-disk cache), then fused small ops (CPU, dropout off:
