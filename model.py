@@ -1,5 +1,6 @@
 """
-A hand-written Llama (HF LlamaForCausalLM layout) with checkpoint loading, tokenizers, KV-cache generation and LoRA.
+A hand-written Llama (HF LlamaForCausalLM layout) with checkpoint loading, tokenizers, KV-cache generation and LoRA
+(and the CPU kernels training picks: a blocked attention backward).
 
     python model.py --prompt "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
     python model.py --model path/or/org-name --prompt "Hello" --max-new-tokens 32 --temperature 0.7
@@ -187,6 +188,83 @@ def shared_prefix_attention(q, k, v, mask, pk=None, pv=None):
     o = torch.bmm(pp, pv[0]).view(nkv, B, g * T, hd).transpose(0, 1) + p[..., P:] @ v   # [B, nkv, gT, hd]
     return o.reshape(B, nh, T, hd)
 
+# Causal attention for CPU training in bf16. SDPA's CPU flash backward runs at ~15% of the bf16 GEMM rate here, and
+# with its forward took 31% of a bf16 LoRA step at 4 x 512 (profile, README §5). The backward below is faster up to
+# ~640 tokens (fwd + bwd a layer, 4 rows, 2 Zen 4 cores: 1.22x at 256, 1.18x at 512, 1.05x at 640; 0.97x at 768,
+# 0.85x at 896, where SDPA's kernel switches to larger blocks), and in fp32 it wins or loses by shape (0.88x at 256,
+# 1.23x at 512): so bf16 and T <= ATTN_MAX_T only.
+ATTN_BLOCK = 64   # query rows a block: 64 measured best at T = 512 (32: more Python, 128: out of cache)
+ATTN_MAX_T = 512
+
+def _rows(x, g):  # [B, nh, T, d] -> [B*nkv, T*g, d]: rows (query, head in its kv group), so a query block's rows
+    # are contiguous and all see the same keys
+    B, nh, T, d = x.shape
+    return x.reshape(B, nh // g, g, T, d).transpose(2, 3).reshape(B * nh // g, T * g, d)
+
+def _unrows(x, B, g):  # inverse of _rows
+    BK, Tg, d = x.shape
+    return x.view(B, BK // B, Tg // g, g, d).transpose(2, 3).reshape(B, BK // B * g, Tg // g, d)
+
+@torch.library.custom_op("fireact::causal_attention", mutates_args=())
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention for CPU training: q [B, nh, T, hd], k, v [B, nkv, T, hd] -> (o [B, nh, T, hd], logsumexp
+    [B, nh, T] fp32). The forward is SDPA's own CPU flash kernel (what F.scaled_dot_product_attention runs); the
+    backward is causal_attention_backward. Custom ops, so that torch.compile calls them as they are."""
+    g = q.shape[1] // k.shape[1]
+    o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), 0.0, True)
+    return o.contiguous(), lse.contiguous()   # the layouts the shape functions below promise
+
+@causal_attention.register_fake
+def _causal_attention_shapes(q, k, v):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+@torch.library.custom_op("fireact::causal_attention_backward", mutates_args=())
+def causal_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              o: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flash attention's backward, by query blocks of ATTN_BLOCK: P is recomputed from the saved logsumexp one
+    block at a time ([B*nkv, block*g, keys up to the block's end] fp32, cache-sized; no [B, H, T, T] tensor is kept
+    between forward and backward), keys after the block are skipped (causal), each GEMM batched over (batch, kv
+    head), the g query heads that share a kv head stacked as rows (GQA without copies of k, v). SDPA's CPU
+    backward took ~45 ms a layer at 4 x 512 (SmolLM2's 9/3 heads, 2 Zen 4 cores), this ~30: on these cores memory
+    traffic, not FLOPs, sets the time, and a block's scores stay in cache. ds = P * (dP - rowsum(dO * O)), then
+    dq = ds k, dk = ds^T q, dv = P^T dO."""
+    B, nh, T, hd = q.shape
+    nkv = k.shape[1]
+    g, C, scale = nh // nkv, ATTN_BLOCK, hd ** -0.5
+    q_, do_ = _rows(q, g), _rows(do, g)
+    k_, v_ = k.reshape(B * nkv, T, hd), v.reshape(B * nkv, T, hd)
+    lse_ = _rows(lse.unsqueeze(-1), g)                                   # [BK, Tg, 1]
+    D = (do_.float() * _rows(o, g).float()).sum(-1, keepdim=True)        # [BK, Tg, 1]
+    dq = torch.empty_like(q_)
+    dk = torch.zeros(B * nkv, T, hd, dtype=torch.float32, device=q.device)
+    dv = torch.zeros_like(dk)
+    above = torch.arange(C, device=q.device).repeat_interleave(g)[:, None] < torch.arange(C, device=q.device)
+    for s in range(0, T, C):
+        e = min(s + C, T)
+        r = slice(s * g, e * g)                                          # the block's rows
+        qb, dob = q_[:, r], do_[:, r]
+        sc = (qb @ k_[:, :e].mT).float().mul_(scale)                     # [BK, (e-s)g, e]
+        sc[:, :, s:e].masked_fill_(above[:(e - s) * g, :e - s], float("-inf"))
+        p = sc.sub_(lse_[:, r]).exp_()
+        dv[:, :e] += p.to(q.dtype).mT @ dob
+        ds = (dob @ v_[:, :e].mT).float().sub_(D[:, r]).mul_(p).mul_(scale).to(q.dtype)
+        dq[:, r] = ds @ k_[:, :e]
+        dk[:, :e] += ds.mT @ qb
+    return _unrows(dq, B, g), dk.view_as(k).to(k.dtype), dv.view_as(v).to(v.dtype)
+
+@causal_attention_backward.register_fake
+def _causal_attention_backward_shapes(do, q, k, v, o, lse):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+def _causal_attention_save(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, *output)                    # q, k, v, o, logsumexp: O(T) memory, not O(T^2)
+
+def _causal_attention_grad(ctx, do, dlse):                    # dlse: the logsumexp is not used downstream
+    return causal_attention_backward(do, *ctx.saved_tensors)
+
+causal_attention.register_autograd(_causal_attention_grad, setup_context=_causal_attention_save)
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, idx: int):
         super().__init__()
@@ -216,6 +294,9 @@ class Attention(nn.Module):
             y = shared_prefix_attention(q, k, v, mask, *prefix)
         elif T == 1 and q.dtype == torch.bfloat16 and q.device.type == "cpu" and not torch.is_grad_enabled():
             y = shared_prefix_attention(q, k, v, mask)  # bf16 decode on CPU: SDPA's bf16 kernel is slow at one query
+        elif self.training and torch.is_grad_enabled() and mask is None and cache is None and q.device.type == "cpu" \
+                and q.dtype == torch.bfloat16 and 1 < T <= ATTN_MAX_T:
+            y = causal_attention(q, k, v)[0]    # CPU bf16 training: SDPA's forward, a faster backward (see there)
         else:
             # `True if .. else False`: under train.py --compile (dynamic shapes) T > 1 is a symbolic bool, which
             # SDPA refuses (a graph break at every layer); branching on it makes it a guard on T instead
