@@ -12,6 +12,7 @@ imitate the tool. One readable PyTorch loop; no Trainer.
     python train.py --config out/train/config.json --out out/again   # rerun a run's recorded settings
     python train.py --recipe fireact --data FILE     # FireAct's own settings (LoRA r=8 on q/v, lr 3e-4, ...)
     python train.py --merge                          # also write a full HF checkpoint to OUT/merged
+    python train.py --compile --quant int8           # fastest on a CPU with VNNI: frozen GEMMs in int8 (README §5)
     torchrun --nproc_per_node=2 train.py ...         # data parallel (gloo on CPU, NCCL on GPU)
 
 Data files (mix several; `FILE:N` samples N records from FILE): our trajectory JSONL, FireAct's alpaca JSON
@@ -42,8 +43,8 @@ import torch.nn.functional as F
 
 import cli
 from fireact import mask_pieces, read_records, render, show_mask
-from model import (apply_lora, cpu_report, load_model, pick_device, pick_dtype, require_compiler, save_adapter,
-                   save_checkpoint)
+from model import (apply_lora, cpu_info, cpu_report, load_model, lora_layers, native_bf16, pick_device, pick_dtype,
+                   quantize_frozen, require_compiler, save_adapter, save_checkpoint)
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_DATA = "data/toy/train.jsonl"
@@ -110,6 +111,11 @@ class TrainConfig:
                                         # weights, their gradients and AdamW stay fp32); "" = bfloat16 on CUDA,
                                         # and on CPUs with native bf16 (AVX512_BF16/AMX: 1.47x faster, dev EM within
                                         # 1 point over four seeds, README §5), float32 on other CPUs
+    quant: Literal["", "int8"] = ""     # int8 = the frozen matmuls (forward and input gradient) as int8 GEMMs,
+                                        # tokens quantized per row, each layer SmoothQuant-smoothed on the first
+                                        # --calib-batches micro-batches: LoRA on a CPU with VNNI and native bf16
+                                        # (README §5: speed and dev EM)
+    calib_batches: int = 8              # with --quant int8: micro-batches whose activations set the smoothing
     grad_checkpointing: bool = False    # recompute activations in backward: less memory, more time
     compile: bool = False               # torch.compile each decoder block and the loss: ~1 min to start (~20 s
                                         # with torch's on-disk cache), then fused small ops (CPU, dropout off:
@@ -136,10 +142,13 @@ class TrainConfig:
                  ("epochs", self.epochs >= 0, ">= 0"), ("batch_size", self.batch_size >= 0, ">= 0"),
                  ("micro_batch", self.micro_batch >= 0, ">= 0"), ("val_frac", 0 <= self.val_frac < 1, "in [0, 1)"),
                  ("val_max", self.val_max >= 0, ">= 0"), ("max_len", self.max_len >= 16, ">= 16"),
-                 ("show_mask", self.show_mask >= -1, ">= 0, or -1 (off)")]
+                 ("show_mask", self.show_mask >= -1, ">= 0, or -1 (off)"),
+                 ("calib_batches", self.calib_batches >= 1, ">= 1")]
         for name, ok, want in rules:
             if not ok:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be {want}")
+        if self.quant and self.full:
+            raise ValueError("--quant int8 quantizes the frozen weights: it goes with LoRA, not --full")
         if self.html and self.show_mask < 0:
             raise ValueError(f"--html {self.html}: goes with --show-mask N (the record to render)")
         if self.batch_size and self.micro_batch and self.batch_size % self.micro_batch:
@@ -315,6 +324,27 @@ def loss_function(model, compile: bool):
     for block in model.model.layers:
         block.compile(dynamic=True)
     return functools.partial(loss_sum, head_loss=torch.compile(head_loss, dynamic=True))
+
+
+@torch.no_grad()
+def calibrate_int8(model, batches, autocast):
+    """--quant int8: each LoRA layer's input absmax per channel over batches [(x, y)] (bf16 forward, hooks),
+    then model.quantize_frozen. -> the largest channel's ratio to the median channel, the worst layer's."""
+    amax, hooks = {}, []
+    for name, m in lora_layers(model):
+        def hook(mod, args, name=name):
+            a = args[0].detach().float().abs().reshape(-1, args[0].shape[-1]).amax(0)   # [K]
+            amax[name] = torch.maximum(amax[name], a) if name in amax else a
+        hooks.append(m.register_forward_pre_hook(hook))
+    try:
+        with autocast:
+            for x, _ in batches:
+                model.hidden(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    quantize_frozen(model, amax)
+    return max(float(a.max() / a.median().clamp(min=1e-8)) for a in amax.values())
 
 
 def mixed_precision(model, dtype, device_type):
@@ -551,8 +581,11 @@ def train(cfg):
     # the frozen base in bf16 on CUDA and on CPUs with native bf16 (model.pick_dtype); weights that are trained
     # stay fp32 (full fine-tuning: all of them, the matmuls still under bf16 autocast)
     dtype = pick_dtype(cfg.dtype, device, train=True)
+    if cfg.quant and not (device.type == "cpu" and dtype == torch.bfloat16 and native_bf16() and cpu_info()["vnni"]):
+        raise ValueError(f"--quant int8: for a CPU with VNNI and native bf16, with the bf16 base (--dtype bfloat16 "
+                         f"or the default); here: device {device}, base {dtype}")
     if device.type == "cpu":
-        log(cpu_report(dtype, train=True).replace("path:", "training path:"))
+        log(cpu_report(dtype, quant=cfg.quant, train=True).replace("path:", "training path:"))
     model, tok = load_base(cfg, device=device, dtype=torch.float32 if cfg.full else dtype)
     n_params = sum(p.numel() for p in model.parameters())
     auto_lr = cfg.lr == 0
@@ -586,6 +619,12 @@ def train(cfg):
         apply_lora(model, targets=tuple(cfg.lora_targets.split(",")), r=cfg.lora_r, alpha=cfg.lora_alpha,
                    dropout=cfg.lora_dropout)
     autocast = mixed_precision(model, dtype, device.type)
+    if cfg.quant:   # on the first micro-batches of the (seeded) plan: the same smoothing when resumed
+        micro = [mb for st in plan0 for mb in st][:cfg.calib_batches]
+        worst = calibrate_int8(model, [collate([train_ex[j] for j in mb], tok.pad_id, device) for mb in micro],
+                               autocast)
+        log(f"--quant int8: frozen matmuls in int8, smoothed on {len(micro)} micro-batches (largest input channel "
+            f"up to {worst:.0f}x its layer's median)")
     trainable = [p for p in model.parameters() if p.requires_grad]
     model.grad_checkpointing = cfg.grad_checkpointing
     model.train()

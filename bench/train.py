@@ -7,6 +7,7 @@ targets and rank, in the same run. Each side runs in its own fresh subprocess so
     python bench/train.py --compile 1          # ours as train.py --compile: a bf16 base where the CPU has native bf16
     python bench/train.py --dtype float32      # ours with an fp32 base (the default where bf16 is emulated)
     python bench/train.py --dropout 0 --compile 1   # LoRA dropout off on both sides; ours as train.py --compile
+    python bench/train.py --compile 1 --quant int8  # ours as train.py --compile --quant int8 (VNNI CPUs)
 
 It prints the CPU, what it has and the path ours takes (model.cpu_report), and two baselines: transformers+PEFT
 in float32 and in bfloat16 (transformers' best setting depends on the CPU: bf16 wins only with native bf16
@@ -88,6 +89,8 @@ def worker(args):
         autocast = T.mixed_precision(model, dtype, "cpu")
         y = torch.where(mask[:, 1:].bool(), ids[:, 1:], -100)
         y = torch.cat([y, torch.full((args.batch, 1), -100)], 1)       # y[:, t] = target for position t
+        if args.quant:                                                  # as train.py: smoothing from a batch
+            T.calibrate_int8(model, [(ids, y)], autocast)
         n_sup = int((y != -100).sum())
 
         loss_sum = T.loss_function(model, bool(args.compile))                 # train.py's, compiled under --compile 1
@@ -145,6 +148,7 @@ def main():
     p.add_argument("--dtype", default="", choices=["", "float32", "bfloat16"],
                    help="ours: the frozen base's dtype; empty = train.py's choice (bfloat16 where the CPU has native "
                         "bf16, else float32)")
+    p.add_argument("--quant", default="", choices=["", "int8"], help="ours: train.py --quant (int8 frozen matmuls)")
     p.add_argument("--worker", choices=["ours", "hf", "hf-bf16"])
     p.add_argument("--dir")
     args = p.parse_args()
@@ -157,7 +161,7 @@ def main():
         import model as M
         print(f"SmolLM2-135M shape, random weights; batch {args.batch}x{args.seq}, LoRA r={args.r} on "
               f"{args.targets}; {args.steps} timed steps, {args.threads} threads")
-        print(M.cpu_report(M.pick_dtype(args.dtype, "cpu", train=True), train=True).replace("path: ", "training path (ours): "),
+        print(M.cpu_report(M.pick_dtype(args.dtype, "cpu", train=True), quant=args.quant, train=True).replace("path: ", "training path (ours): "),
               flush=True)
         res = {}
         for name in ("hf", "hf-bf16", "ours") if args.hf_bf16 else ("hf", "ours"):

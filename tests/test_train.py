@@ -344,6 +344,37 @@ def test_bf16_base_on_cpu_trains_fp32_lora_and_follows_fp32(tiny, tmp_path, caps
         M.pick_dtype("half", "cpu")
 
 
+@pytest.mark.skipif(not (M.native_bf16() and M.cpu_info()["vnni"]), reason="--quant int8 needs VNNI and native bf16")
+def test_int8_frozen_matmuls_train_and_follow_the_bf16_run(tiny, tmp_path, capsys):
+    """--quant int8: the frozen linears' GEMMs in int8 after calibrating the smoothing on the first micro-batches;
+    the losses follow the bf16 run's (the same base) within quantization noise, and the adapter is a plain one."""
+    kw = dict(epochs=3, lr=2e-2, lora_dropout=0.0, dtype="bfloat16", device="cpu")
+    ref = T.train(cfg_for(tiny, tmp_path / "bf16", **kw))
+    out = T.train(cfg_for(tiny, tmp_path / "int8", quant="int8", calib_batches=2, **kw))
+    log = capsys.readouterr().out
+    assert "frozen matmuls as int8 GEMMs" in log and "smoothed on 2 micro-batches" in log
+    losses = [[json.loads(l)["loss"] for l in (d / "metrics.jsonl").read_text().splitlines() if "loss" in l]
+              for d in (ref, out)]
+    assert len(losses[1]) == 6 and losses[1][-1] < losses[1][0] - 0.2
+    assert all(abs(a - b) < 0.05 * a for a, b in zip(*losses)), losses
+    assert losses[0] != losses[1]                                        # the int8 path did run
+    assert json.loads((out / "config.json").read_text())["quant"] == "int8"
+    assert set(load_file(out / "adapter_model.safetensors")) == set(load_file(ref / "adapter_model.safetensors"))
+
+
+def test_int8_is_refused_where_it_cannot_run(tiny, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="--quant int8 quantizes the frozen weights: it goes with LoRA, not --full"):
+        T.train(cfg_for(tiny, tmp_path / "full", quant="int8", full=True))
+    with pytest.raises(ValueError, match=r"--quant int8: for a CPU with VNNI and native bf16.*base torch.float32"):
+        T.train(cfg_for(tiny, tmp_path / "fp32", quant="int8", dtype="float32", device="cpu"))
+    monkeypatch.setattr(M, "native_bf16", lambda info=None: True)
+    monkeypatch.setattr(T, "native_bf16", lambda info=None: True)
+    monkeypatch.setattr(T, "cpu_info", lambda: {**M.cpu_info(), "vnni": False})
+    with pytest.raises(ValueError, match="--quant int8: for a CPU with VNNI"):
+        T.train(cfg_for(tiny, tmp_path / "novnni", quant="int8", dtype="bfloat16", device="cpu"))
+    assert not any((tmp_path / d).exists() for d in ("full", "fp32", "novnni"))
+
+
 def test_resume_equals_uninterrupted(tiny, tmp_path):
     full = T.train(cfg_for(tiny, tmp_path / "full", save_every=2))
     part = cfg_for(tiny, tmp_path / "part", stop_after=3, save_every=2)
