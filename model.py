@@ -190,11 +190,11 @@ def shared_prefix_attention(q, k, v, mask, pk=None, pv=None):
 
 # Causal attention for CPU training in bf16. SDPA's CPU flash backward runs at ~15% of the bf16 GEMM rate here, and
 # with its forward took 31% of a bf16 LoRA step at 4 x 512 (profile, README §5). The backward below is faster up to
-# ~640 tokens (fwd + bwd a layer, 4 rows, 2 Zen 4 cores: 1.22x at 256, 1.18x at 512, 1.05x at 640; 0.97x at 768,
-# 0.85x at 896, where SDPA's kernel switches to larger blocks), and in fp32 it wins or loses by shape (0.88x at 256,
-# 1.23x at 512): so bf16 and T <= ATTN_MAX_T only.
+# ~640 tokens (python bench/attention.py, fwd + bwd a layer, 4 rows, 2 Zen 4 cores: 1.15x at 256, 1.19x at 512 and
+# 640; 0.89x at 768, where SDPA's kernel switches to larger blocks), and in fp32 it wins or loses by shape (0.93x
+# at 256, 1.14x at 512): so bf16 and T <= ATTN_MAX_T only.
 ATTN_BLOCK = 64   # query rows a block: 64 measured best at T = 512 (32: more Python, 128: out of cache)
-ATTN_MAX_T = 512
+ATTN_MAX_T = 640
 
 def _rows(x, g):  # [B, nh, T, d] -> [B*nkv, T*g, d]: rows (query, head in its kv group), so a query block's rows
     # are contiguous and all see the same keys
