@@ -1040,10 +1040,42 @@ def generate(model, tokenizer, prompts, max_new_tokens=128, temperature=0.0, top
     on_token(i, token_id) is called as prompt i gets each token (not eos): a server streams and counts them."""
     was_training = model.training
     try:  # eval mode (no LoRA dropout) even when called mid-training
-        return _generate(model.eval(), tokenizer, prompts, max_new_tokens, temperature, top_p, stop, stop_at, seed,
-                         prefix_cache, on_token)
+        ids = [tokenizer.encode(p, bos=tokenizer.add_bos) if isinstance(p, str) else list(p) for p in prompts]
+        groups = kv_groups(model, ids, max_new_tokens)
+        if len(groups) == 1:
+            return _generate(model.eval(), tokenizer, ids, max_new_tokens, temperature, top_p, stop, stop_at, seed,
+                             prefix_cache, on_token)
+        out = [""] * len(ids)
+        for g in groups:  # each group as its own batch; on_token still gets the caller's prompt index
+            tell = (lambda j, t, g=g: on_token(g[j], t)) if on_token else None
+            for i, text in zip(g, _generate(model.eval(), tokenizer, [ids[i] for i in g], max_new_tokens, temperature,
+                                            top_p, stop, stop_at, seed, prefix_cache, tell)):
+                out[i] = text
+        return out
     finally:
         model.train(was_training)
+
+KV_BUDGET = 4 * 2**30  # bytes of KV cache one generate batch may hold (left-padded to its longest prompt)
+
+def kv_groups(model, ids, max_new_tokens) -> list[list[int]]:
+    """Prompt indices in batches whose KV cache fits KV_BUDGET: the cache is left-padded to the longest prompt, so
+    one long row (an agent that rambled for 7 turns) made every row of a batch of 32 as long; an eval's batch once
+    reached 24 GB and was killed. Over budget, rows go in groups of similar length (sorted, greedy); under, one
+    batch as given. A shared prefix (few-shot examples) is stored once, so it is not counted."""
+    c = model.config
+    per_token = (c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim    # K and V of every layer, a row
+                 * model.model.embed_tokens.weight.element_size())
+    P = common_prefix(ids) if len(ids) > 1 else 0
+    P = P if P >= SHARED_PREFIX_MIN else 0
+    cost = lambda n, longest: n * (longest - P + max_new_tokens) * per_token
+    if not ids or cost(len(ids), max(map(len, ids))) <= KV_BUDGET:
+        return [list(range(len(ids)))]
+    groups = [[]]
+    for i in sorted(range(len(ids)), key=lambda i: len(ids[i])):
+        if groups[-1] and cost(len(groups[-1]) + 1, len(ids[i])) > KV_BUDGET:
+            groups.append([])
+        groups[-1].append(i)
+    return groups
 
 # inductor's settings for compile_decode's frozen graph: weights as constants, and GEMM kernels chosen by timing
 # inductor's own (prepacked at compile time) against the libraries'. Tests turn max_autotune off (conftest.py)
@@ -1060,8 +1092,7 @@ def common_prefix(ids) -> int:
             return i
     return max(n, 0)
 
-def _generate(model, tokenizer, prompts, max_new_tokens, temperature, top_p, stop, stop_at, seed, pc, on_token=None):
-    ids = [tokenizer.encode(p, bos=tokenizer.add_bos) if isinstance(p, str) else list(p) for p in prompts]
+def _generate(model, tokenizer, ids, max_new_tokens, temperature, top_p, stop, stop_at, seed, pc, on_token=None):
     B, L, dev = len(ids), max(map(len, ids), default=0), model.device
     if B == 0 or max_new_tokens <= 0:
         return [""] * B

@@ -112,6 +112,29 @@ def test_generate_grows_its_cache_as_rows_decode_and_changes_no_token(tiny_llama
     assert M.generate(m, tok, prompts, prefix_cache=pc, **kw) == whole
 
 
+def test_generate_over_its_kv_budget_runs_groups_of_similar_length_and_changes_no_token(tiny_llama, monkeypatch):
+    """A batch whose left-padded KV cache would pass KV_BUDGET runs as groups of similar prompt length (the budget
+    no longer scales with the longest row times the batch); every row's tokens are unchanged and on_token still
+    gets the caller's prompt index."""
+    m, tok = M.load_model(str(tiny_llama))
+    prompts = ["Question: What is the capital of France? Thought: " * 3, "Hi", "The quick brown fox jumps", "1",
+               "Question: a longer one, about the lazy dog and what it did " * 2]
+    kw = dict(max_new_tokens=12, stop=["Action"])
+    ids = [tok.encode(p, bos=tok.add_bos) for p in prompts]
+    assert M.kv_groups(m, ids, 12) == [[0, 1, 2, 3, 4]]                 # the tiny model fits: one batch as given
+    want, seen = M.generate(m, tok, prompts, **kw), {}
+    c = m.config
+    per_token = c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * 4           # K and V, float32
+    monkeypatch.setattr(M, "KV_BUDGET", 2 * (len(ids[2]) + 12) * per_token)  # two rows of the third's length
+    groups = M.kv_groups(m, ids, 12)
+    assert len(groups) >= 3 and sorted(i for g in groups for i in g) == [0, 1, 2, 3, 4]
+    assert all(len(g) * (max(len(ids[i]) for i in g) + 12) * per_token <= M.KV_BUDGET or len(g) == 1 for g in groups)
+    assert groups[0] == sorted(groups[0], key=lambda i: len(ids[i])) and 3 in groups[0]     # shortest first
+    got = M.generate(m, tok, prompts, on_token=lambda i, t: seen.setdefault(i, []).append(t), **kw)
+    assert got == want
+    assert all(tok.decode(seen.get(i, [])).startswith(w) for i, w in enumerate(want))
+
+
 def test_prefix_cache_prefills_only_new_tokens_and_changes_nothing(tiny_llama):
     m, tok = M.load_model(str(tiny_llama))
     pc = M.PrefixCache()
