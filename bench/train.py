@@ -161,8 +161,8 @@ def main():
         import model as M
         print(f"SmolLM2-135M shape, random weights; batch {args.batch}x{args.seq}, LoRA r={args.r} on "
               f"{args.targets}; {args.steps} timed steps, {args.threads} threads")
-        print(M.cpu_report(M.pick_dtype(args.dtype, "cpu", train=True), quant=args.quant, train=True).replace("path: ", "training path (ours): "),
-              flush=True)
+        report = M.cpu_report(M.pick_dtype(args.dtype, "cpu", train=True), quant=args.quant, train=True)
+        print(report.replace("path: ", "training path (ours): "), flush=True)
         res = {}
         for name in ("hf", "hf-bf16", "ours") if args.hf_bf16 else ("hf", "ours"):
             cmd = [sys.executable, __file__, *sys.argv[1:], "--worker", name, "--dir", d]
