@@ -397,9 +397,17 @@ def test_ddp_two_gloo_processes_equal_one(tiny, tmp_path):
     one = subprocess.run([sys.executable, "train.py", *args, "--out", str(tmp_path / "one")], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=120)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "train.py", *args, "--out", str(tmp_path / "two")], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=120)
+    for attempt in range(2):
+        # one retry, only when a rank died by a signal: in two full suites (sessions apart) a gloo rank aborted
+        # (SIGABRT) on this busy 2-core machine and passed on every rerun; a wrong result or a Python error in
+        # train.py (a traceback through it) fails the first time
+        shutil.rmtree(tmp_path / "two", ignore_errors=True)
+        two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              "train.py", *args, "--out", str(tmp_path / "two")], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=120)
+        if two.returncode == 0 or "Signal " not in two.stderr or 'train.py", line' in two.stderr:
+            break
+        print(f"DDP attempt {attempt + 1}: a rank died by a signal; retrying once:\n{two.stderr[-1500:]}")
     assert two.returncode == 0, two.stderr[-2000:]
     assert "2 process(es)" in two.stdout and two.stdout.count("adapter:") == 1   # only rank 0 logs and saves
     la = [json.loads(l)["loss"] for l in (tmp_path / "one/metrics.jsonl").read_text().splitlines()]
