@@ -11,22 +11,15 @@ in bf16, the bench/train.py shape: `attention fwd+bwd speedup vs sdpa: X.XXx`.
 """
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import model as M  # noqa: E402
-
-
-def timed(f, reps):
-    f()                                                                 # warm-up
-    t = time.perf_counter()
-    for _ in range(reps):
-        f()
-    return (time.perf_counter() - t) / reps * 1000
+from generate import timed  # noqa: E402  (best of N, the two interleaved: the benches' one timer)
 
 
 def main():
@@ -49,11 +42,8 @@ def main():
             do = torch.randn(args.batch, 9, T, 64, generator=g).to(dt)
             sdpa = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).backward(do)
             ours = lambda: M.causal_attention(q, k, v)[0].backward(do)
-            t = {"sdpa": [], "ours": []}
-            for _ in range(2):                                          # interleaved: drift hits both
-                t["sdpa"].append(timed(sdpa, args.reps))
-                t["ours"].append(timed(ours, args.reps))
-            s, o = min(t["sdpa"]), min(t["ours"])
+            sdpa(), ours()                                              # warm-up
+            s, o = (1000 * t for t in timed([sdpa, ours], args.reps)[0])  # ms, best of --reps each
             ratio[T, name] = s / o
             used = "ours" if name == "bfloat16" and T <= M.ATTN_MAX_T else "sdpa"
             print(f"T={T:5d} {name:8s}: sdpa {s:7.1f} ms, ours {o:7.1f} ms, {s / o:.2f}x   (train.py takes {used})")
