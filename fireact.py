@@ -1084,6 +1084,8 @@ class ScoreConfig:
     files: list = field(default_factory=list)    # results files or directories (ours, or FireAct's trajs/*.json)
     metric: Literal["", "qa", "yesno", "mc"] = ""  # qa | yesno | mc; "" = from the records' task (qa for FireAct trajs)
     n: int = 0                    # denominator override
+    breakdown: bool = False       # also: episodes by tool calls x outcome (right; wrong with the gold answer seen in
+                                  # an observation: a reading error; wrong with it never seen: a search error)
 
     def check(self):
         if self.metric not in ("", "qa", "yesno", "mc"):
@@ -1370,11 +1372,60 @@ def score(cfg: ScoreConfig) -> list[dict]:
         results.append(dict(file=str(path), em=100 * em / n, f1=100 * f1 / n, entries=len(rows), n=n, failures=failed))
         print(f"EM {100 * em / n:5.1f}  F1 {100 * f1 / n:5.1f}  ({len(rows)} entries / {n})  {path.name}" +
               (f"  [{failed} FAILED episodes: not a result]" if failed else ""))
+        if cfg.breakdown:
+            results[-1]["breakdown"] = error_breakdown(rows, cfg.metric)
+            print_breakdown(results[-1]["breakdown"])
     if not results:
         raise ValueError(f"score: no results files in {' '.join(cfg.files)}")
     if any(r["failures"] for r in results):
         raise SystemExit(1)  # marked above; a script must not take it for a result
     return results
+
+
+def result_steps(row: dict) -> list[dict]:
+    """A results row's steps: ours keep them; FireAct's trajs hold the text (its Llama runs: the Alpaca prompt, then
+    the ReAct lines) or the chat messages (its GPT-3.5 run)."""
+    if isinstance(row.get("steps"), list):
+        return row["steps"]
+    traj = row.get("traj") or ""
+    if isinstance(traj, list):
+        traj = "\n".join(m.get("content", "") for m in traj if isinstance(m, dict))
+    return parse_react(str(traj))[1]
+
+
+BREAKDOWN = ("right", "wrong, answer seen", "wrong, never seen", "wrong, yes/no")
+
+
+def error_breakdown(rows: list[dict], metric: str = "") -> dict:
+    """Where the errors come from. -> {tool calls ("0", "1", "2", "3+"): {outcome: episodes}}, outcomes in BREAKDOWN.
+    'Seen' means the normalised gold answer occurs, as whole words, in one of the episode's observations: wrong
+    after seeing it is a reading (or answering) error, wrong without ever seeing it a search error. A yes/no or
+    option gold is never 'seen' in that sense, so such errors have their own column."""
+    table = {}
+    for r in rows:
+        m = metric or (get_task(r["task"]).metric if r.get("task") in TASKS else "qa")
+        steps = result_steps(r)
+        calls = sum(1 for s in steps if s.get("action") and not is_finish(s["action"]))
+        gold = normalize_answer(r["gold"])
+        seen = any(f" {gold} " in f" {normalize_answer(s.get('observation') or '')} " for s in steps if gold)
+        if score_answer(m, r.get("pred"), r["gold"])[0] > 0:
+            outcome = "right"
+        elif m != "qa" or gold in ("yes", "no"):
+            outcome = "wrong, yes/no"
+        else:
+            outcome = "wrong, answer seen" if seen else "wrong, never seen"
+        row = table.setdefault(str(calls) if calls < 3 else "3+", dict.fromkeys(BREAKDOWN, 0))
+        row[outcome] += 1
+    return dict(sorted(table.items()))
+
+
+def print_breakdown(table: dict):
+    total = {k: sum(row[k] for row in table.values()) for k in BREAKDOWN}
+    n = sum(total.values())
+    print(f"  {'tool calls':>10} {'episodes':>8} " + " ".join(f"{k:>18}" for k in BREAKDOWN))
+    for calls, row in [*table.items(), ("all", total)]:
+        print(f"  {calls:>10} {sum(row.values()):>8} " +
+              " ".join(f"{row[k]:>10} ({100 * row[k] / n:4.1f}%)" for k in BREAKDOWN))
 
 
 def overlap_filter(qs, files):

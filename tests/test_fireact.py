@@ -351,6 +351,36 @@ def test_score_our_results_with_summary_denominator(tmp_path, capsys):
     assert r["em"] == 50.0 and r["n"] == 4
 
 
+def test_score_breakdown_of_errors(tmp_path, capsys):
+    """Episodes by tool calls x outcome, from our results (steps) and FireAct's (ReAct text, chat messages)."""
+    obs = lambda o: dict(thought="t", action="search[x]", observation=o)  # noqa: E731
+    done = dict(thought="t", action="finish[a]", observation="Episode finished.")
+    res = {"right": dict(pred="Paris", gt="Paris", task="hotpotqa", steps=[obs("The capital is Paris."), done]),
+           "read": dict(pred="Lyon", gt="Paris", task="hotpotqa", steps=[obs("It is Paris."), obs("no"), done]),
+           # 'Parisian' holds the gold's letters but not the word: never seen
+           "search": dict(pred="Lyon", gt="Paris", task="hotpotqa", steps=[obs("A Parisian cafe."), done]),
+           "yesno": dict(pred="no", gt="yes", task="hotpotqa", steps=[obs("yes"), obs("a"), obs("b"), done]),
+           "fireact_text": dict(pred="Rome", gt="Rome", traj="### Instruction:\nQ?\n\n### Response:\nThought: t\n"
+                                "Action: search[Italy]\nObservation: Its capital is Rome.\nThought: t\n"
+                                "Action: finish[Rome]\nObservation: Episode finished, reward = True"),
+           "fireact_chat": dict(pred="Bern", gt="Zurich", traj=[
+               {"role": "user", "content": "Q?"},
+               {"role": "assistant", "content": "Thought: t\nAction: finish[Bern]"},
+               {"role": "user", "content": "Observation: Episode finished, reward = False"}])}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(res))
+    (r,) = fireact.score(fireact.ScoreConfig(files=[str(path)], breakdown=True))
+    zero = dict.fromkeys(fireact.BREAKDOWN, 0)
+    assert r["breakdown"] == {"0": {**zero, "wrong, never seen": 1},
+                              "1": {**zero, "right": 2, "wrong, never seen": 1},
+                              "2": {**zero, "wrong, answer seen": 1},
+                              "3+": {**zero, "wrong, yes/no": 1}}
+    out = capsys.readouterr().out
+    assert "wrong, never seen" in out and "       all        6 " in out
+    cli = fireact.parse_config(fireact.ScoreConfig, [str(path), "--breakdown"])
+    assert cli.breakdown
+
+
 # ---------------------------------------------------------------------------------------------------- download
 @pytest.fixture
 def loopback_files(tmp_path):
