@@ -1357,6 +1357,9 @@ def score(cfg: ScoreConfig) -> list[dict]:
     """EM/F1 of results files, recomputed from pred and gold; FireAct's denominator rule (see `denominator`).
     A file with failed episodes (server errors) is marked: its EM is not a result."""
     paths = [p for f in cfg.files for p in (sorted(Path(f).glob("*.json*")) if Path(f).is_dir() else [Path(f)])]
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:  # a results file, not the data: read_json's "run download" hint would mislead
+        raise ValueError(f"score: no such file: {' '.join(missing)}")
     results = []
     for path in paths:
         if path.name.endswith(".summary.json"):

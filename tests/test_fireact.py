@@ -379,6 +379,8 @@ def test_score_breakdown_of_errors(tmp_path, capsys):
     assert "wrong, never seen" in out and "       all        6 " in out
     cli = fireact.parse_config(fireact.ScoreConfig, [str(path), "--breakdown"])
     assert cli.breakdown
+    with pytest.raises(ValueError, match="score: no such file: .*nope.json"):
+        fireact.score(fireact.ScoreConfig(files=[str(path), str(tmp_path / "nope.json")]))
 
 
 # ---------------------------------------------------------------------------------------------------- download
