@@ -226,7 +226,8 @@ def hotpotqa_rows() -> list[Row]:
             ("hp_hotpotqa_3ep_drop0", "FireAct's hotpotqa, 3 epochs, LoRA dropout 0", drop0),
             ("hp_hotpotqa_3ep_r64", "FireAct's hotpotqa, 3 epochs, LoRA dropout 0, rank 64",
              [*drop0, "--lora-r", "64", "--lora-alpha", "128"]),
-            ("hp_hotpotqa_3ep_lr1e3", "FireAct's hotpotqa, 3 epochs, LoRA dropout 0, lr 1e-3", [*drop0, "--lr", "1e-3"])):
+            ("hp_hotpotqa_3ep_lr1e3", "FireAct's hotpotqa, 3 epochs, LoRA dropout 0, lr 1e-3",
+             [*drop0, "--lr", "1e-3"])):
         rows.append(Row(name, "hotpotqa", label, [
             train_step(name, [str(FT_DATA / "hotpotqa.json")], *flags, n=1500, hp=True),
             eval_step(f"{name}_tune", "hotpotqa_offline", "tune", "--adapter", f"train/{name}", *HP_EVAL, n=200,

@@ -1396,7 +1396,7 @@ def result_steps(row: dict) -> list[dict]:
     return parse_react(str(traj))[1]
 
 
-BREAKDOWN = ("right", "wrong, answer seen", "wrong, never seen", "wrong, yes/no")
+BREAKDOWN = ("right", "wrong, answer seen", "wrong, never seen", "wrong, yes/no/MC")
 
 
 def error_breakdown(rows: list[dict], metric: str = "") -> dict:
@@ -1414,7 +1414,7 @@ def error_breakdown(rows: list[dict], metric: str = "") -> dict:
         if score_answer(m, r.get("pred"), r["gold"])[0] > 0:
             outcome = "right"
         elif m != "qa" or gold in ("yes", "no"):
-            outcome = "wrong, yes/no"
+            outcome = "wrong, yes/no/MC"
         else:
             outcome = "wrong, answer seen" if seen else "wrong, never seen"
         row = table.setdefault(str(calls) if calls < 3 else "3+", dict.fromkeys(BREAKDOWN, 0))

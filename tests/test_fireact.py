@@ -374,7 +374,7 @@ def test_score_breakdown_of_errors(tmp_path, capsys):
     assert r["breakdown"] == {"0": {**zero, "wrong, never seen": 1},
                               "1": {**zero, "right": 2, "wrong, never seen": 1},
                               "2": {**zero, "wrong, answer seen": 1},
-                              "3+": {**zero, "wrong, yes/no": 1}}
+                              "3+": {**zero, "wrong, yes/no/MC": 1}}
     out = capsys.readouterr().out
     assert "wrong, never seen" in out and "       all        6 " in out
     cli = fireact.parse_config(fireact.ScoreConfig, [str(path), "--breakdown"])
