@@ -219,17 +219,18 @@ def hotpotqa_rows() -> list[Row]:
     # FireAct trained its students for 3 epochs; the grid's recipe is 1 (the CPU default): the step count that the
     # toy's scaling rows say matters most, tried on tune before it is read on report. Then the same with LoRA
     # dropout 0, train.py's default since the toy's dev split chose it (compiled: the same loss, faster); then that
-    # recipe's rank and learning rate, each moved once (README §2b: both lose on tune)
+    # recipe's rank and learning rate, each moved once, and FireAct's multitask file at its epoch count (README §2b)
     drop0 = ["--epochs", "3", "--lora-dropout", "0", "--compile"]
-    for name, label, flags in (
-            ("hp_hotpotqa_3ep", "FireAct's hotpotqa, 3 epochs (FireAct's count)", ["--epochs", "3"]),
-            ("hp_hotpotqa_3ep_drop0", "FireAct's hotpotqa, 3 epochs, LoRA dropout 0", drop0),
-            ("hp_hotpotqa_3ep_r64", "FireAct's hotpotqa, 3 epochs, LoRA dropout 0, rank 64",
+    for name, label, data, flags in (
+            ("hp_hotpotqa_3ep", "FireAct's hotpotqa, 3 epochs (FireAct's count)", "hotpotqa", ["--epochs", "3"]),
+            ("hp_hotpotqa_3ep_drop0", "FireAct's hotpotqa, 3 epochs, LoRA dropout 0", "hotpotqa", drop0),
+            ("hp_hotpotqa_3ep_r64", "FireAct's hotpotqa, 3 epochs, LoRA dropout 0, rank 64", "hotpotqa",
              [*drop0, "--lora-r", "64", "--lora-alpha", "128"]),
-            ("hp_hotpotqa_3ep_lr1e3", "FireAct's hotpotqa, 3 epochs, LoRA dropout 0, lr 1e-3",
-             [*drop0, "--lr", "1e-3"])):
+            ("hp_hotpotqa_3ep_lr1e3", "FireAct's hotpotqa, 3 epochs, LoRA dropout 0, lr 1e-3", "hotpotqa",
+             [*drop0, "--lr", "1e-3"]),
+            ("hp_multitask_3ep", "FireAct's multitask, 3 epochs, LoRA dropout 0", "multitask", drop0)):
         rows.append(Row(name, "hotpotqa", label, [
-            train_step(name, [str(FT_DATA / "hotpotqa.json")], *flags, n=1500, hp=True),
+            train_step(name, [str(FT_DATA / f"{data}.json")], *flags, n=3 * sizes[data], hp=True),
             eval_step(f"{name}_tune", "hotpotqa_offline", "tune", "--adapter", f"train/{name}", *HP_EVAL, n=200,
                       hp=True),
             eval_step(f"{name}_report", "hotpotqa_offline", "report", "--adapter", f"train/{name}", *HP_EVAL,
