@@ -1262,8 +1262,9 @@ class LoRALinear(nn.Linear):
 # both GEMMs a frozen linear does per step (forward, input gradient) can run in int8, as in SwitchBack (Wortsman
 # et al. 2023): activations and output gradients quantized per row (token), the weight per output channel.
 # Per-token scales fail on a few input channels with outliers (the q/k/v and down_proj inputs worst here: the
-# largest channel up to ~2,600x its layer's median on the toy data), so each layer is smoothed first (SmoothQuant, Xiao et al. 2022): x / s and W * s,
-# s = absmax(x)^a / absmax(W)^(1-a) per input channel, absmax(x) calibrated on the first training batches.
+# largest channel up to ~2,600x its layer's median on the toy data), so each layer is smoothed first (SmoothQuant,
+# Xiao et al. 2022): x / s and W * s, s = absmax(x)^a / absmax(W)^(1-a) per input channel, absmax(x) calibrated on
+# the first training batches.
 
 def quantize_rows(x):
     """x [M, K] -> (int8 [M, K], fp32 scale [M, 1]): symmetric, each row's absmax to 127."""
