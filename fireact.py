@@ -923,7 +923,30 @@ def read_results(path: Path) -> list[dict]:
         raise ValueError(f"{path}: expected a JSON object id -> result (FireAct trajs schema)")
     if not d:
         raise ValueError(f"{path}: no results in the file")
-    return [dict(v, id=k, gold=v.get("gt", "")) for k, v in d.items()]
+    rows = []
+    for k, v in d.items():
+        if not (isinstance(v.get("steps"), list) and v.get("question")):  # FireAct's trajs keep only the text
+            question, steps = traj_question_steps(v.get("traj"))
+            v = dict(v, question=v.get("question") or question,
+                     steps=v["steps"] if isinstance(v.get("steps"), list) else steps)
+        rows.append(dict(v, id=k, gold=v.get("gt", "")))
+    return rows
+
+
+def traj_question_steps(traj):
+    """A results file's `traj` -> (question, steps): our ReAct text ("Question: ...\\nThought: ..."), FireAct's
+    alpaca text (its instruction block) or FireAct's chat messages (gpt format)."""
+    if isinstance(traj, list):  # [{"role": "user", "content": question}, assistant turn, "Observation: ...", ...]
+        question = traj[0].get("content", "") if traj and traj[0].get("role") == "user" else ""
+        text = "\n".join(str(m.get("content", "")) for m in traj[1 if question else 0:])
+    else:
+        m = re.match(r".*?### Instruction:\n(.*?)\n\n### Response:\n(.*)", str(traj or ""), re.S)
+        question, text = (m.group(1), m.group(2)) if m else ("", str(traj or ""))
+    preamble, steps = parse_react(text)
+    question = re.sub(r"^Question:\s*", "", "\n".join([question.strip()] + preamble).strip())
+    while steps and not steps[-1]["action"] and not steps[-1]["thought"]:  # "Observation: Episode finished"
+        steps.pop()
+    return question, [dict(thought=s["thought"], action=s["action"] or "", observation=s["observation"]) for s in steps]
 
 
 def summary_path(path: Path) -> Path:
@@ -1385,17 +1408,6 @@ def score(cfg: ScoreConfig) -> list[dict]:
     return results
 
 
-def result_steps(row: dict) -> list[dict]:
-    """A results row's steps: ours keep them; FireAct's trajs hold the text (its Llama runs: the Alpaca prompt, then
-    the ReAct lines) or the chat messages (its GPT-3.5 run)."""
-    if isinstance(row.get("steps"), list):
-        return row["steps"]
-    traj = row.get("traj") or ""
-    if isinstance(traj, list):
-        traj = "\n".join(m.get("content", "") for m in traj if isinstance(m, dict))
-    return parse_react(str(traj))[1]
-
-
 BREAKDOWN = ("right", "wrong, answer seen", "wrong, never seen", "wrong, yes/no/MC")
 
 
@@ -1407,7 +1419,7 @@ def error_breakdown(rows: list[dict], metric: str = "") -> dict:
     table = {}
     for r in rows:
         m = metric or (get_task(r["task"]).metric if r.get("task") in TASKS else "qa")
-        steps = result_steps(r)
+        steps = r["steps"]
         calls = sum(1 for s in steps if s.get("action") and not is_finish(s["action"]))
         gold = normalize_answer(r["gold"])
         seen = any(f" {gold} " in f" {normalize_answer(s.get('observation') or '')} " for s in steps if gold)

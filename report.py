@@ -14,7 +14,6 @@ unreadable. What the files mean (formats, metrics, statuses) stays fireact's: th
 """
 import html
 import json
-import re
 from pathlib import Path
 
 import fireact
@@ -25,22 +24,6 @@ STATUSES = ("correct", "wrong", "unfinished", "failed")
 # ------------------------------------------------------------------------------------------------------- data
 def _flag(v) -> bool:  # FireAct's files write booleans as "True"/"False"
     return v.strip().lower() == "true" if isinstance(v, str) else bool(v)
-
-
-def traj_question_steps(traj):
-    """A results file's `traj` -> (question, steps): our ReAct text ("Question: ...\\nThought: ..."), FireAct's
-    alpaca text (its instruction block) or FireAct's chat messages (gpt format)."""
-    if isinstance(traj, list):  # [{"role": "user", "content": question}, assistant turn, "Observation: ...", ...]
-        question = traj[0].get("content", "") if traj and traj[0].get("role") == "user" else ""
-        text = "\n".join(str(m.get("content", "")) for m in traj[1 if question else 0:])
-    else:
-        m = re.match(r".*?### Instruction:\n(.*?)\n\n### Response:\n(.*)", str(traj or ""), re.S)
-        question, text = (m.group(1), m.group(2)) if m else ("", str(traj or ""))
-    preamble, steps = fireact.parse_react(text)
-    question = re.sub(r"^Question:\s*", "", "\n".join([question.strip()] + preamble).strip())
-    while steps and not steps[-1]["action"] and not steps[-1]["thought"]:  # "Observation: Episode finished"
-        steps.pop()
-    return question, [dict(thought=s["thought"], action=s["action"] or "", observation=s["observation"]) for s in steps]
 
 
 _TYPES = {}
@@ -91,11 +74,7 @@ def load_run(path) -> dict:
     metric = fireact.get_task(task).metric if task in fireact.TASKS else "qa"
     info, rows = question_info(task) if task else {}, []
     for r in raw:
-        if isinstance(r.get("steps"), list) and r.get("question"):
-            question, steps = r["question"], r["steps"]
-        else:
-            question, steps = traj_question_steps(r.get("traj"))
-            steps = r["steps"] if isinstance(r.get("steps"), list) else steps
+        question, steps = r["question"], r["steps"]  # read_results parsed them from FireAct's traj text if needed
         pred = r.get("pred")
         em, f1 = fireact.score_answer(metric, pred, r["gold"])   # recomputed, as `fireact.py score` does
         row = dict(id=str(r["id"]), question=question, gold=str(r["gold"]), pred="" if pred is None else str(pred),
