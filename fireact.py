@@ -54,8 +54,10 @@ def data_dir() -> Path:
 
 def read_json(path):
     path = Path(path)
-    if not path.exists():
-        raise ValueError(f"{path}: missing (run `python fireact.py download`, or set FIREACT_DATA)")
+    if not path.exists():  # the download hint only where download would help: a dataset, not a results file
+        hint = " (run `python fireact.py download`, or set FIREACT_DATA)" if data_dir() in path.absolute().parents \
+            else ""
+        raise ValueError(f"{path}: no such file{hint}")
     try:
         if path.suffix == ".jsonl":
             return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -1380,9 +1382,6 @@ def score(cfg: ScoreConfig) -> list[dict]:
     """EM/F1 of results files, recomputed from pred and gold; FireAct's denominator rule (see `denominator`).
     A file with failed episodes (server errors) is marked: its EM is not a result."""
     paths = [p for f in cfg.files for p in (sorted(Path(f).glob("*.json*")) if Path(f).is_dir() else [Path(f)])]
-    missing = [str(p) for p in paths if not p.exists()]
-    if missing:  # a results file, not the data: read_json's "run download" hint would mislead
-        raise ValueError(f"score: no such file: {' '.join(missing)}")
     results = []
     for path in paths:
         if path.name.endswith(".summary.json"):

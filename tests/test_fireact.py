@@ -379,8 +379,10 @@ def test_score_breakdown_of_errors(tmp_path, capsys):
     assert "wrong, never seen" in out and "       all        6 " in out
     cli = fireact.parse_config(fireact.ScoreConfig, [str(path), "--breakdown"])
     assert cli.breakdown
-    with pytest.raises(ValueError, match="score: no such file: .*nope.json"):
+    with pytest.raises(ValueError, match=r"nope\.json: no such file$"):  # a results file: no download hint
         fireact.score(fireact.ScoreConfig(files=[str(path), str(tmp_path / "nope.json")]))
+    with pytest.raises(ValueError, match=r"nope\.json: no such file \(run `python fireact.py download`"):  # data
+        fireact.read_json(fireact.data_dir() / "hotpotqa" / "nope.json")
 
 
 # ---------------------------------------------------------------------------------------------------- download
