@@ -55,7 +55,7 @@ def data_dir() -> Path:
 def read_json(path):
     path = Path(path)
     if not path.exists():  # the download hint only where download would help: a dataset, not a results file
-        hint = " (run `python fireact.py download`, or set FIREACT_DATA)" if data_dir() in path.absolute().parents \
+        hint = " (run `python fireact.py download`, or set FIREACT_DATA)" if data_dir().absolute() in path.absolute().parents \
             else ""
         raise ValueError(f"{path}: no such file{hint}")
     try:
