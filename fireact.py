@@ -55,8 +55,8 @@ def data_dir() -> Path:
 def read_json(path):
     path = Path(path)
     if not path.exists():  # the download hint only where download would help: a dataset, not a results file
-        hint = " (run `python fireact.py download`, or set FIREACT_DATA)" if data_dir().absolute() in path.absolute().parents \
-            else ""
+        in_data = data_dir().absolute() in path.absolute().parents
+        hint = " (run `python fireact.py download`, or set FIREACT_DATA)" if in_data else ""
         raise ValueError(f"{path}: no such file{hint}")
     try:
         if path.suffix == ".jsonl":
