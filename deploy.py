@@ -39,7 +39,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Literal
 
-import cli
+from common import cli, files
 import fireact
 import model as M
 
@@ -638,7 +638,7 @@ def export(cfg: ExportConfig) -> Path:
         chatml = "<|im_start|>" in (M.read_json(Path(tok.dir) / "tokenizer_config.json").get("chat_template") or "") \
             if (Path(tok.dir) / "tokenizer_config.json").exists() else False
         if template or chatml:
-            cli.atomic_write(out.parent / "Modelfile", modelfile(out.name, tok, template))
+            files.atomic_write(out.parent / "Modelfile", modelfile(out.name, tok, template))
     print(f"{out}: {cfg.format}{' ' + cfg.outtype if cfg.format == 'gguf' else ''}"
           f"{', LoRA merged from ' + cfg.adapter if cfg.adapter else ''}")
     return Path(out)

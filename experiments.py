@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import cli
+from common import cli, files
 import fireact
 
 REPO = Path(__file__).resolve().parent
@@ -317,7 +317,7 @@ def choose(run: Path, what: str):
     record = {kind: best, f"{split}_em": ems}
     if what == "methods":
         shutil.copyfile(run / f"data/mix_{best}.jsonl", run / "data/chosen.jsonl")
-    cli.atomic_write(run / f"{name}.json", json.dumps(record, indent=1))
+    files.atomic_write(run / f"{name}.json", json.dumps(record, indent=1))
     print(f"chosen on {split}: {best} ({', '.join(f'{k} {v:.1f}' for k, v in ems.items())})")
 
 
@@ -483,12 +483,12 @@ def run_grid(cfg: ExpConfig):
                 if os.path.exists("/proc/self/statm") else 0
             print(f"[{time.strftime('%H:%M:%S')}] {s.name} done in {time.time() - t0:.0f} s; runner RSS now "
                   f"{rss / 2**30:.1f} GiB", flush=True)
-            cli.atomic_write(rec, json.dumps({"command": command, "seconds": round(time.time() - t0, 1),
+            files.atomic_write(rec, json.dumps({"command": command, "seconds": round(time.time() - t0, 1),
                                               "host": where, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}))
         if cfg.dry_run or any(s.name in failed for s in r.steps):
             continue
         done = {s.name: json.loads((run / "steps" / f"{s.name}.json").read_text()) for s in r.steps}
-        cli.atomic_write(run / "rows" / f"{r.name}.json", json.dumps(row_summary(r, order[r.name], run, cfg, done), indent=1))
+        files.atomic_write(run / "rows" / f"{r.name}.json", json.dumps(row_summary(r, order[r.name], run, cfg, done), indent=1))
     if not cfg.dry_run:
         md, png = table([str(run)])
         print(f"\n{md.read_text()}\ntable: {md}, chart: {png}")
@@ -550,7 +550,7 @@ def table(dirs, out: str = "") -> tuple[Path, Path]:
     hosts = sorted({r["train_host"] for r in rows if r.get("train_host")})
     lines += ["", "Machines: " + ("; ".join(hosts) or "-") + ". Commands: each row's summary in rows/*.json."]
     md = out / "table.md"
-    cli.atomic_write(md, "\n".join(lines) + "\n")
+    files.atomic_write(md, "\n".join(lines) + "\n")
     return md, chart(rows, out / "table.png")
 
 
@@ -623,7 +623,7 @@ def chart(rows, path: Path) -> Path:
     else:
         b.axis("off")
     fig.tight_layout()
-    cli.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    files.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
     return path
 

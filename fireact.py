@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import cli  # flags, one-line errors, atomic writes, provenance (torch-free)
+from common import cli, files  # flags, one-line errors, atomic writes, provenance (torch-free)
 import tools  # no torch: cheap to import
 
 REPO = Path(__file__).resolve().parent
@@ -399,7 +399,7 @@ def read_records(path):
 
 def write_jsonl(path: Path, records):
     """All records at once, atomically: a reader sees the old file or the new one, never half of one."""
-    cli.atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    files.atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def append_jsonl(f, record: dict):
@@ -533,7 +533,7 @@ class Bamboogle(Task):
             if re.fullmatch(r"\d{1,2}-[A-Z][a-z]{2}-\d{2}", r["answer"]):
                 raise ValueError(f"{src}:{i + 2}: answer {r['answer']!r} looks like a spreadsheet date with no "
                                  f"known correction; add it to Bamboogle.DATES")
-        cli.atomic_write(dest / "bamboogle" / "test.json", json.dumps(rows, indent=1, ensure_ascii=False))
+        files.atomic_write(dest / "bamboogle" / "test.json", json.dumps(rows, indent=1, ensure_ascii=False))
 
 
 class StrategyQA(Task):
@@ -575,7 +575,7 @@ class MMLU(Task):
                 parts = Path(m.name).parts
                 if m.isfile() and len(parts) == 3 and parts[1] in self.TAR_DIRS and parts[2].endswith(".csv") \
                         and parts[2] != "race.csv":  # FireAct dropped RACE (long passages)
-                    cli.atomic_write(dest / "mmlu" / parts[1] / parts[2], tar.extractfile(m).read())
+                    files.atomic_write(dest / "mmlu" / parts[1] / parts[2], tar.extractfile(m).read())
 
 
 class Toy(Task):
@@ -1488,7 +1488,7 @@ def run_eval(cfg: EvalConfig, llm, prompt_fn, label: str, out: Path, tool: str, 
 
 
 def write_json(path: Path, obj):
-    cli.atomic_write(path, json.dumps(obj, indent=1, ensure_ascii=False))
+    files.atomic_write(path, json.dumps(obj, indent=1, ensure_ascii=False))
 
 
 def print_table(summaries: list[dict]):
@@ -1635,7 +1635,7 @@ def view(cfg: ViewConfig) -> Path:
     """Results files -> one self-contained HTML report (report.py)."""
     import report
     runs = [report.load_run(f) for f in cfg.files]
-    cli.atomic_write(cfg.out, report.runs_html(runs, cfg.title))
+    files.atomic_write(cfg.out, report.runs_html(runs, cfg.title))
     print(f"{cfg.out}: {len(runs)} run(s), {sum(len(r['rows']) for r in runs)} results")
     return Path(cfg.out)
 
@@ -1684,7 +1684,7 @@ def export_data(cfg: ExportConfig) -> Path:
     """Trajectory files -> one fine-tuning file in OpenAI's chat format (FireAct's gpt_format), alpaca or ShareGPT."""
     rows = [export_row(r, cfg.format, cfg.final_observation) for f in cfg.files for r in read_records(f)]
     if cfg.format == "alpaca":  # FireAct's alpaca files are one JSON array
-        cli.atomic_write(cfg.out, json.dumps(rows, indent=4, ensure_ascii=False))
+        files.atomic_write(cfg.out, json.dumps(rows, indent=4, ensure_ascii=False))
     else:
         write_jsonl(Path(cfg.out), rows)
     print(f"wrote {len(rows)} {cfg.format} examples -> {cfg.out}")

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import cli  # atomic writes (torch-free, HTTP-free: no import cycle, no HTTP in the Llama file)
+from common import cli, files  # atomic writes (torch-free, HTTP-free: no import cycle, no HTTP in the Llama file)
 
 # ----------------------------------------------------------------------------------------------------------------
 # config
@@ -1366,8 +1366,8 @@ def save_adapter(model, out_dir, base_model: str = "", meta: dict | None = None)
            "revision": prov.get("revision"), "base_model_source": prov.get("base_model_source", prov["base_model_name_or_path"]),
            "base_model_sha256": prov.get("base_model_sha256"), "adapter_model_sha256": sha256_file(tmp_weights),
            "fireact": meta or {}}
-    tmp_card = cli.atomic_write(out_dir / "README.md", model_card(cfg), commit=False)
-    tmp_cfg = cli.atomic_write(out_dir / "adapter_config.json", json.dumps(cfg, indent=2, default=str), commit=False)
+    tmp_card = files.atomic_write(out_dir / "README.md", model_card(cfg), commit=False)
+    tmp_cfg = files.atomic_write(out_dir / "adapter_config.json", json.dumps(cfg, indent=2, default=str), commit=False)
     os.replace(tmp_weights, out_dir / "adapter_model.safetensors")
     os.replace(tmp_card, out_dir / "README.md")
     os.replace(tmp_cfg, out_dir / "adapter_config.json")
@@ -1645,7 +1645,7 @@ def converted_gguf_dir(gguf_path: Path, out: Path, name: str = "", source: str =
     print(f"converting {gguf_path} -> {out} (once)", file=sys.stderr)
     try:
         convert_gguf(gguf_path, tmp)
-        cli.atomic_write(tmp / PROVENANCE, json.dumps({
+        files.atomic_write(tmp / PROVENANCE, json.dumps({
             "base_model_name_or_path": name or str(Path(gguf_path).resolve()),
             "base_model_source": source or f"{Path(gguf_path).name}: GGUF, dequantised",
             "base_model_sha256": {Path(gguf_path).name: sha256_file(gguf_path)}}, indent=2))

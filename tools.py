@@ -44,7 +44,7 @@ import numpy as np
 import requests
 import urllib3
 
-import cli  # atomic writes (torch-free, HTTP-free)
+from common import cli, files  # atomic writes (torch-free, HTTP-free)
 
 log = logging.getLogger("fireact.tools")
 USER_AGENT = "fireact-from-scratch/0.1 (research agent; https://github.com/anchen1011/FireAct) python-requests"
@@ -715,7 +715,7 @@ def finetune(api, train_path, model, validation_path="", epochs=0, suffix="", po
 
     def save(**kw):
         run.update(kw)
-        cli.atomic_write(state_path, json.dumps(state, indent=1))
+        files.atomic_write(state_path, json.dumps(state, indent=1))
 
     if run.get("fine_tuned_model"):
         log(f"already fine-tuned (job {run['job']}, {state_path}): {run['fine_tuned_model']}")

@@ -672,6 +672,6 @@ def detect_method(prompt):
 
 
 if __name__ == "__main__":
-    import cli  # the project's one dataclass -> CLI mechanism: --seed 1 --n-train 100; one-line errors
+    from common import cli  # the project's one dataclass -> CLI mechanism: --seed 1 --n-train 100; one-line errors
     cli.run(lambda: print(json.dumps(generate(cli.parse_config(WorldConfig, sys.argv[1:],
                                                                description=__doc__.split("\n\n")[1])))))

@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-import cli
+from common import cli, files
 from fireact import mask_pieces, read_records, render, show_mask
 from model import (apply_lora, cpu_info, cpu_report, load_model, lora_layers, native_bf16, pick_device, pick_dtype,
                    quantize_frozen, require_compiler, save_adapter, save_checkpoint)
@@ -439,7 +439,7 @@ def evaluate(model, val, cfg, device, pad_id, rank, world, autocast, loss):
 def read_metrics(path, warn=print):
     """metrics.jsonl -> [(line, row)]. A torn last line (a crash in mid-append) is cut off with a warning; a bad
     line before it means the history is damaged: an error naming file:line."""
-    lines = [(i, l) for i, l in enumerate(cli.read_text(path).split("\n"), 1) if l.strip()]
+    lines = [(i, l) for i, l in enumerate(files.read_text(path).split("\n"), 1) if l.strip()]
     rows = []
     for k, (i, line) in enumerate(lines):
         try:
@@ -488,7 +488,7 @@ def saved_config(out):
     if not path.exists():
         return None
     try:
-        saved = json.loads(cli.read_text(path))
+        saved = json.loads(files.read_text(path))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); restore it, or delete it to resume unchecked") \
             from None
@@ -646,18 +646,18 @@ def train(cfg):
         out.mkdir(parents=True, exist_ok=True)
         # resume and stop_after say how this session ran, not what it trains: `--config OUT/config.json` reruns
         # the whole run afresh, `--config OUT/config.json --resume` continues it
-        cli.atomic_write(out / "config.json", json.dumps({**dataclasses.asdict(cfg), "resume": False, "stop_after": 0},
+        files.atomic_write(out / "config.json", json.dumps({**dataclasses.asdict(cfg), "resume": False, "stop_after": 0},
                                                          indent=1))
         runs = []
         if cfg.resume and (out / "run.json").exists():
             try:
-                runs = json.loads(cli.read_text(out / "run.json"))["sessions"]
+                runs = json.loads(files.read_text(out / "run.json"))["sessions"]
             except (ValueError, KeyError, TypeError):
                 warn(f"warning: {out / 'run.json'}: unreadable; its earlier sessions are dropped")
         runs.append({**cli.provenance(), "start_step": step, "steps": total, "device": str(device),
                      "processes": world, "model_parameters": n_params})
-        cli.atomic_write(out / "run.json", json.dumps({"sessions": runs}, indent=1))
-        cli.atomic_write(out / "metrics.jsonl", "".join(line + "\n" for line, r in metrics if r["step"] <= step))
+        files.atomic_write(out / "run.json", json.dumps({"sessions": runs}, indent=1))
+        files.atomic_write(out / "metrics.jsonl", "".join(line + "\n" for line, r in metrics if r["step"] <= step))
 
     def save(final=False):
         """Adapter (PEFT format) + resumable state, flushed to disk before it replaces the old one; periodic
@@ -669,7 +669,7 @@ def train(cfg):
                 "data_tools": data_tools, "config": dataclasses.asdict(cfg), "provenance": cli.provenance()}
         if cfg.full:  # a full checkpoint, with the same record of what made it as an adapter's card
             save_checkpoint(model, tok, out / "model")
-            cli.atomic_write(out / "model" / "fireact.json", json.dumps(meta, indent=1))
+            files.atomic_write(out / "model" / "fireact.json", json.dumps(meta, indent=1))
         else:
             save_adapter(model, out, base_model=cfg.model or "", meta=meta)
             if not final:
@@ -677,7 +677,7 @@ def train(cfg):
         state = {"lora": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
                  "optimizer": opt.state_dict(), "step": step, "rng": torch.get_rng_state(),
                  "py_seed": cfg.seed + step}
-        cli.atomic_write(out / "state.pt", lambda f: torch.save(state, f))
+        files.atomic_write(out / "state.pt", lambda f: torch.save(state, f))
 
     def log_metrics(row):
         if master:
@@ -785,7 +785,7 @@ def main(argv=None):
         if cfg.html:
             import report
             pieces, n, trained = mask_pieces(recs[cfg.show_mask], tok, cfg.train_on, cfg.template)
-            cli.atomic_write(cfg.html, report.mask_html(pieces, f"record {cfg.show_mask}: the loss mask",
+            files.atomic_write(cfg.html, report.mask_html(pieces, f"record {cfg.show_mask}: the loss mask",
                                                         f"{n} tokens, {trained} trained (train_on={cfg.train_on}, "
                                                         f"template={cfg.template})."))
             print(f"{cfg.html}: written")

@@ -20,7 +20,7 @@ from typing import Literal
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import cli  # noqa: E402
+from common import cli  # noqa: E402
 import fireact  # noqa: E402
 import model as M  # noqa: E402
 

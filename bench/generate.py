@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import model as M  # noqa: E402
-import cli  # noqa: E402
+from common import cli  # noqa: E402
 
 
 @dataclass

@@ -27,7 +27,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import cli  # noqa: E402
+from common import cli  # noqa: E402
 import tools  # noqa: E402
 
 

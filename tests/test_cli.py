@@ -1,4 +1,4 @@
-"""Tests for cli.py: flags and help from a dataclass, Literal choices, --config round trip, check() errors, one-line
+"""Tests for common/cli.py and common/files.py: flags and help from a dataclass, Literal choices, --config round trip, check() errors, one-line
 user errors from run(), atomic_write, provenance.
 
     python -m pytest -q tests/test_cli.py
@@ -15,7 +15,7 @@ from typing import Literal
 
 import pytest
 
-import cli
+from common import cli, files
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -124,7 +124,7 @@ def test_config_file_errors_name_file_and_key(tmp_path, capsys, content, err):
 SCRIPT = """
 import sys
 sys.path.insert(0, {repo!r})
-import cli
+from common import cli, files
 def main():
     kind = sys.argv[1]
     if kind == "value":
@@ -134,7 +134,7 @@ def main():
     if kind == "dir":
         open({tmp!r})
     if kind == "utf8":
-        cli.read_text({bad!r})
+        files.read_text({bad!r})
     if kind == "interrupt":
         raise KeyboardInterrupt
     if kind == "bug":
@@ -168,18 +168,18 @@ def test_run_keeps_tracebacks_for_bugs(tmp_path):
 
 def test_atomic_write_bytes_str_and_writer_and_failure_keeps_old(tmp_path):
     p = tmp_path / "sub" / "f.json"
-    cli.atomic_write(p, "héllo")
+    files.atomic_write(p, "héllo")
     assert p.read_text(encoding="utf-8") == "héllo"
-    cli.atomic_write(p, b"\x00\x01")
+    files.atomic_write(p, b"\x00\x01")
     assert p.read_bytes() == b"\x00\x01"
-    cli.atomic_write(p, lambda f: f.write(b"from a writer"))
+    files.atomic_write(p, lambda f: f.write(b"from a writer"))
     assert p.read_bytes() == b"from a writer"
 
     def half(f):
         f.write(b"half of it")
         raise OSError("disk full")
     with pytest.raises(OSError, match="disk full"):
-        cli.atomic_write(p, half)
+        files.atomic_write(p, half)
     assert p.read_bytes() == b"from a writer" and os.listdir(p.parent) == ["f.json"]   # no temporary left
 
 
@@ -198,6 +198,6 @@ def test_provenance_commit_versions_no_host(tmp_path, monkeypatch):
 
 
 def test_cli_imports_neither_torch_nor_http():
-    code = "import sys, cli; print(sorted(m for m in ('torch', 'requests', 'urllib3') if m in sys.modules))"
+    code = "import sys; from common import cli, files; print(sorted(m for m in ('torch', 'requests', 'urllib3') if m in sys.modules))"
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert r.stdout.strip() == "[]", r.stderr

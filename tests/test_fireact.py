@@ -740,7 +740,7 @@ def test_no_turn_of_fireacts_data_is_cut_by_the_token_cap():
 
 
 def test_every_flag_of_every_command_has_help(capsys):
-    import cli
+    from common import cli
     for name, (cls, _, doc) in fireact.COMMANDS.items():
         helps = cli.field_help(cls)
         missing = [f.name for f in dataclasses.fields(cls) if not helps.get(f.name)]

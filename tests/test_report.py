@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-import cli
+from common import cli
 import fireact
 import report
 

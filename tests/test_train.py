@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from conftest import make_tiny_llama, make_tokenizer
 
-import cli
+from common import cli
 import model as M
 import train as T
 from fireact import is_finish

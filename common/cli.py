@@ -1,10 +1,6 @@
 """
 What every command line of the project shares: dataclass config -> flags, --config FILE.json, validation, one-line
-user errors, atomic writes and the provenance a run records.
-
-Why a file of its own: the project's one config->CLI mechanism must not live in the HTTP module (tools.py), and
-model.py (torch) and tools.py (HTTP, no torch) must not import each other; so cli.py is torch-free and HTTP-free
-and imported by every command line.
+user errors and the provenance a run records. Plumbing: torch-free, HTTP-free, imported by every entry point.
 
     @dataclass
     class Config:
@@ -23,18 +19,18 @@ import datetime
 import inspect
 import io
 import json
-import os
 import platform
 import subprocess
 import sys
-import tempfile
 import textwrap
 import tokenize
 import typing
 from pathlib import Path
 
+from common.files import read_text
+
 VERSION = "0.1"
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parent.parent  # the project root
 
 
 def field_help(cls) -> dict:
@@ -187,53 +183,6 @@ def run(main, prog=None):
     except (ValueError, OSError) as e:   # UnicodeDecodeError is a ValueError (read_text names the file)
         print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         sys.exit(1)
-
-
-def not_utf8(path, e: UnicodeDecodeError) -> ValueError:
-    """The error for a file that is not UTF-8, naming it (the bare codec error names no file)."""
-    return ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8")
-
-
-def read_text(path) -> str:
-    """A UTF-8 text file; one that is not UTF-8 is a ValueError naming it (OSErrors name it already)."""
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise not_utf8(path, e) from None
-
-
-def atomic_write(path, data, commit=True) -> Path:
-    """Write bytes, str (UTF-8) or, for big objects, a function that writes to the open binary file (torch.save),
-    so that `path` holds either its old content or the complete new one: a temporary file in the same directory,
-    fsync, os.replace, then fsync of the directory (so the rename itself survives a power cut). -> path.
-    commit=False: stop before the rename and return the complete, fsync'd temporary file, for files that must
-    change together and are renamed by the caller in a chosen order (an adapter's weights, then its config)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if callable(data):
-                data(f)
-            else:
-                f.write(data.encode("utf-8") if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        if not commit:
-            return Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:                      # some filesystems (and Windows) cannot fsync a directory
-        pass
-    return path
 
 
 def _git(*args):
