@@ -19,6 +19,7 @@ import datetime
 import inspect
 import io
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -204,3 +205,11 @@ def provenance() -> dict:
     if "torch" in sys.modules:           # only when already imported: cli.py stays torch-free
         info["torch"] = sys.modules["torch"].__version__
     return info
+
+
+def hand_off(argv, package="extras"):
+    """Run `python -m extras ARGV...` as a new process and exit with its status: the command lines that moved up to
+    the extras (`python model.py serve`, `python fireact.py view`, ...) keep working while nothing below the
+    extras imports them (the import graph stays one way). stdin/stdout/stderr and the working directory carry."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    raise SystemExit(subprocess.call([sys.executable, "-m", package, *argv], env=env))
