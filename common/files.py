@@ -107,6 +107,10 @@ def fsync_dir(path) -> None:
         pass
 
 
+_UMASK = os.umask(0o022)  # read once, at import (os.umask can only be read by setting it: not from threads)
+os.umask(_UMASK)
+
+
 def atomic_write(path, data, commit=True) -> Path:
     """Write bytes, str (UTF-8) or, for big objects, a function that writes to the open binary file (torch.save),
     so that `path` holds either its old content or the complete new one: a temporary file in the same directory,
@@ -117,9 +121,7 @@ def atomic_write(path, data, commit=True) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600: others could not read a saved model or results file
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600: others could not read a saved model or results file
         with os.fdopen(fd, "wb") as f:
             if callable(data):
                 data(f)
