@@ -7,6 +7,7 @@ writes, sha256 and the cache directory. Plumbing: torch-free and HTTP-free, impo
     rows = files.read_jsonl("runs/gen.jsonl", resumable=True) # a torn last line (a crash mid-write) is cut off
     files.atomic_write("out/summary.json", json.dumps(s))      # the old content or the new, never half of it
 """
+import contextlib
 import hashlib
 import json
 import os
@@ -137,6 +138,30 @@ def atomic_write(path, data, commit=True) -> Path:
         raise
     fsync_dir(path.parent)
     return path
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """For writers that take a file NAME (a library's save(path)): yields a temporary path beside `path`; when the
+    block ends without an error, the file is fsync'd and renamed onto `path` (atomic_write's guarantees);
+    on an error it is removed. `with files.atomic_path(out) as tmp: writer.write(tmp)`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
 
 
 def sha256_file(f) -> str:

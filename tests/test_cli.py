@@ -183,6 +183,48 @@ def test_atomic_write_bytes_str_and_writer_and_failure_keeps_old(tmp_path):
     assert p.read_bytes() == b"from a writer" and os.listdir(p.parent) == ["f.json"]   # no temporary left
 
 
+def test_atomic_path_for_writers_that_take_a_name_and_the_files_mode(tmp_path):
+    p = tmp_path / "model.gguf"
+    with files.atomic_path(p) as tmp:
+        assert tmp.parent == tmp_path and tmp != p and not p.exists()
+        tmp.write_bytes(b"complete")
+    assert p.read_bytes() == b"complete" and os.listdir(tmp_path) == ["model.gguf"]
+    assert oct(p.stat().st_mode & 0o777) == oct(0o666 & ~files._UMASK)   # others may read it, as any saved file
+    with pytest.raises(OSError, match="killed"):
+        with files.atomic_path(p) as tmp:
+            tmp.write_bytes(b"half")
+            raise OSError("killed mid-write")
+    assert p.read_bytes() == b"complete" and os.listdir(tmp_path) == ["model.gguf"]   # old kept, no temporary
+    q = files.atomic_write(tmp_path / "q.json", "{}")
+    assert oct(q.stat().st_mode & 0o777) == oct(0o666 & ~files._UMASK)        # not mkstemp's 0600
+
+
+def test_read_json_and_jsonl_name_the_file_and_line(tmp_path):
+    p = tmp_path / "a.json"
+    with pytest.raises(ValueError, match="a.json: no such file; run it"):
+        files.read_json(p, hint="run it")
+    p.write_text("[1]")
+    with pytest.raises(ValueError, match="a.json: expected a JSON object, found list"):
+        files.read_json(p, want=dict)
+    j = tmp_path / "r.jsonl"
+    j.write_text('{"a": 1}\n\n{bad\n')
+    with pytest.raises(ValueError, match="r.jsonl:3: invalid JSON"):
+        files.read_jsonl(j)
+    j.write_text('{"a": 1}\n{"b": 2}\n{"c": ')               # a torn tail: a crash mid-append
+    with pytest.raises(ValueError, match="r.jsonl:3"):
+        files.read_jsonl(j)                                    # a file we did not write: refuse to guess
+    assert files.read_jsonl(j, resumable=True) == [{"a": 1}, {"b": 2}]
+    assert j.read_text() == '{"a": 1}\n{"b": 2}\n'            # the torn line is cut off the file
+    assert files.read_jsonl(tmp_path / "none.jsonl", resumable=True) == []
+
+
+def test_cache_dir_rule(monkeypatch, tmp_path):
+    monkeypatch.setenv("FIREACT_CACHE", str(tmp_path))
+    assert files.cache_dir() == tmp_path
+    monkeypatch.setenv("FIREACT_CACHE", "")                   # empty = unset: never the working directory
+    assert files.cache_dir() == Path.home() / ".cache" / "fireact"
+
+
 def test_provenance_commit_versions_no_host(tmp_path, monkeypatch):
     info = cli.provenance()
     assert {"project_version", "git_commit", "git_dirty", "python", "time"} <= set(info)
