@@ -44,7 +44,7 @@ def read_json(path, want=None, hint: str = ""):
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid UTF-8 JSON ({e}){hint}") from None
+        raise ValueError(f"{path}: not valid JSON ({e}){hint}") from None
     if want is not None and not isinstance(d, want):
         raise ValueError(f"{path}: expected a JSON {'object' if want is dict else want.__name__}, found "
                          f"{type(d).__name__}{hint}")
