@@ -13,8 +13,8 @@ from the 600 training questions (fireact's task "toy", split "train") with:
     python fireact.py filter runs/toy/gen_*.jsonl --out runs/toy/ok.jsonl
     python fireact.py mix runs/toy/ok.jsonl --methods react --per-method react=545 --out data/toy/train.jsonl
 
-Which methods go into the mix was chosen on the dev split (experiments.py, the `methods` rows: three mixes of 545,
-dev EM 76 for ReAct only, 70 with Reflexion, 63 with CoT and Reflexion): at this scale the oracle's Reflexion
+Which methods go into the mix was chosen on the dev split (extras/experiments.py, the `methods` rows: three mixes
+of 545, dev EM 76 for ReAct only, 70 with Reflexion, 63 with CoT and Reflexion): at this scale the oracle's Reflexion
 records teach its stuck single-word searches and its CoT records are lucky guesses (every toy question needs the
 tools), so both lower the student's EM. Reflexion reflects after 2 stuck rounds here (FireAct: 5 and 9, the
 default): toy episodes are short, and 5 rounds of vague searches would teach mostly wasted steps.
@@ -45,6 +45,9 @@ import random
 import re
 import sys
 from pathlib import Path
+
+from common import files
+from tasks import REFLECT_INTRO  # the agent loop opens a Thought with a reflection this way
 
 ROOT = Path(__file__).parent
 DEFAULT_OUT = ROOT / "data" / "toy"
@@ -444,12 +447,6 @@ QUESTION_FILES = {"train": "train_questions.jsonl", "dev": "dev.jsonl", "test": 
 EXTRA_TASKS = {"toy_yesno": ("could_see_film", "band_hometown"), "toy_mc": ("which_occupation", "which_year")}
 
 
-def write_jsonl(path, rows):
-    with open(path, "w", encoding="utf-8", newline="\n") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
 def generate(cfg: WorldConfig) -> dict:
     """Builds the world and writes corpus.jsonl + {train,dev,test}.jsonl into cfg.out, and each extra task's
     questions into cfg.out/<task>/. Returns counts."""
@@ -459,7 +456,7 @@ def generate(cfg: WorldConfig) -> dict:
     for split, n in (("train", cfg.n_train), ("dev", cfg.n_dev), ("test", cfg.n_test)):
         entities[split] = world.build_split(n)
         rows = world.questions(split, n, entities[split])
-        write_jsonl(out / QUESTION_FILES[split], rows)
+        files.write_jsonl(out / QUESTION_FILES[split], rows)
         counts[split] = len(rows)
     # the extra tasks ask about the same split's entities (split by entity as well), with their own random
     # streams, so adding them left the world and the QA task's files exactly as they were
@@ -468,16 +465,11 @@ def generate(cfg: WorldConfig) -> dict:
         for split, n in (("train", cfg.n_task_train), ("dev", cfg.n_task_dev), ("test", cfg.n_task_test)):
             rng = random.Random(f"{cfg.seed}/{task}/{split}")
             rows = world.questions(split, n, entities[split], task, rng)
-            write_jsonl(out / task / QUESTION_FILES[split], rows)
+            files.write_jsonl(out / task / QUESTION_FILES[split], rows)
             counts[f"{task}/{split}"] = len(rows)
-    write_jsonl(out / "corpus.jsonl", [{"title": t, "sentences": world.pages[t]} for t in sorted(world.pages)])
+    files.write_jsonl(out / "corpus.jsonl", [{"title": t, "sentences": world.pages[t]} for t in sorted(world.pages)])
     counts["pages"] = len(world.pages)
     return counts
-
-
-def read_jsonl(path):
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 # ----------------------------------------------------------------------------- the scripted teacher
@@ -552,11 +544,11 @@ class OracleTeacher:
     def __init__(self, model="oracle", data_dir=DEFAULT_OUT, method=None, **_ignored):
         d = Path(data_dir)
         self.method, self.usage = method, {"prompt_tokens": 0, "completion_tokens": 0, "requests": 0, "cached": 0}
-        files = [d / f for f in QUESTION_FILES.values()] + [d / t / f for t in EXTRA_TASKS for f in QUESTION_FILES.values()]
-        self.records = {norm(r["question"]): r for f in files if f.exists() for r in read_jsonl(f)}
+        paths = [d / f for f in QUESTION_FILES.values()] + [d / t / f for t in EXTRA_TASKS for f in QUESTION_FILES.values()]
+        self.records = {norm(r["question"]): r for f in paths if f.exists() for r in files.read_jsonl(f)}
         if not self.records:
             raise ValueError(f"OracleTeacher: no questions in {d}; run `python toyworld.py` first")
-        self.pages = {p["title"]: p["sentences"] for p in read_jsonl(d / "corpus.jsonl")}
+        self.pages = {p["title"]: p["sentences"] for p in files.read_jsonl(d / "corpus.jsonl")}
         self.pools = {}  # template -> answers, for CoT guesses
         for r in self.records.values():
             self.pools.setdefault(r["template"], set()).add(r["answer"])
@@ -592,7 +584,6 @@ class OracleTeacher:
             open_ = bool(steps) and steps[-1]["action"] is None  # the prompt ends inside a Thought
             prefilled = open_ and bool(steps[-1]["thought"])  # the loop prefilled one (a reflection)
             steps = steps[:-1] if open_ else steps
-            from fireact import REFLECT_INTRO  # the agent loop opens a Thought with a reflection this way
             reflected = prefilled or any(REFLECT_INTRO in (s["thought"] or "") for s in steps)
             thought, action = self._next_step(rec, steps, v, sloppy=method == "reflexion" and not reflected)
             k = f" {len(steps) + 1}" if numbered else ""

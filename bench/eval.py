@@ -7,9 +7,10 @@
                                                # eval: LoRA merged into the weights (what eval does) vs kept apart
 
 Both runs use fireact.run_agent with greedy decoding without re-sampling, so they do the same work and must give
-the same episodes. Batched: all live episodes advance together through one model.generate call per step.
+the same episodes. Batched: all live episodes advance together through one generate call per step (the fast
+path's, fast.for_inference, as eval's default).
 Sequential: one episode at a time. Unshared: batched, but each row attends to its own copy of the prompt prefix
-the rows share (the few-shot examples) instead of one copy for all (model.shared_prefix_attention). Unmerged:
+the rows share (the few-shot examples) instead of one copy for all (fast/decode.py's shared prefix). Unmerged:
 batched, with --adapter's LoRA as a term of its own in each projection instead of merged into the weights. Last
 line: `eval speedup vs sequential: X.XXx` (or `vs unshared`, `vs unmerged`).
 """
@@ -20,9 +21,14 @@ from typing import Literal
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch  # noqa: E402
+
 from common import cli  # noqa: E402
+import fast.cpu  # noqa: E402
+import fast.decode  # noqa: E402
 import fireact  # noqa: E402
 import model as M  # noqa: E402
+import tasks  # noqa: E402
 
 
 @dataclass
@@ -40,20 +46,21 @@ class BenchConfig:
 def main(argv=None):
     cfg = cli.parse_config(BenchConfig, argv, description=__doc__.split("\n\n")[0])
     task = cfg.task or ("toy" if (fireact.REPO / "data" / "toy" / "dev.jsonl").exists() else "hotpotqa_offline")
-    qs = fireact.load_questions(task, n=cfg.n)
-    tool = fireact.make_tool(task)
+    qs = tasks.load_questions(task, n=cfg.n)
+    tool = tasks.make_tool(task)
     if cfg.versus == "unmerged" and not cfg.adapter:
         raise SystemExit("--versus unmerged: give --adapter DIR (the LoRA to keep apart)")
     net, tok = M.load_model(cfg.model or None)
+    fast.for_inference(net)                                           # as eval does: the swaps, then the adapter
     if cfg.adapter:
-        M.load_adapter(net, cfg.adapter, merge=True)                  # as eval does
-    t = fireact.get_task(task)
+        M.load_adapter(net, cfg.adapter, merge=True)
+    t = tasks.get_task(task)
     prompt_fn = fireact.student_prompt(tok, cfg.prompt == "zero-shot" or bool(cfg.adapter),
                                        fireact.adapter_training(cfg.adapter).get("template", "react"), t, t.tool)
-    print(M.cpu_report(), flush=True)
+    print(fast.cpu.cpu_report(), flush=True)
 
     def run(batch):
-        llm = fireact.LocalLLM(net, tok, cfg.max_new_tokens)
+        llm = fireact.LocalLLM(net, tok, fast.decode.Generator(), cfg.max_new_tokens)  # a fresh prefix cache a run
         eps = fireact.run_agent(llm, [tool.fork() for _ in batch], batch, prompt_fn, cfg.max_steps, retries=0)
         return eps, llm.usage
 
@@ -70,17 +77,17 @@ def main(argv=None):
         ref = run(qs)[0]
         M.merge_lora(net)
     else:
-        shared_min, M.SHARED_PREFIX_MIN = M.SHARED_PREFIX_MIN, 10**9  # every row attends to its own prefix copy
+        shared_min, fast.decode.SHARED_PREFIX_MIN = fast.decode.SHARED_PREFIX_MIN, 10**9  # each row: its own copy
         try:
             ref = run(qs)[0]
         finally:
-            M.SHARED_PREFIX_MIN = shared_min
+            fast.decode.SHARED_PREFIX_MIN = shared_min
     t_ref = time.time() - t0
     same = sum((a.steps, a.pred) == (b.steps, b.pred) for a, b in zip(batched, ref))
     steps = sum(len(e.steps) for e in batched)
     print(f"task {task}, {'fine-tuned (' + cfg.adapter + ')' if cfg.adapter else cfg.prompt + ' prompt'}: {len(qs)} episodes, {steps} steps, {usage['completion_tokens']} "
           f"generated tokens, max_steps {cfg.max_steps}, max_new_tokens {cfg.max_new_tokens}, "
-          f"{M.torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads")
     print(f"{cfg.versus + ':':11s} {t_ref:8.1f} s  ({len(qs) / t_ref * 60:.1f} episodes/min)")
     print(f"identical episodes: {same}/{len(qs)} (greedy; batched rows may differ by float rounding)")
     print(f"eval speedup vs {cfg.versus}: {t_ref / t_batched:.2f}x")

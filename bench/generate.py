@@ -8,7 +8,7 @@ with random weights. Same prompts, same greedy token count, same process, interl
     python bench/generate.py --compile 1 --memory 0   # ours with its decode steps compiled (compile time apart)
     python bench/generate.py --dtype bfloat16 --memory 0   # ours in bf16 (fast only where the CPU has native bf16)
 
-It prints the CPU, what it has and the path ours takes (model.cpu_report), and two baselines: transformers in
+It prints the CPU, what it has and the path ours takes (fast.cpu.cpu_report), and two baselines: transformers in
 float32 and in bfloat16 (its best setting depends on the CPU: bf16 wins only with native bf16 matmuls). The last
 line reads `generate speedup vs transformers: X.XXx` (batch 8), against the faster of the two baselines.
 """
@@ -19,7 +19,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import fast  # noqa: E402
 import model as M  # noqa: E402
+from fast.cpu import cpu_report  # noqa: E402
 from common import cli  # noqa: E402
 
 
@@ -35,12 +37,12 @@ class BenchConfig:
     memory: int = 1           # measure peak RSS while loading the checkpoint (fresh subprocesses)
     speed: int = 1            # measure generation speed
     hf_bf16: int = 1          # also time transformers in bfloat16 (the second baseline)
-    fast: int = 1             # ours with its CPU fast path (model.fast_kernels); 0 = plain F.linear, as before
-    quant: str = ""           # int4: ours decodes through 4-bit layer weights (model.quantize). The random weights
+    fast: int = 1             # ours with its fast path (fast.for_inference); 0 = model.generate, the plain path
+    quant: str = ""           # int4: ours decodes through 4-bit layer weights (fast.quantize). The random weights
                               # here are not on a 4-bit grid, so its greedy rows may differ: a speed figure only
     dtype: str = "float32"    # ours' weights: float32 (eval's CPU default) or bfloat16 (`eval --dtype bfloat16`:
                               # prepacked for oneDNN where the CPU has native bf16, emulated and slow elsewhere)
-    compile: int = 0          # 1: ours compiles its decode step (Llama.compile_decode: fp32 any batch, weights
+    compile: int = 0          # 1: ours compiles its decode step (fast.decode.CompiledDecode: fp32 any batch, weights
                               # frozen; int4 one row); the compile happens in the warm-up, printed apart, not timed
 
 
@@ -73,7 +75,7 @@ def timed(fns, repeats):
     return best, outs
 
 
-def bench_batch(ours, refs, prompts, c: BenchConfig):
+def bench_batch(ours, generate, refs, prompts, c: BenchConfig):
     """-> (ours' seconds, {baseline name: its seconds}) for one batch of prompts."""
     from transformers import GenerationConfig
     B, L = len(prompts), max(map(len, prompts))
@@ -88,13 +90,13 @@ def bench_batch(ours, refs, prompts, c: BenchConfig):
             return ref.generate(input_ids=ids, attention_mask=mask, generation_config=g)[:, L:].tolist()
 
     def run_ours(n=c.new_tokens):
-        return M.generate(ours, NoEosTokenizer(), prompts, max_new_tokens=n)
+        return generate(ours, NoEosTokenizer(), prompts, max_new_tokens=n)
 
     names = list(refs)
     fns = [run_ours] + [lambda r=refs[k]: run_ref(r) for k in names]
     t = time.perf_counter()
     run_ours(2), [run_ref(r, 2) for r in refs.values()]  # warm-up (allocator, thread pool, weight packing)
-    if ours.compiled is not None:
+    if getattr(generate, "compiled", None) is not None:
         print(f"batch {B}: warm-up, compiling if this shape needs it, took {time.perf_counter() - t:.0f} s (not in "
               "the timed runs)", flush=True)
     times, outs = timed(fns, c.repeats)
@@ -164,18 +166,21 @@ def main(argv=None):
         if not c.speed:
             return
         dtype = M.pick_dtype(c.dtype, "cpu")
-        ours = M.setup_inference(M.load_checkpoint(d, dtype=dtype).fast_kernels(bool(c.fast)), c.quant,
-                                 bool(c.compile))
+        if not c.fast and (c.quant or c.compile):
+            raise SystemExit("--quant and --compile are fast-path options (not with --fast 0)")
+        ours = M.load_checkpoint(d, dtype=dtype)
+        # no prefix cache: each timed run prefills its prompts, as transformers does
+        generate = fast.for_inference(ours, c.quant, bool(c.compile), prefix_cache_mb=0) if c.fast else M.generate
         refs = {"float32": LlamaForCausalLM.from_pretrained(d, dtype=torch.float32).eval()}
         if c.hf_bf16:
             refs["bfloat16"] = LlamaForCausalLM.from_pretrained(d, dtype=torch.bfloat16).eval()
-    print(M.cpu_report(dtype, quant=c.quant, compiled=bool(c.compile)) if c.fast
-          else f"path: {c.dtype}, F.linear (--fast 0)", flush=True)
+    print(cpu_report(dtype, quant=c.quant, compiled=bool(c.compile)) if c.fast
+          else f"path: {c.dtype}, model.generate (--fast 0)", flush=True)
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(c.prompt_min, c.prompt_max + 1, (8,), generator=g).tolist()
     prompts = [torch.randint(3, 49152, (n,), generator=g).tolist() for n in lengths]
-    report(1, *bench_batch(ours, refs, prompts[:1], c))
-    speedup = report(8, *bench_batch(ours, refs, prompts, c))
+    report(1, *bench_batch(ours, generate, refs, prompts[:1], c))
+    speedup = report(8, *bench_batch(ours, generate, refs, prompts, c))
     print(f"generate speedup vs transformers: {speedup:.2f}x")
 
 

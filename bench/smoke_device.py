@@ -1,7 +1,8 @@
 """
 A one-minute check that the whole pipeline runs on a device (the CUDA paths the CPU test suite cannot reach): a
 tiny random Llama is LoRA-trained and fully fine-tuned a few steps there, saved, and evaluated on toy questions
-through the agent loop (fine-tuned and few-shot), with the same commands the experiments grid runs.
+through the agent loop (fine-tuned and few-shot), with the same commands the experiments grid runs; first, the
+plain generate (model.generate) and the fast path's (fast.for_inference) must give the same greedy tokens there.
 
     python bench/smoke_device.py --device cuda
     python bench/smoke_device.py --device cpu
@@ -19,7 +20,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+import fast  # noqa: E402
 import fireact  # noqa: E402
+import model as M  # noqa: E402
 import train  # noqa: E402
 from conftest import make_tiny_llama  # noqa: E402
 
@@ -31,6 +34,11 @@ def main():
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         tiny = make_tiny_llama(d / "tiny", std=0.3)
+        net, tok = M.load_model(str(tiny), dev, M.pick_dtype("float32", dev))
+        prompts = ["Question: What is the capital of France? Thought:", "Hi", "The quick brown fox"]
+        plain = M.generate(net, tok, prompts, max_new_tokens=16)
+        assert fast.for_inference(net)(net, tok, prompts, max_new_tokens=16) == plain, "plain and fast disagree"
+        print(f"generate: plain and fast agree on {dev} (fp32, batch {len(prompts)})", flush=True)
         recipe = ["--epochs", "1", "--batch-size", "4", "--micro-batch", "4", "--max-steps", "3", "--no-progress",
                   "--device", dev, "--model", str(tiny), "--data", str(ROOT / "data/toy/train.jsonl:12")]
         for name, extra in (("lora", []), ("full", ["--full"])):

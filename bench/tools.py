@@ -1,6 +1,7 @@
 """
-Benchmarks for tools.py: LocalWiki and SnippetSearch index build time and search latency over the HotpotQA corpus,
-and the teacher client's reliability against a local server that fails a share of requests transiently.
+Benchmarks for tools.py and common/net.py: LocalWiki and SnippetSearch index build time and search latency over
+the HotpotQA corpus, and the teacher client's reliability against a local server that fails a share of requests
+transiently.
 
     python bench/tools.py                      # both
     python bench/tools.py --what search        # search latency only
@@ -27,7 +28,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from common import cli  # noqa: E402
+from common import cli, net  # noqa: E402
 import tools  # noqa: E402
 
 
@@ -104,7 +105,7 @@ def bench_teacher(cfg, tmp):
                                     seed=cfg.seed)
             ask = lambda p: teacher.chat([{"role": "user", "content": p}])
             sent, t0 = len(srv.log), time.perf_counter()
-            results = list(tools.run_concurrently(ask, prompts, workers=cfg.workers))
+            results = list(net.run_concurrently(ask, prompts, workers=cfg.workers))
             wall = time.perf_counter() - t0
             ok = sum(r == f"echo: {p}" for p, r in results)
             errors = [r for _, r in results if isinstance(r, Exception)]
@@ -121,7 +122,7 @@ def bench_teacher(cfg, tmp):
 
 def main():
     cfg = cli.parse_config(BenchConfig, description=__doc__.split("\n\n")[0])
-    logging.getLogger("fireact.tools").setLevel(logging.ERROR)  # hundreds of expected retry warnings
+    logging.getLogger("fireact.net").setLevel(logging.ERROR)  # hundreds of expected retry warnings
     if cfg.what not in ("all", "search", "teacher"):
         raise SystemExit(f"--what must be all, search or teacher, got {cfg.what!r}")
     with tempfile.TemporaryDirectory() as tmp:

@@ -8,8 +8,11 @@ targets and rank, in the same run. Each side runs in its own fresh subprocess so
     python bench/train.py --dtype float32      # ours with an fp32 base (the default where bf16 is emulated)
     python bench/train.py --dropout 0 --compile 1   # LoRA dropout off on both sides; ours as train.py --compile
     python bench/train.py --compile 1 --quant int8  # ours as train.py --compile --quant int8 (VNNI CPUs)
+    python bench/train.py --plain 1            # ours as train.py --plain: the teaching path (fp32 on CPU, eager)
 
-It prints the CPU, what it has and the path ours takes (model.cpu_report), and two baselines: transformers+PEFT
+Ours is train.py's own step: its loss, and (unless --plain 1) the fast path train.py applies (fast/training.py:
+the precision policy, attention kernel, dropout, int8, compiled loss). It prints the CPU, what it has and the path
+ours takes (fast.cpu.cpu_report), and two baselines: transformers+PEFT
 in float32 and in bfloat16 (transformers' best setting depends on the CPU: bf16 wins only with native bf16
 matmuls). Last line: `train speedup vs transformers+peft: X.XXx` (tokens/s ours / the faster baseline's).
 """
@@ -83,17 +86,19 @@ def worker(args):
     if args.worker == "ours":
         import model as M
         import train as T
-        dtype = M.pick_dtype(args.dtype, "cpu", train=True)             # what train.py picks on this CPU
+        from fast import cpu, training
+        cfg = T.TrainConfig(dtype=args.dtype, quant=args.quant, compile=bool(args.compile), plain=bool(args.plain))
+        dtype = M.pick_dtype(args.dtype, "cpu") if cfg.plain else cpu.best_dtype(args.dtype, "cpu", train=True)
         model = M.load_checkpoint(args.dir, dtype=dtype)
         M.apply_lora(model, tuple(targets), r=args.r, alpha=2 * args.r, dropout=args.dropout)
         autocast = T.mixed_precision(model, dtype, "cpu")
         y = torch.where(mask[:, 1:].bool(), ids[:, 1:], -100)
         y = torch.cat([y, torch.full((args.batch, 1), -100)], 1)       # y[:, t] = target for position t
-        if args.quant:                                                  # as train.py: smoothing from a batch
-            T.calibrate_int8(model, [(ids, y)], autocast)
         n_sup = int((y != -100).sum())
-
-        loss_sum = T.loss_function(model, bool(args.compile))                 # train.py's, compiled under --compile 1
+        loss_sum = T.loss_sum
+        if not cfg.plain:   # train.py's fast path; int8 smoothing from the batch, the loss compiled under --compile 1
+            loss_sum = training.for_training(model, cfg, autocast, [(ids, y)], T.loss_sum, T.head_loss,
+                                             log=lambda *a: None)
 
         def step():
             with autocast:
@@ -149,6 +154,7 @@ def main():
                    help="ours: the frozen base's dtype; empty = train.py's choice (bfloat16 where the CPU has native "
                         "bf16, else float32)")
     p.add_argument("--quant", default="", choices=["", "int8"], help="ours: train.py --quant (int8 frozen matmuls)")
+    p.add_argument("--plain", type=int, default=0, help="ours: train.py --plain (the teaching path, no fast/*)")
     p.add_argument("--worker", choices=["ours", "hf", "hf-bf16"])
     p.add_argument("--dir")
     args = p.parse_args()
@@ -159,10 +165,13 @@ def main():
         torch.manual_seed(0)
         LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).save_pretrained(d)
         import model as M
+        from fast import cpu
         print(f"SmolLM2-135M shape, random weights; batch {args.batch}x{args.seq}, LoRA r={args.r} on "
               f"{args.targets}; {args.steps} timed steps, {args.threads} threads")
-        report = M.cpu_report(M.pick_dtype(args.dtype, "cpu", train=True), quant=args.quant, train=True)
-        print(report.replace("path: ", "training path (ours): "), flush=True)
+        dtype = M.pick_dtype(args.dtype, "cpu") if args.plain else cpu.best_dtype(args.dtype, "cpu", train=True)
+        report = cpu.cpu_report(dtype, quant=args.quant, train=True)
+        print(report.replace("path: ", "training path (ours" + (", --plain" if args.plain else "") + "): "),
+              flush=True)
         res = {}
         for name in ("hf", "hf-bf16", "ours") if args.hf_bf16 else ("hf", "ours"):
             cmd = [sys.executable, __file__, *sys.argv[1:], "--worker", name, "--dir", d]

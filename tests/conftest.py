@@ -14,10 +14,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root
 
 @pytest.fixture(autouse=True)
 def quick_compile(monkeypatch):
-    """compile_decode's frozen graph without max-autotune's GEMM timing (a minute per test saved): what can go
-    wrong is the freezing (weights held as constants), which stays on; max-autotune is speed (bench/generate.py)."""
-    import model
-    monkeypatch.setitem(model.FROZEN_COMPILE, "max_autotune", False)
+    """The compiled decode step's frozen graph (fast.decode.CompiledDecode) without max-autotune's GEMM timing (a
+    minute per test saved): what can go wrong is the freezing (weights held as constants), which stays on;
+    max-autotune is speed (bench/generate.py)."""
+    import fast.decode
+    monkeypatch.setitem(fast.decode.FROZEN_COMPILE, "max_autotune", False)
 
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

@@ -1,22 +1,30 @@
-"""deploy.py: `python model.py serve` talked to with the official `openai` package and our tools.Teacher on a
-loopback port, and `python model.py export` (merged HF, GGUF read back by our reader and by transformers)."""
+"""extras/serve.py and extras/export.py: the server talked to with the official `openai` package and our
+tools.Teacher on a loopback port (in process, and as `python -m extras serve` / `python model.py serve`), and the
+export (merged HF, GGUF read back by our reader and by transformers); the `python -m extras` dispatcher."""
 import json
 import os
+import queue
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import torch
 
-import deploy
+import fast
 import fireact
 import model as M
+import tasks
 import tools
+from common import cli, weights
 from conftest import make_tiny_llama
+from extras import export, serve
+from extras.__main__ import main as extras_main
 
 openai = pytest.importorskip("openai")   # test-only requirement (requirements-test.txt)
 
@@ -33,8 +41,8 @@ def tiny(tmp_path_factory):
     return d
 
 
-def start(cfg, model, tok):
-    httpd, app = deploy.make_server(cfg, model, tok)
+def start(cfg, model, tok, generate=None):
+    httpd, app = serve.make_server(cfg, model, tok, generate)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     return httpd, app, f"http://127.0.0.1:{httpd.server_address[1]}/v1"
 
@@ -42,7 +50,7 @@ def start(cfg, model, tok):
 @pytest.fixture(scope="module")
 def server(tiny):
     model, tok = M.load_model(tiny)
-    httpd, app, url = start(deploy.ServeConfig(port=0, name="tiny", batch_wait_ms=100), model, tok)
+    httpd, app, url = start(serve.ServeConfig(port=0, name="tiny", batch_wait_ms=100), model, tok)
     yield dict(url=url, app=app, model=model, tok=tok, client=openai.OpenAI(base_url=url, api_key="unused"))
     httpd.shutdown()
     httpd.server_close()
@@ -76,7 +84,7 @@ def test_serve_with_a_compiled_decode_step_answers_as_eager(tiny):
     """serve --compile: the compile happens at the first request, in the server's generate thread."""
     model, tok = M.load_model(tiny)
     want = M.generate(model, tok, [PROMPT], 24)[0]
-    httpd, app, url = start(deploy.ServeConfig(port=0, name="tiny"), model.compile_decode(), tok)
+    httpd, app, url = start(serve.ServeConfig(port=0, name="tiny"), model, tok, fast.for_inference(model, compile=True))
     try:
         r = openai.OpenAI(base_url=url, api_key="unused").completions.create(model="tiny", prompt=PROMPT, max_tokens=24,
                                                                                temperature=0)
@@ -143,7 +151,7 @@ def test_errors_in_openai_shape(server, tiny, monkeypatch):
     assert raw("/embeddings", b"{}")[0] == 404
     # --api-key-env: the key is required, a wrong one is a 401
     monkeypatch.setenv("TEST_SERVE_KEY", "s3cret")
-    httpd, _, url = start(deploy.ServeConfig(port=0, name="tiny", api_key_env="TEST_SERVE_KEY"), server["model"],
+    httpd, _, url = start(serve.ServeConfig(port=0, name="tiny", api_key_env="TEST_SERVE_KEY"), server["model"],
                           server["tok"])
     try:
         with pytest.raises(openai.AuthenticationError):
@@ -158,13 +166,13 @@ def test_errors_in_openai_shape(server, tiny, monkeypatch):
 def test_teacher_drop_in_runs_the_student(server, tiny):
     """fireact's agent loop through tools.Teacher against the server (chat format trajectory) takes the very
     steps it takes with the model in process (LocalLLM, the zero-shot student prompt)."""
-    httpd, _, url = start(deploy.ServeConfig(port=0, name="student", chat_format="trajectory"), server["model"],
+    httpd, _, url = start(serve.ServeConfig(port=0, name="student", chat_format="trajectory"), server["model"],
                           server["tok"])
     try:
-        qs = fireact.load_questions("toy", "test", 2)
-        tool = fireact.make_tool("toy")
+        qs = tasks.load_questions("toy", "test", 2)
+        tool = tasks.make_tool("toy")
         remote = fireact.TeacherLLM(tools.Teacher("student", base_url=url, api_key_env=""), max_tokens=20)
-        local = fireact.LocalLLM(server["model"], server["tok"], max_new_tokens=20, prefix_cache_mb=0)
+        local = fireact.LocalLLM(server["model"], server["tok"], generate=M.generate, max_new_tokens=20)
         eps_r = fireact.run_agent(remote, [tool.fork() for _ in qs], qs, fireact.chat_messages, max_steps=2,
                                    retries=0)   # no re-samples: those draw at random
         eps_l = fireact.run_agent(local, [tool.fork() for _ in qs], qs, fireact.zero_shot(server["tok"]), max_steps=2,
@@ -177,10 +185,48 @@ def test_teacher_drop_in_runs_the_student(server, tiny):
         httpd.server_close()
 
 
+def test_dispatcher_lists_the_commands_and_imports_only_the_one_it_runs(capsys):
+    assert extras_main(["--help"]) is None
+    listing = capsys.readouterr().out
+    assert "python -m extras COMMAND" in listing and "\n  serve " in listing and "\n  export " in listing
+    with pytest.raises(SystemExit) as e:
+        extras_main(["no-such-command"])
+    assert e.value.code == 2 and "unknown command 'no-such-command'" in capsys.readouterr().err
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "extras", "serve", "--help"], cwd=cli.REPO,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "--prefix-cache-mb" in r.stdout and "--chat-format" in r.stdout, r.stderr[-2000:]
+    assert "matplotlib" not in r.stderr and "extras.report" not in r.stderr   # serve loads its own module only
+
+
+@pytest.mark.parametrize("command", [["-m", "extras", "serve"], [str(cli.REPO / "model.py"), "serve"]],
+                         ids=["python -m extras serve", "python model.py serve"])
+def test_serve_command_line(command, tiny, server, tmp_path):
+    """The command line, as a process: `python -m extras serve` and the old `python model.py serve` (handed over
+    to the former) serve the model's greedy text on the port they print."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(cli.REPO), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.Popen([sys.executable, *command, "--model", str(tiny), "--port", "0", "--name", "tiny"],
+                            cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    lines = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr] + [lines.put("")], daemon=True).start()
+    try:
+        seen = []
+        while not (seen and seen[-1].startswith("serving ")):
+            seen.append(lines.get(timeout=300))
+            assert seen[-1], "the server exited: " + "".join(seen)
+        url = seen[-1].split(" on ")[1].split()[0]   # serving 'tiny' on http://127.0.0.1:PORT/v1 (...)
+        client = openai.OpenAI(base_url=url, api_key="unused")
+        assert [m.id for m in client.models.list()] == ["tiny"]
+        r = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0)
+        assert r.choices[0].text == greedy(server, PROMPT, 12)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)   # the group: model.py's process and the extras process it started
+        proc.wait(timeout=60)
+
+
 def test_safe_prefix():
-    assert deploy.safe_prefix("abc\nObs", ["\nObservation:"]) == 3
-    assert deploy.safe_prefix("abc\ufffd", []) == 3 and deploy.safe_prefix("abc", ["x"]) == 3
-    assert deploy.safe_prefix("ab<|endoftext|>", ["<|e"]) == 2   # a whole stop inside the last token
+    assert serve.safe_prefix("abc\nObs", ["\nObservation:"]) == 3
+    assert serve.safe_prefix("abc\ufffd", []) == 3 and serve.safe_prefix("abc", ["x"]) == 3
+    assert serve.safe_prefix("ab<|endoftext|>", ["<|e"]) == 2   # a whole stop inside the last token
 
 
 def test_export_hf_and_gguf(tiny, tmp_path):
@@ -193,8 +239,8 @@ def test_export_hf_and_gguf(tiny, tmp_path):
     ids = torch.tensor([tok.encode("Question: What is the capital of France? Thought: I need to search")])
     with torch.no_grad():
         want = model.eval()(ids)
-    assert M.main(["export", "--model", str(tiny), "--adapter", str(tmp_path / "adapter"),
-                   "--out", str(tmp_path / "hf")]) is not None
+    assert extras_main(["export", "--model", str(tiny), "--adapter", str(tmp_path / "adapter"),
+                        "--out", str(tmp_path / "hf")]) is not None
     merged, _ = M.load_model(tmp_path / "hf")
     with torch.no_grad():
         hf_logits = merged(ids)
@@ -203,9 +249,9 @@ def test_export_hf_and_gguf(tiny, tmp_path):
     scale = hf_logits.abs().max()
     for outtype, tol in (("f16", 2e-3), ("q8_0", 0.05)):   # of the largest logit: f16 ~1e-3, q8_0 ~1e-2
         path = tmp_path / outtype / "student.gguf"
-        deploy.export(deploy.ExportConfig(out=str(path), model=str(tiny), adapter=str(tmp_path / "adapter"),
+        export.export(export.ExportConfig(out=str(path), model=str(tiny), adapter=str(tmp_path / "adapter"),
                                           format="gguf", outtype=outtype))
-        ours, tok2 = M.load_model(M.convert_gguf(path, tmp_path / outtype / "back"))   # our GGUF reader
+        ours, tok2 = M.load_model(weights.convert_gguf(path, tmp_path / outtype / "back"))   # our GGUF reader
         hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
         with torch.no_grad():
             a, b = ours(ids), hf(ids).logits
@@ -216,4 +262,7 @@ def test_export_hf_and_gguf(tiny, tmp_path):
         mf = (path.parent / "Modelfile").read_text()
         assert "FROM ./student.gguf" in mf and 'PARAMETER stop "\\nObservation:"' in mf and "Question: " in mf
     with pytest.raises(SystemExit):   # a one-line parser error, before any work
-        M.main(["export", "--out", str(tmp_path / "x.bin"), "--format", "gguf"])
+        M.main(["export", "--out", str(tmp_path / "x.bin"), "--format", "gguf"])   # the old command line (hand_off)
+    with pytest.raises(SystemExit) as e:
+        extras_main(["export", "--out", str(tmp_path / "x.bin"), "--format", "gguf"])
+    assert e.value.code == 2

@@ -69,7 +69,7 @@ def world(tmp_path, monkeypatch):
     (data / "hotpotqa" / "dev_distractor.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     monkeypatch.setenv("FIREACT_DATA", str(data))
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-never-written")
-    monkeypatch.setattr(fireact, "CACHE", tmp_path / "cache")
+    monkeypatch.setenv("FIREACT_CACHE", str(tmp_path / "cache"))   # files.cache_dir(): the teacher cache lives there
     server = ThreadingHTTPServer(("127.0.0.1", 0), CannedOpenAI)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield tmp_path, f"http://127.0.0.1:{server.server_port}/v1"
@@ -137,8 +137,8 @@ def test_pipeline_generate_filter_mix_train_eval(world, tiny_llama, capsys):
         (scored,) = fireact.score(fireact.ScoreConfig(files=[str(runs / f"eval_{label}.json")]))
         assert scored["n"] == 3 and abs(scored["em"] - summary["em"]) < 1e-9
     # the same eval decoding through 4-bit layer weights: said on stderr, recorded in the summary
-    import model as M
-    if M.INT4:
+    from fast import cpu, linear
+    if linear.INT4:
         fireact.main(["eval", "--task", "hotpotqa_offline", "--model", str(tiny_llama), "--adapter", str(lora),
                       "--n", "3", "--max-steps", "2", "--max-new-tokens", "6", "--out", str(runs / "q4.json"),
                       "--quant", "int4"])
@@ -151,20 +151,22 @@ def test_pipeline_generate_filter_mix_train_eval(world, tiny_llama, capsys):
                   "--n", "3", "--max-steps", "2", "--max-new-tokens", "6", "--out", str(runs / "bf16.json"),
                   "--dtype", "bfloat16"])
     err = capsys.readouterr().err
-    assert re.search(r"^cpu: .*path: bf16", err, re.M) and ("EMULATED" in err) != M.native_bf16()
+    assert re.search(r"^cpu: .*path: bf16", err, re.M) and ("EMULATED" in err) != cpu.native_bf16()
     bf = json.loads((runs / "bf16.summary.json").read_text())
     assert bf["n"] == 3 and bf["dtype"] == "bfloat16" and summary["dtype"] == "auto"
     assert summary["adapter_merged"] is True   # fine-tuned evals run W + BA as one weight
 
 
 def test_batched_local_eval_equals_one_at_a_time(world, tiny_llama):
+    import fast
     import model as M
     net, tok = M.load_model(str(tiny_llama))
-    qs = fireact.load_questions("hotpotqa_offline")
-    tool = fireact.make_tool("hotpotqa_offline")
+    import tasks   # the task registry (questions, tools): tasks.py
+    qs = tasks.load_questions("hotpotqa_offline")
+    tool = tasks.make_tool("hotpotqa_offline")
     prompt_fn = fireact.zero_shot(tok)  # (the few-shot path runs in the pipeline test's --compare)
-    def run(batch, mb=0):  # greedy only; mb > 0: K/V kept between turns (LocalLLM's prefix cache)
-        llm = fireact.LocalLLM(net, tok, max_new_tokens=10, prefix_cache_mb=mb)
+    def run(batch, mb=0):  # greedy only; mb > 0: K/V kept between turns (the fast path's prefix cache)
+        llm = fireact.LocalLLM(net, tok, fast.for_inference(net, prefix_cache_mb=mb), max_new_tokens=10)
         return fireact.run_agent(llm, [tool.fork() for _ in batch], batch, prompt_fn, max_steps=2, retries=0), llm
     batched, _ = run(qs)
     single = [run([q])[0][0] for q in qs]
@@ -180,7 +182,7 @@ def test_batched_local_eval_equals_one_at_a_time(world, tiny_llama):
 def test_toy_pipeline_with_the_oracle_teacher(tmp_path, monkeypatch, tiny_llama):
     """The demo's path on a tiny model: oracle generate (ReAct + Reflexion) -> filter -> mix -> train -> eval."""
     import train
-    monkeypatch.setattr(fireact, "CACHE", tmp_path / "cache")
+    monkeypatch.setenv("FIREACT_CACHE", str(tmp_path / "cache"))
     for method in ("react", "reflexion"):
         fireact.main(["generate", "--task", "toy", "--split", "train", "--teacher-model", "oracle", "--n", "6",
                       "--method", method, "--out", str(tmp_path / f"{method}.jsonl"), "--workers", "2"])

@@ -1,4 +1,4 @@
-"""The experiments grid (experiments.py): a real run of toy rows on a tiny model (data -> train -> eval, the dev
+"""The experiments grid (`python -m extras grid`, extras/experiments.py): a real run of toy rows on a tiny model (data -> train -> eval, the dev
 choice, row summaries, table + chart), resumption, a failing step that skips only the rows needing it, and the
 one-line errors.
 
@@ -12,11 +12,16 @@ from pathlib import Path
 
 import pytest
 
-import experiments as X
-import fireact
+import tasks
+from common import files
 from conftest import make_tiny_llama
+from extras import experiments as X
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def write_json(path, obj):  # as eval writes its summary
+    files.atomic_write(path, json.dumps(obj, indent=1))
 
 
 @pytest.fixture
@@ -37,7 +42,7 @@ def test_toy_rows_run_choose_on_dev_resume_and_tabulate(tmp_path, quick, capsys)
     s50 = rows["scaling_50"]
     assert s50["x"] == 50 and s50["evals"]["test"]["n"] == 2 and s50["train_s"] > 0
     assert s50["commands"][-2].startswith("python train.py --data ") and ":50 " in s50["commands"][-2]
-    assert any(c.startswith("python experiments.py --choose methods") for c in s50["commands"])
+    assert any(c.startswith("python -m extras grid --choose methods") for c in s50["commands"])
     assert rows["full"]["commands"][-1].endswith(f"--zero-shot --max-steps 2 --max-new-tokens 8 --device cpu --n 2")
     assert rows["noise_finetuned_none"]["train_s"] is None  # it evaluates the chosen adapter, trains nothing
     assert rows["noise_finetuned_none"]["evals"]["test"]["noise"] == 0.5
@@ -54,7 +59,7 @@ def test_toy_rows_run_choose_on_dev_resume_and_tabulate(tmp_path, quick, capsys)
     capsys.readouterr()
     X.main(args)
     assert ", 0 to run;" in capsys.readouterr().out
-    # `fireact.py table` gathers rows from several run dirs
+    # `python -m extras table` (= `fireact.py table`) gathers rows from several run dirs
     md2, png2 = X.table([str(run), str(run / "rows" / "full.json")], out=str(tmp_path))
     assert md2.read_text().count("full fine-tuning") == 2 and png2.exists()
 
@@ -104,7 +109,7 @@ def test_a_failed_step_skips_the_rows_that_need_it(tmp_path, monkeypatch):
         if argv[:2] == ["fireact.py", "eval"]:
             out = Path(argv[argv.index("--out") + 1])
             out.parent.mkdir(parents=True, exist_ok=True)
-            fireact.write_json(fireact.summary_path(out), dict(
+            write_json(tasks.summary_path(out), dict(
                 task="toy", split="test", n=1, em=100.0, f1=100.0, finish_rate=100.0, mean_steps=2.0, wall_s=1.0,
                 failures=0, tool="local", noise=0.0, noise_mode="none"))
         elif argv[0] == "train.py":
@@ -113,8 +118,8 @@ def test_a_failed_step_skips_the_rows_that_need_it(tmp_path, monkeypatch):
             out = Path(argv[argv.index("--out") + 1])
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text("{}\n")
-        if argv[0] == "experiments.py":
-            X.main(argv[1:])
+        if argv[:3] == X.GRID:
+            X.main(argv[3:])
 
     monkeypatch.setattr(X, "run_step", fake)
     monkeypatch.setattr(X, "trained_on", lambda step, run: 7)
@@ -129,7 +134,7 @@ def test_a_failed_step_skips_the_rows_that_need_it(tmp_path, monkeypatch):
 def test_choose_takes_the_best_dev_em(tmp_path):
     (tmp_path / "evals").mkdir()
     for row, em in (("react", 60.0), ("react_reflexion", 71.0), ("react_cot_reflexion", 71.0)):
-        fireact.write_json(tmp_path / "evals" / f"methods_{row}_dev.summary.json", {"em": em})
+        write_json(tmp_path / "evals" / f"methods_{row}_dev.summary.json", {"em": em})
         (tmp_path / "data").mkdir(exist_ok=True)
         (tmp_path / "data" / f"mix_{row}.jsonl").write_text(row + "\n")
     X.choose(tmp_path, "methods")
@@ -138,9 +143,9 @@ def test_choose_takes_the_best_dev_em(tmp_path):
     assert Path(str((tmp_path / "train/chosen").readlink())) == Path("methods_react_reflexion")
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, str(REPO / "experiments.py"), *args], capture_output=True, text=True,
-                          timeout=120)
+def run_cli(*args):  # `python experiments.py ...` before issue 31
+    return subprocess.run([sys.executable, "-m", "extras", "grid", *args], capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
 
 
 def test_list_and_one_line_errors(tmp_path):
@@ -197,10 +202,18 @@ def test_hp_best_is_chosen_on_tune_before_any_report_eval_runs(tmp_path):
     (tmp_path / "evals").mkdir()
     assert len(X.HP_BEST) == 10
     for r, em in zip(X.HP_BEST, (19.0, 15.0, 19.0, 16.0, 12.0, 21.5, 21.5, 13.0, 21.0, 20.0)):
-        fireact.write_json(tmp_path / "evals" / f"hp_{r}_tune.summary.json", {"em": em})
+        write_json(tmp_path / "evals" / f"hp_{r}_tune.summary.json", {"em": em})
     X.choose(tmp_path, "hp_best")
     record = json.loads((tmp_path / "hp_best.json").read_text())
     assert record["row"] == "hotpotqa_3ep" and record["tune_em"]["mask_all"] == 12.0  # tie: the earlier row
     assert Path(str((tmp_path / "train/hp_best").readlink())) == Path("hp_hotpotqa_3ep")
     with pytest.raises(ValueError, match="--choose best: expected"):
         X.choose(tmp_path, "best")
+
+
+def test_every_flag_has_help():
+    import dataclasses
+    from common import cli
+    for name, (cls, _, doc) in X.COMMANDS.items():
+        helps = cli.field_help(cls)
+        assert doc and not [f.name for f in dataclasses.fields(cls) if not helps.get(f.name)], name

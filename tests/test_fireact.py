@@ -1,4 +1,4 @@
-"""fireact.py: metrics, loaders, the agent loop (invalid actions, re-sampling, step limit, reflexion, batching),
+"""fireact.py (and tasks.py, its tasks and formats): metrics, loaders, the agent loop (invalid actions, re-sampling, step limit, reflexion, batching),
 resumable generation after a crash, scoring FireAct's released runs, download over loopback.
 
     python -m pytest -q tests/test_fireact.py
@@ -18,8 +18,12 @@ from pathlib import Path
 import pytest
 
 import fireact
+import tasks
 import tools
+from common import files
 from conftest import send_json
+from extras import finetune_api as FA  # export-data, finetune-api: extras since issue 31 (`fireact.py` hands off)
+from extras import report
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA.exists(), reason="../shared/data is absent")
@@ -68,50 +72,50 @@ def run(llm, wiki, questions, **kw):
 
 # ------------------------------------------------------------------------------------------------------ metrics
 def test_metrics_edge_cases():
-    n = fireact.normalize_answer
+    n = tasks.normalize_answer
     assert n("The  Beatles!") == "beatles" and n("An apple, a day") == "apple day"
     assert n("théâtre") == "théâtre" and n("Ünïcode’s") == "ünïcode’s"  # SQuAD keeps non-ASCII as is
-    assert fireact.score_answer("qa", "the Mapocho river.", "Mapocho River") == (1.0, 1.0)
-    em, f1 = fireact.score_answer("qa", "Mapocho", "Mapocho River")
+    assert tasks.score_answer("qa", "the Mapocho river.", "Mapocho River") == (1.0, 1.0)
+    em, f1 = tasks.score_answer("qa", "Mapocho", "Mapocho River")
     assert em == 0.0 and abs(f1 - 2 / 3) < 1e-9
-    assert fireact.score_answer("qa", "yes", "no") == (0.0, 0.0)
-    assert fireact.f1_score("no way", "no") == 0.0  # HotpotQA: a yes/no gold needs an exact match for F1
-    assert fireact.score_answer("qa", None, "x") == (0.0, 0.0) and fireact.score_answer("qa", "", "x") == (0.0, 0.0)
-    assert fireact.score_answer("yesno", "Yes, because it floats.", "yes") == (1.0, 1.0)
-    assert fireact.score_answer("yesno", "True", "yes")[0] == 1.0
-    assert fireact.score_answer("yesno", "nope", "no")[0] == 0.0
-    assert fireact.score_answer("yesno", "maybe", "no")[0] == 0.0
+    assert tasks.score_answer("qa", "yes", "no") == (0.0, 0.0)
+    assert tasks.f1_score("no way", "no") == 0.0  # HotpotQA: a yes/no gold needs an exact match for F1
+    assert tasks.score_answer("qa", None, "x") == (0.0, 0.0) and tasks.score_answer("qa", "", "x") == (0.0, 0.0)
+    assert tasks.score_answer("yesno", "Yes, because it floats.", "yes") == (1.0, 1.0)
+    assert tasks.score_answer("yesno", "True", "yes")[0] == 1.0
+    assert tasks.score_answer("yesno", "nope", "no")[0] == 0.0
+    assert tasks.score_answer("yesno", "maybe", "no")[0] == 0.0
     for pred in ("B", "b", "(B)", "B. kitchen", "B) kitchen", "The answer is B."):
-        assert fireact.score_answer("mc", pred, "B")[0] == 1.0, pred
+        assert tasks.score_answer("mc", pred, "B")[0] == 1.0, pred
     for pred in ("Bob", "kitchen", "", "C"):
-        assert fireact.score_answer("mc", pred, "B")[0] == 0.0, pred
+        assert tasks.score_answer("mc", pred, "B")[0] == 0.0, pred
 
 
 @needs_data
 def test_loaders_and_subsets():
-    ids = fireact.fireact_eval_ids()
+    ids = tasks.fireact_eval_ids()
     assert len(ids) == 500 and ids[:3] == [3687, 6238, 5388]
-    hp = fireact.load_questions("hotpotqa")
+    hp = tasks.load_questions("hotpotqa")
     assert [q["id"] for q in hp[:2]] == ["3687", "6238"] and len(hp) == 500
-    assert len(fireact.load_questions("hotpotqa_offline")) == 957
+    assert len(tasks.load_questions("hotpotqa_offline")) == 957
     # the experiments' fixed split of the 957: 200 to tune on, 757 to report; disjoint, seeded, in dev order
-    tune, report = (fireact.load_questions("hotpotqa_offline", s) for s in ("tune", "report"))
+    tune, report = (tasks.load_questions("hotpotqa_offline", s) for s in ("tune", "report"))
     assert len(tune) == 200 and len(report) == 757 and not {q["id"] for q in tune} & {q["id"] for q in report}
     assert [int(q["id"]) for q in tune] == sorted(int(q["id"]) for q in tune)
-    assert tune == fireact.load_questions("hotpotqa_offline", "tune")
-    assert len(fireact.load_questions("bamboogle")) == 125
-    sq = fireact.load_questions("strategyqa")
+    assert tune == tasks.load_questions("hotpotqa_offline", "tune")
+    assert len(tasks.load_questions("bamboogle")) == 125
+    sq = tasks.load_questions("strategyqa")
     assert len(sq) == 229 and {q["answer"] for q in sq} == {"yes", "no"}
-    assert len(fireact.load_questions("mmlu", "train")) == 12126  # the auxiliary train set FireAct generated on
-    mm = fireact.load_questions("mmlu", "dev")
+    assert len(tasks.load_questions("mmlu", "train")) == 12126  # the auxiliary train set FireAct generated on
+    mm = tasks.load_questions("mmlu", "dev")
     assert len(mm) == 285 and "\nD. " in mm[0]["question"] and {q["answer"] for q in mm} <= set("ABCD")
-    assert len(fireact.load_questions("hotpotqa", "dev", n=7)) == 7
+    assert len(tasks.load_questions("hotpotqa", "dev", n=7)) == 7
     with pytest.raises(ValueError, match="unknown task"):
-        fireact.load_questions("nope")
+        tasks.load_questions("nope")
 
 
 def test_prompt_files_cover_every_task_and_method():
-    for task in fireact.TASKS.values():
+    for task in tasks.TASKS.values():
         for method in ("react", "cot", "reflexion"):
             text = fireact.few_shot(method, task.family)("Q?", [])
             assert text.endswith("Question: Q?\n" + ("Reflection:" if method == "reflexion" else ""))
@@ -217,7 +221,7 @@ def test_teacher_resamples_are_distinct_requests(tmp_path):
 def test_reflexion_fireact_rounds_use_no_gold(wiki):
     """Default Reflexion (FireAct's): a wrong finish ends the episode (no gold answer inside a trajectory); an
     episode still unsolved after the `at` rounds gets a reflection, which opens its next Thought."""
-    task = fireact.TASKS["hotpotqa"]
+    task = tasks.TASKS["hotpotqa"]
     prompt_fn, max_steps, reflexion = fireact.method_setup(task, "reflexion", 11, reflect_at=[2, 4])
     assert reflexion.judge is None and reflexion.at == (2, 4)
     qs = [dict(id="0", question="Q", answer="Santiago")]
@@ -229,35 +233,35 @@ def test_reflexion_fireact_rounds_use_no_gold(wiki):
                            else "Action: search[Santiago]", "Thought: found\nAction: finish[Santiago]"]})
     (ep,) = fireact.run_agent(llm, [wiki.fork()], qs, prompt_fn, max_steps, reflexion=reflexion)
     assert ep.reflections == 1 and ep.pred == "Santiago" and len(ep.steps) == 4
-    assert ep.steps[2]["thought"] == f"{fireact.REFLECT_INTRO} I searched vague words. I should search Santiago."
+    assert ep.steps[2]["thought"] == f"{tasks.REFLECT_INTRO} I searched vague words. I should search Santiago."
     assert not any(s["observation"] == "Answer is incorrect." for s in ep.steps)
     assert llm.calls[2]["prompts"][0].endswith("Action: search[capital]\nObservation: " + ep.steps[1]["observation"]
                                                 + "\nReflection:")
     rec = fireact.episode_record(ep, "hotpotqa", "reflexion", "s", "local")
-    assert rec["reflections"] == 1 and [fireact.is_finish(s["action"]) for s in rec["steps"]] == [False] * 3 + [True]
+    assert rec["reflections"] == 1 and [tasks.is_finish(s["action"]) for s in rec["steps"]] == [False] * 3 + [True]
 
 
 def test_reflexion_gold_retry_drops_the_failed_attempt(wiki):
     """Opt-in (--reflect-on wrong): a wrong finish, judged with the gold answer, gets a reflection and a fresh
     attempt; the record keeps the reflection and the successful continuation only, never the wrong finish."""
-    llm = ScriptLLM({"Q": [lambda p: "Action: search[Santiago]" if fireact.REFLECT_INTRO in p else
+    llm = ScriptLLM({"Q": [lambda p: "Action: search[Santiago]" if tasks.REFLECT_INTRO in p else
                            "Thought: guess\nAction: finish[Lima]",
                            lambda p: " I guessed." if p.endswith("Reflection:") else
                            "Thought: yes\nAction: finish[Santiago]"]})
-    task = fireact.TASKS["hotpotqa"]
+    task = tasks.TASKS["hotpotqa"]
     prompt_fn, max_steps, reflexion = fireact.method_setup(task, "reflexion", 11, reflect_on="wrong")
     qs = [dict(id="0", question="Q", answer="Santiago")]
     (ep,) = fireact.run_agent(llm, [wiki.fork()], qs, prompt_fn, max_steps, reflexion=reflexion)
     assert ep.reflections == 1 and ep.pred == "Santiago" and ep.turns == 3
     assert [s["action"] for s in ep.steps] == ["search[Santiago]", "finish[Santiago]"]
-    assert ep.steps[0]["thought"] == f"{fireact.REFLECT_INTRO} I guessed."
+    assert ep.steps[0]["thought"] == f"{tasks.REFLECT_INTRO} I guessed."
     assert llm.calls[1]["prompts"][0].endswith("Action: finish[Lima]\nObservation: Episode finished.\nReflection:")
     assert "finish[Lima]" not in llm.calls[2]["prompts"][0].split("Question: Q")[-1]  # the retry starts afresh
 
 
 def test_cot_is_one_react_step(wiki):
     llm = ScriptLLM({"Q": ["Thought: Holst wrote it.\nAnswer: Gustav Holst\nQuestion: next"]})
-    prompt_fn, max_steps, _ = fireact.method_setup(fireact.TASKS["hotpotqa"], "cot", 11, 5)
+    prompt_fn, max_steps, _ = fireact.method_setup(tasks.TASKS["hotpotqa"], "cot", 11, 5)
     qs = [dict(id="0", question="Q", answer="Gustav Holst")]
     (ep,) = fireact.run_agent(llm, [wiki.fork()], qs, prompt_fn, max_steps)
     assert ep.steps == [dict(thought="Holst wrote it.", action="finish[Gustav Holst]", observation="Episode finished.")]
@@ -282,12 +286,12 @@ class ChatTeacher:
 
 def test_generate_resumes_after_crash(tmp_path, wiki, monkeypatch):
     qs = [dict(id=f"q{i}", question=f"question {i}", answer=f"QUESTION {i}" if i % 2 else "other") for i in range(12)]
-    monkeypatch.setattr(fireact.HotpotQA, "load", lambda self, split: qs)
+    monkeypatch.setattr(tasks.HotpotQA, "load", lambda self, split: qs)
     monkeypatch.setattr(fireact, "make_tool", lambda *a, **k: wiki)
     cfg = fireact.GenerateConfig(task="hotpotqa", out=str(tmp_path / "t.jsonl"), workers=1)
     with pytest.raises(KeyboardInterrupt):  # one worker: the crash comes deterministically at question 6
         fireact.generate(cfg, teacher=ChatTeacher(crash_at=6))
-    written = fireact.read_jsonl_resumable(Path(cfg.out))
+    written = files.read_jsonl(cfg.out, resumable=True)
     assert len(written) == 5
     cfg.workers = 3
     with open(cfg.out, "a") as f:  # the crash also tore the record being written
@@ -303,7 +307,7 @@ def test_generate_resumes_after_crash(tmp_path, wiki, monkeypatch):
 
 def test_task_choices_are_the_tasks():
     import typing
-    assert set(typing.get_args(fireact.TaskName)) == set(fireact.TASKS)
+    assert set(typing.get_args(tasks.TaskName)) == set(tasks.TASKS)
 
 
 def test_generate_with_noisy_tools_records_it_and_refuses_to_mix_settings(tmp_path):
@@ -369,8 +373,8 @@ def test_score_breakdown_of_errors(tmp_path, capsys):
                {"role": "user", "content": "Observation: Episode finished, reward = False"}])}
     path = tmp_path / "r.json"
     path.write_text(json.dumps(res))
-    (r,) = fireact.score(fireact.ScoreConfig(files=[str(path)], breakdown=True))
-    zero = dict.fromkeys(fireact.BREAKDOWN, 0)
+    (r,) = report.breakdown(report.BreakdownConfig(files=[str(path)]))  # score --breakdown: an extra since issue 31
+    zero = dict.fromkeys(report.BREAKDOWN, 0)
     assert r["breakdown"] == {"0": {**zero, "wrong, never seen": 1},
                               "1": {**zero, "right": 2, "wrong, never seen": 1},
                               "2": {**zero, "wrong, answer seen": 1},
@@ -381,8 +385,8 @@ def test_score_breakdown_of_errors(tmp_path, capsys):
     assert cli.breakdown
     with pytest.raises(ValueError, match=r"nope\.json: no such file$"):  # a results file: no download hint
         fireact.score(fireact.ScoreConfig(files=[str(path), str(tmp_path / "nope.json")]))
-    with pytest.raises(ValueError, match=r"nope\.json: no such file \(run `python fireact.py download`"):  # data
-        fireact.read_json(fireact.data_dir() / "hotpotqa" / "nope.json")
+    with pytest.raises(ValueError, match=r"nope\.json: no such file; run `python fireact.py download`"):  # data
+        tasks.read_data(tasks.data_dir() / "hotpotqa" / "nope.json")
 
 
 # ---------------------------------------------------------------------------------------------------- download
@@ -406,7 +410,7 @@ def test_download_conversions_match_shared_data(tmp_path, loopback_files, monkey
     dev set, MMLU's auxiliary training set (without RACE) as the train split."""
     src, base = loopback_files
     clean = json.loads((DATA / "bamboogle" / "test.json").read_text())
-    mangled = {v: k for k, v in fireact.Bamboogle.DATES.items()}
+    mangled = {v: k for k, v in tasks.Bamboogle.DATES.items()}
     with open(src / "bamboogle.csv", "w", newline="") as f:  # FireAct's CSV: 13 answers as spreadsheet dates
         w = csv.writer(f)
         w.writerow(["Question", "Answer"])
@@ -427,36 +431,36 @@ def test_download_conversions_match_shared_data(tmp_path, loopback_files, monkey
                            ("data/auxiliary_train/race.csv", DATA / "mmlu/auxiliary_train/obqa.csv")):
             tar.add(path, arcname=name)
     (src / "data.tar").write_bytes(buf.getvalue())
-    monkeypatch.setattr(fireact.Bamboogle, "sources", {"bamboogle/test.csv": f"{base}/bamboogle.csv"})
-    monkeypatch.setattr(fireact.HotpotQAOffline, "sources", {"hotpotqa/dev.json": f"{base}/dev.json",
+    monkeypatch.setattr(tasks.Bamboogle, "sources", {"bamboogle/test.csv": f"{base}/bamboogle.csv"})
+    monkeypatch.setattr(tasks.HotpotQAOffline, "sources", {"hotpotqa/dev.json": f"{base}/dev.json",
                                                              "hotpotqa/hotpot_dev_distractor_v1.json": f"{base}/distractor.json"})
-    monkeypatch.setattr(fireact.MMLU, "sources", {"mmlu/data.tar": f"{base}/data.tar"})
-    monkeypatch.setattr(fireact.HotpotQA, "sources", {"hotpotqa/dev.json": f"{base}/dev.json"})
-    for t in (fireact.StrategyQA,):
+    monkeypatch.setattr(tasks.MMLU, "sources", {"mmlu/data.tar": f"{base}/data.tar"})
+    monkeypatch.setattr(tasks.HotpotQA, "sources", {"hotpotqa/dev.json": f"{base}/dev.json"})
+    for t in (tasks.StrategyQA,):
         monkeypatch.setattr(t, "sources", {})
-    monkeypatch.setattr(fireact, "FIREACT_FILES", {"missing/x.json": f"{base}/nope.json"})
-    assert all(url.startswith(base) for url in fireact.sources().values())  # nothing leaves this machine
+    monkeypatch.setattr(tasks, "FIREACT_FILES", {"missing/x.json": f"{base}/nope.json"})
+    assert all(url.startswith(base) for url in tasks.sources().values())  # nothing leaves this machine
     dest = tmp_path / "data"
-    fireact.download(fireact.DownloadConfig(dest=str(dest), only=["bamboogle", "hotpotqa", "mmlu"]))
+    tasks.download(tasks.DownloadConfig(dest=str(dest), only=["bamboogle", "hotpotqa", "mmlu"]))
     assert json.loads((dest / "bamboogle" / "test.json").read_text()) == clean
     ours = {r["dev_index"]: r for r in map(json.loads, (dest / "hotpotqa" / "dev_distractor.jsonl").read_text().splitlines())}
     assert len(ours) == 957 and all(ours[r["dev_index"]] == r for r in shared)
     assert not (dest / "mmlu" / "auxiliary_train" / "race.csv").exists()
     monkeypatch.setenv("FIREACT_DATA", str(dest))
-    assert len(fireact.load_questions("hotpotqa_offline")) == 957 and len(fireact.load_questions("bamboogle")) == 125
-    assert len(fireact.load_questions("mmlu", "train")) == 4956 and len(fireact.load_questions("mmlu", "dev")) == 5
+    assert len(tasks.load_questions("hotpotqa_offline")) == 957 and len(tasks.load_questions("bamboogle")) == 125
+    assert len(tasks.load_questions("mmlu", "train")) == 4956 and len(tasks.load_questions("mmlu", "dev")) == 5
     with pytest.raises(Exception, match="404"):
-        fireact.download(fireact.DownloadConfig(dest=str(dest), only=["missing"]))
+        tasks.download(tasks.DownloadConfig(dest=str(dest), only=["missing"]))
     assert not (dest / "missing" / "x.json").exists()
 
 
 @pytest.mark.skipif(not (fireact.REPO / "data" / "toy" / "corpus.jsonl").exists(), reason="data/toy not generated")
 def test_noisy_tool_wiring():
-    tool = fireact.make_tool("toy", noise=1.0).fork()
+    tool = tasks.make_tool("toy", noise=1.0).fork()
     title = json.loads((fireact.REPO / "data" / "toy" / "corpus.jsonl").read_text().splitlines()[0])["title"]
     assert tool.step(f"search[{title}]") == "None"  # p = 1: every observation is replaced
     assert tool.step("finish[x]") == "Episode finished." and tool.done and tool.answer == "x"
-    assert fireact.make_tool("toy").fork().step(f"search[{title}]") != "None"
+    assert tasks.make_tool("toy").fork().step(f"search[{title}]") != "None"
 
 
 # --------------------------------------------------------------------------- the command line, as a user meets it
@@ -486,8 +490,8 @@ class ScriptedOpenAI(http.server.BaseHTTPRequestHandler):
             return " I searched vague words. I should search the exact names."
         q = re.findall(r"^Question: (.*)$", prompt, re.M)[-1]
         tail = prompt.split(f"Question: {q}")[-1]
-        if fireact.REFLECT_INTRO in tail:
-            k = tail.split(fireact.REFLECT_INTRO)[1].count("\nObservation:")
+        if tasks.REFLECT_INTRO in tail:
+            k = tail.split(tasks.REFLECT_INTRO)[1].count("\nObservation:")
             return "Action: search[Santiago]" if k == 0 else "Thought: It is the Mapocho.\nAction: finish[Mapocho River]"
         n = tail.count("\nObservation:")
         if body["model"] == "stuck":
@@ -567,7 +571,7 @@ def test_cli_reflexion_reflects_without_gold_and_recovers(cli_world):
     assert rec["em"] == 1 and rec["reflections"] == 1 and rec["tool"] == "local" and rec["run"]["reflect_at"] == [2]
     assert [s["action"] for s in rec["steps"]] == ["search[desert plateau 0]", "search[desert plateau 1]",
                                                   "search[Santiago]", "finish[Mapocho River]"]
-    assert rec["steps"][2]["thought"].startswith(fireact.REFLECT_INTRO + " I searched vague words")
+    assert rec["steps"][2]["thought"].startswith(tasks.REFLECT_INTRO + " I searched vague words")
     # the gold answer never reached a prompt: no "Answer is incorrect" feedback inside the trajectory
     tails = [m["content"].rsplit("Question: ", 1)[-1] for b in ScriptedOpenAI.requests for m in b["messages"]]
     assert len(tails) == 5 and not any("incorrect" in t or "Mapocho" in t.split("\n")[0] for t in tails)
@@ -728,8 +732,9 @@ def test_no_turn_of_fireacts_data_is_cut_by_the_token_cap():
     """FireAct allowed 1,000 new tokens a turn; 12.5% of its MMLU and 8.1% of its StrategyQA assistant turns are
     longer than 128 tokens. Our cap (eval --max-new-tokens, generate --max-tokens) must cut none of them."""
     M = pytest.importorskip("model")
-    root = M.cache_root() / "SmolLM2-135M-Instruct"
-    if not (root / M.PROVENANCE).exists():  # tests never go online; .ci/run fetches the default model first
+    from common import weights
+    root = files.cache_dir() / "SmolLM2-135M-Instruct"
+    if not (root / weights.PROVENANCE).exists():  # tests never go online; .ci/run fetches the default model first
         pytest.skip("the default model is not here yet: run `python model.py` once")
     tok = M.load_tokenizer(root)
     turns = [m["content"] for line in (DATA / "fireact/finetune/gpt_format/multitask_multimethod.jsonl").read_text().splitlines()
@@ -752,6 +757,7 @@ def test_every_flag_of_every_command_has_help(capsys):
     assert fireact.main(["--help"]) == 0
     out = capsys.readouterr().out
     assert all(c in out for c in fireact.COMMANDS)
+    assert all(c in out for c in fireact.EXTRAS)   # listed too; their flags' help: tests/test_report.py, test_experiments.py
 
 
 def test_alpaca_template_and_the_adapters_own_settings(tmp_path, capsys):
@@ -776,11 +782,11 @@ def test_alpaca_template_and_the_adapters_own_settings(tmp_path, capsys):
     trained.pop("base")
     assert trained == {"template": "alpaca", "data_tools": {"google": 1}}
     cfg = fireact.EvalConfig(task="hotpotqa_offline")
-    assert fireact.pick_tool(cfg, fireact.TASKS["hotpotqa_offline"], trained) == "snippet"
-    assert fireact.pick_tool(cfg, fireact.TASKS["strategyqa"], trained) == "google"
+    assert tasks.pick_tool(cfg, tasks.TASKS["hotpotqa_offline"], trained) == "snippet"
+    assert tasks.pick_tool(cfg, tasks.TASKS["strategyqa"], trained) == "google"
     assert "the adapter's training data came from the google tool" in capsys.readouterr().out
-    assert fireact.pick_tool(fireact.EvalConfig(tool="local"), fireact.TASKS["toy"], trained) == "local"
-    assert fireact.pick_tool(cfg, fireact.TASKS["toy"], {}) == "local"
+    assert tasks.pick_tool(fireact.EvalConfig(tool="local"), tasks.TASKS["toy"], trained) == "local"
+    assert tasks.pick_tool(cfg, tasks.TASKS["toy"], {}) == "local"
 
 
 # ------------------------------------------------------------------ the API student (FireAct's GPT-3.5 fine-tuning)
@@ -798,13 +804,13 @@ EXPORT_RECS = [dict(id="0", task="hotpotqa", method="react", question="Which cou
                                             observation="Episode finished, reward = 1")])]
 
 
-@pytest.mark.parametrize("fmt", fireact.EXPORT_FORMATS)
+@pytest.mark.parametrize("fmt", FA.EXPORT_FORMATS)
 def test_export_round_trip(tmp_path, fmt):
     """Each exported format reads back (read_records, which train.py uses) to the same questions and steps."""
     src = tmp_path / "ours.jsonl"
-    fireact.write_jsonl(src, EXPORT_RECS)
-    out = fireact.export_data(fireact.ExportConfig(files=[str(src)], format=fmt, out=str(tmp_path / f"x.{fmt}")))
-    back = fireact.read_records(out)
+    files.write_jsonl(src, EXPORT_RECS)
+    out = FA.export_data(FA.ExportDataConfig(files=[str(src)], format=fmt, out=str(tmp_path / f"x.{fmt}")))
+    back = tasks.read_records(out)
     assert [(r["question"], r["steps"]) for r in back] == [(r["question"], r["steps"]) for r in EXPORT_RECS]
     text = out.read_text()
     if fmt == "alpaca":  # FireAct's layout: options open the output; CoT rows end without a newline
@@ -822,7 +828,7 @@ def test_export_round_trip(tmp_path, fmt):
         assert turns[-2:] == [("assistant", "Thought: It is Chile.\nAction: finish[Chile]"),
                               ("user", "Observation: Episode finished, reward = True")]
     # --no-final-observation: the conversation ends with the assistant's finish
-    out = fireact.export_data(fireact.ExportConfig(files=[str(src)], format="openai", final_observation=False,
+    out = FA.export_data(FA.ExportDataConfig(files=[str(src)], format="openai", final_observation=False,
                                                    out=str(tmp_path / "noobs.jsonl")))
     assert all(json.loads(l)["messages"][-1]["role"] == "assistant" for l in out.read_text().splitlines())
 
@@ -846,8 +852,8 @@ def test_export_reproduces_fireacts_released_files(name, fmt, exact, same, quirk
     path = DATA / "fireact" / "finetune" / (f"gpt_format/{name}.jsonl" if fmt == "openai" else f"alpaca_format/{name}.json")
     src = [json.loads(l) for l in path.read_text().splitlines()] if fmt == "openai" else json.loads(path.read_text())
     n_exact = n_same = 0
-    for s, r in zip(src, fireact.read_records(path), strict=True):
-        e = fireact.export_row(r, fmt)
+    for s, r in zip(src, tasks.read_records(path), strict=True):
+        e = FA.export_row(r, fmt)
         if fmt == "openai":
             a, b = ([(m["role"], _normalised(m["content"])) for m in x["messages"]] for x in (s, e))
         else:
@@ -988,8 +994,8 @@ def test_cli_finetune_api_errors_are_one_line(ft_world):
     rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "Action: finish[a]"}]}
             for i in range(10)]
     good = tmp / "good.jsonl"
-    fireact.write_jsonl(good, rows)
-    fireact.write_jsonl(tmp / "fail.jsonl", rows[:9] + [{"messages": rows[9]["messages"] + [
+    files.write_jsonl(good, rows)
+    files.write_jsonl(tmp / "fail.jsonl", rows[:9] + [{"messages": rows[9]["messages"] + [
         {"role": "user", "content": "FAIL"}, {"role": "assistant", "content": "Action: finish[b]"}]}])
     r = run("finetune-api", tmp / "fail.jsonl", "--base-url", url, "--poll", "0.01")
     one_line_error(r, 1, "fine-tuning job ftjob-0 failed: Training file has 1 example that is too long. (training_file)")
@@ -1025,21 +1031,24 @@ def test_on_step_streams_each_step_as_it_is_recorded(wiki):
 
 
 def test_load_local_compiles_the_decode_step_only_when_asked(tiny_llama, capsys):
-    net, _ = fireact.load_local(fireact.EvalConfig(model=str(tiny_llama), device="cpu"))
-    assert net.compiled is None
-    net, _ = fireact.load_local(fireact.EvalConfig(model=str(tiny_llama), device="cpu", compile=True))
-    assert net.compiled is not None and "decode steps compiled (torch.compile, weights frozen" in capsys.readouterr().err
+    import model as M
+    _, _, generate = fireact.load_local(fireact.EvalConfig(model=str(tiny_llama), device="cpu"))
+    assert generate.compiled is None   # the fast path's generate (fast.for_inference) holds the compiled step
+    _, _, generate = fireact.load_local(fireact.EvalConfig(model=str(tiny_llama), device="cpu", compile=True))
+    assert generate.compiled is not None and "decode steps compiled (torch.compile, weights frozen" in capsys.readouterr().err
+    _, _, generate = fireact.load_local(fireact.EvalConfig(model=str(tiny_llama), device="cpu", plain=True))
+    assert generate is M.generate   # --plain: the teaching path, model.generate itself
 
 
 def test_ask_prints_the_steps_then_the_answer(monkeypatch, capsys):
     import model as M
-    q = fireact.load_questions("toy", "test", 1)[0]   # "In which town was the director of the film Iron Garden born?"
+    q = tasks.load_questions("toy", "test", 1)[0]   # "In which town was the director of the film Iron Garden born?"
     script = {q["question"]: ["Thought: I search the film.\nAction: search[Iron Garden]",
                               "Thought: Now the director.\nAction: search[Jarek Orrmore]",
                               f"Thought: He was born there.\nAction: finish[{q['answer']}]"],
               "Who made it?": ["Thought: no idea\nAction: finish[nobody]"]}
-    monkeypatch.setattr(M, "load_model", lambda *a, **k: (None, None))   # no model: a scripted LLM answers
-    monkeypatch.setattr(fireact, "LocalLLM", lambda *a, **k: ScriptLLM(script))
+    monkeypatch.setattr(fireact, "load_local", lambda cfg: (None, None, M.generate))   # no model: a scripted LLM
+    monkeypatch.setattr(fireact, "LocalLLM", lambda *a, **k: ScriptLLM(script))          # answers
     asked = ["Who made it?"]
 
     def typed(prompt=""):   # --interactive: one more question, then Ctrl-D
@@ -1058,3 +1067,18 @@ def test_ask_prints_the_steps_then_the_answer(monkeypatch, capsys):
     assert lines[-1] == "Answer: nobody | 1 steps" and "Question: Who made it?" in lines
     fireact.main(["ask", "Who", "made", "it?", "--color", "always"])
     assert "\x1b[1;32mnobody\x1b[0m" in capsys.readouterr().out
+
+
+def test_eval_plain_and_fast_give_the_same_trajectories(tmp_path):
+    """--plain (model.generate, fp32, none of fast/) and the default fast path: the same greedy episodes (on a
+    random model whose argmaxes are decisive: near-ties would be decided by float rounding)."""
+    from conftest import make_tiny_llama
+    tiny_llama = make_tiny_llama(tmp_path / "tiny", std=0.5)
+    outs = {}
+    for label, flags in (("fast", []), ("plain", ["--plain"])):
+        out = tmp_path / f"{label}.json"
+        fireact.main(["eval", "--task", "toy", "--split", "test", "--n", "3", "--model", str(tiny_llama), "--device",
+                      "cpu", "--zero-shot", "--max-steps", "2", "--max-new-tokens", "12", "--out", str(out), *flags])
+        outs[label] = {k: (v["steps"], v["pred"]) for k, v in json.loads(out.read_text()).items()}
+    assert outs["plain"] == outs["fast"] and len(outs["fast"]) == 3
+    assert json.loads((tmp_path / "plain.summary.json").read_text())["config"]["plain"]

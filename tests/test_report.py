@@ -1,4 +1,4 @@
-"""The HTML report (`fireact.py view`, report.py) and the loss-mask page (`train.py --show-mask N --html`), checked
+"""The HTML report (`fireact.py view` = `python -m extras view`, extras/report.py), `score --breakdown`, and the loss-mask page (`train.py --show-mask N --html`), checked
 on the HTML text (no browser)."""
 import html
 import json
@@ -9,7 +9,8 @@ import pytest
 
 from common import cli
 import fireact
-import report
+import tasks
+from extras import report
 
 REPO = Path(__file__).resolve().parent.parent
 TOY_TEST = [json.loads(l) for l in (REPO / "data" / "toy" / "test.jsonl").read_text().splitlines()[:4]]
@@ -22,13 +23,13 @@ def write_run(path, label, preds, finished=(True,) * 4, errors=("",) * 4, summar
         steps = [dict(thought=f"I search {q['question'][:20]}", action="search[X <b>]", observation="X is <i>a town</i>."),
                  dict(thought="Done.", action=f"finish[{pred}]", observation="Episode finished")] if fin else \
             [dict(thought="Hmm", action="lookup[y]", observation="No more results.")]
-        em = fireact.score_answer("qa", pred, q["answer"])[0] > 0
+        em = tasks.score_answer("qa", pred, q["answer"])[0] > 0
         results[q["id"]] = dict(reward=em, em=em, f1=1.0 * em, gt=q["answer"], pred=pred if fin else "",
                                 question=q["question"], traj=fireact.history_text(q["question"], steps), task="toy",
                                 steps=steps, finished=fin, forced=False, error=err)
     path.write_text(json.dumps(results))
     if summary:
-        fireact.summary_path(path).write_text(json.dumps(dict(
+        tasks.summary_path(path).write_text(json.dumps(dict(
             run=label, task="toy", split="test", n=4, em=100 * sum(r["em"] for r in results.values()) / 4, f1=0.0,
             finished=sum(finished), finish_rate=25.0 * sum(finished), mean_steps=1.5, failures=sum(map(bool, errors)),
             errors=[], tool="local", wall_s=12.5, tokens={"prompt_tokens": 1000, "completion_tokens": 234},
@@ -47,7 +48,9 @@ def test_view_two_runs_side_by_side(tmp_path):
                   finished=(True, True, False, True), errors=("", "", "", "server said 500"))
     b = write_run(tmp_path / "eval_fine-tuned.json", "fine-tuned", gold[:3] + ["wrong"])
     out = tmp_path / "report.html"
-    assert fireact.main(["view", str(a), str(b), "--out", str(out)]) == 0
+    with pytest.raises(SystemExit) as e:   # an extra: fireact.py hands it to `python -m extras view` (a process)
+        fireact.main(["view", str(a), str(b), "--out", str(out)])
+    assert e.value.code == 0
     page = out.read_text()
     # self-contained: no network fetches of any kind
     assert not re.search(r'(src|href)=["\']?(https?:)?//', page) and "@import" not in page
@@ -79,18 +82,18 @@ def test_view_two_runs_side_by_side(tmp_path):
         assert needle in page
 
 
-def test_view_without_summary_and_errors(tmp_path, capsys):
+def test_view_without_summary_and_errors(tmp_path, capfd):
     a = write_run(tmp_path / "r.json", "x", [q["answer"] for q in TOY_TEST], summary=False)
     page = report.runs_html([report.load_run(a)])
     assert re.search(r'<table id="summary"><tr>.*?</tr><tr><td>r</td><td>4</td><td>100.0</td>', page)
     assert 'id="run"' not in page   # one run: no run picker
     with pytest.raises(SystemExit):   # one line, no traceback, nothing written
-        cli.run(lambda: fireact.main(["view", str(fireact.summary_path(a)), "--out", str(tmp_path / "o.html")]))
-    assert "a summary; pass the results file" in capsys.readouterr().err
+        cli.run(lambda: fireact.main(["view", str(tasks.summary_path(a)), "--out", str(tmp_path / "o.html")]))
+    assert "a summary; pass the results file" in capfd.readouterr().err   # the extras process's stderr
     assert not (tmp_path / "o.html").exists()
 
 
-FIREACT_7B = next(iter(sorted((fireact.data_dir() / "fireact" / "trajs").glob("*llama-2-7b*.json"))), None)
+FIREACT_7B = next(iter(sorted((tasks.data_dir() / "fireact" / "trajs").glob("*llama-2-7b*.json"))), None)
 
 
 @pytest.mark.skipif(FIREACT_7B is None, reason="FireAct's trajs files are not in the data dir")
@@ -112,10 +115,27 @@ def test_show_mask_html(tmp_path, tiny_llama, capsys):
     train.main(["--data", str(REPO / "data" / "toy" / "train.jsonl"), "--show-mask", "2", "--html", str(out),
                 "--model", str(tiny_llama)])
     page = out.read_text()
-    rec = fireact.read_records(REPO / "data" / "toy" / "train.jsonl")[2]
+    rec = tasks.read_records(REPO / "data" / "toy" / "train.jsonl")[2]
     pieces, n, trained = fireact.mask_pieces(rec, M.load_tokenizer(tiny_llama))
     spans = re.findall(r'<span class="(t|m)">(.*?)</span>', page[page.index('id="mask"'):], re.S)
     assert [(html.unescape(t), c == "t") for c, t in spans] == [(t, bool(m)) for t, m in pieces]
     assert any(c == "t" and "Action: search[" in t for c, t in spans)          # actions trained
     assert any(c == "m" and t.startswith("Observation:") for c, t in spans)    # observations masked
     assert f"{n} tokens, {trained} trained" in page
+
+
+def test_score_breakdown_hands_off_and_every_flag_has_help(tmp_path):
+    """`python fireact.py score --breakdown` (an extra since issue 31) runs `python -m extras breakdown`; the extras'
+    flags have --help as fireact.py's do."""
+    import dataclasses
+    import subprocess
+    import sys
+    res = {"1": dict(pred="Paris", gt="Paris", task="hotpotqa", steps=[dict(thought="t", action="finish[Paris]",
+                                                                            observation="Episode finished.")])}
+    (tmp_path / "r.json").write_text(json.dumps(res))
+    r = subprocess.run([sys.executable, str(REPO / "fireact.py"), "score", str(tmp_path / "r.json"), "--breakdown"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "EM 100.0" in r.stdout and "tool calls" in r.stdout, r.stderr
+    for name, (cls, _, doc) in report.COMMANDS.items():
+        helps = cli.field_help(cls)
+        assert doc and not [f.name for f in dataclasses.fields(cls) if not helps.get(f.name)], name

@@ -1,7 +1,7 @@
-"""Tests for tools.py against real HTTP servers on 127.0.0.1 (an OpenAI-style API and a MediaWiki API) with
-injected faults. Run: python -m pytest -q tests/test_tools.py
+"""Tests for tools.py and its HTTP client common/net.py against real HTTP servers on 127.0.0.1 (an OpenAI-style API
+and a MediaWiki API) with injected faults. Run: python -m pytest -q tests/test_tools.py
 
-The servers (`serve`, `openai_app`, `mediawiki_app`) are reused by bench/tools.py."""
+The servers (`serve`, `openai_app`, `mediawiki_app`) are reused by bench/tools.py and tests/test_finetune_api.py."""
 import concurrent.futures
 import json
 import logging
@@ -25,7 +25,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import tools  # noqa: E402
-from tools import APIError, Cache, LocalWiki, NoisyTool, Teacher, Wikipedia, parse_action  # noqa: E402
+from common import net  # noqa: E402
+from common.net import APIError, Cache  # noqa: E402
+from tools import LocalWiki, NoisyTool, Teacher, Wikipedia, parse_action  # noqa: E402
 
 HOTPOT = ROOT.parent / "shared" / "data" / "hotpotqa" / "dev_distractor.jsonl"
 KEY = "sk-test-DO-NOT-LEAK-93f1c2"
@@ -213,7 +215,7 @@ def test_build_corpus_jsonl_and_errors(tmp_path, corpus):
     jsonl.write_text(json.dumps({"context": [["A", ["a."]]]}) + "\n\n" + json.dumps({"context": [["B", ["b."]]]}))
     assert tools.build_corpus(jsonl, tmp_path / "c2.jsonl") == 2
     jsonl.write_text('{"context": []}\n{oops\n')
-    with pytest.raises(ValueError, match=r"h.jsonl:2: bad JSON"):
+    with pytest.raises(ValueError, match=r"h.jsonl:2: invalid JSON"):
         tools.build_corpus(jsonl, tmp_path / "c3.jsonl")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"title": "A", "sentences": ["a"]}\n{"title": "B"}\n')
@@ -717,12 +719,13 @@ def test_key_in_no_log_line_and_no_file(tmp_path, caplog):
 # Cache integrity: concurrent writers (threads, processes) and crashes
 
 WRITER = """
-import sys, tools
-cache, wid = tools.Cache(sys.argv[1]), int(sys.argv[2])
+import sys
+from common import net
+cache, wid = net.Cache(sys.argv[1]), int(sys.argv[2])
 for i in range(60):
     k = (i * 7 + wid) % 30  # writers overlap on the same keys; a key's value depends only on the key
-    cache.put(tools.cache_key({"k": k}), {"k": k, "pad": str(k) * 20000})
-    got = cache.get(tools.cache_key({"k": (k + 1) % 30}))
+    cache.put(net.cache_key({"k": k}), {"k": k, "pad": str(k) * 20000})
+    got = cache.get(net.cache_key({"k": (k + 1) % 30}))
     assert got is None or got == {"k": (k + 1) % 30, "pad": str((k + 1) % 30) * 20000}, "torn read"
 """
 
@@ -733,7 +736,7 @@ def _check_cache(root, keys):
     assert len(entries) == len(set(e.name for e in entries)) == len(cache)  # one file per key: no duplicates
     for e in entries:
         json.loads(e.read_text())  # no torn entry
-    return {k: cache.get(tools.cache_key({"k": k})) for k in keys}
+    return {k: cache.get(net.cache_key({"k": k})) for k in keys}
 
 
 def test_cache_concurrent_threads(tmp_path):
@@ -743,8 +746,8 @@ def test_cache_concurrent_threads(tmp_path):
     def work(wid):
         for i in range(40):
             k = (i + wid) % 10
-            cache.put(tools.cache_key({"k": k}), {"k": k, "pad": "x" * 50000})
-            got = cache.get(tools.cache_key({"k": (k + 3) % 10}))
+            cache.put(net.cache_key({"k": k}), {"k": k, "pad": "x" * 50000})
+            got = cache.get(net.cache_key({"k": (k + 3) % 10}))
             if got is not None and got["k"] != (k + 3) % 10 or got is not None and len(got["pad"]) != 50000:
                 errors.append(got)
 
@@ -776,20 +779,20 @@ def test_cache_concurrent_processes_and_sigkill(tmp_path):
 
 
 def test_cache_crash_between_write_and_rename(tmp_path):
-    crash = ("import os, sys, tools\nos.replace = lambda a, b: os._exit(9)\n"
-             "tools.Cache(sys.argv[1]).put(tools.cache_key({'k': 1}), {'k': 1})")
+    crash = ("import os, sys\nfrom common import net\nos.replace = lambda a, b: os._exit(9)\n"
+             "net.Cache(sys.argv[1]).put(net.cache_key({'k': 1}), {'k': 1})")
     assert subprocess.run([sys.executable, "-c", crash, str(tmp_path)], cwd=ROOT).returncode == 9
     assert len(list(tmp_path.rglob("*.tmp"))) == 1  # the crash left a temp file ...
     cache = Cache(tmp_path)
-    assert len(cache) == 0 and cache.get(tools.cache_key({"k": 1})) is None  # ... which is never read
-    cache.put(tools.cache_key({"k": 1}), {"k": 1})
-    assert cache.get(tools.cache_key({"k": 1})) == {"k": 1}
+    assert len(cache) == 0 and cache.get(net.cache_key({"k": 1})) is None  # ... which is never read
+    cache.put(net.cache_key({"k": 1}), {"k": 1})
+    assert cache.get(net.cache_key({"k": 1})) == {"k": 1}
     for tmp in tmp_path.rglob("*.tmp"):  # stale temp files are swept by the next Cache()
         os.utime(tmp, (time.time() - 7200,) * 2)
     Cache(tmp_path)
     assert not list(tmp_path.rglob("*.tmp"))
     (next(tmp_path.rglob("*.json"))).write_text('{"request": 1, "respo')  # a foreign torn file is a miss
-    assert cache.get(tools.cache_key({"k": 1})) is None
+    assert cache.get(net.cache_key({"k": 1})) is None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -810,10 +813,10 @@ def test_run_concurrently_bounds_and_errors():
             raise ValueError(f"bad {x}")
         return x * x
 
-    out = dict(tools.run_concurrently(fn, iter(range(50)), workers=4))
+    out = dict(net.run_concurrently(fn, iter(range(50)), workers=4))
     assert sorted(out) == list(range(50)) and peak[0] <= 4
     assert all(isinstance(out[x], ValueError) if x % 7 == 0 else out[x] == x * x for x in out)
-    gen = tools.run_concurrently(fn, range(10 ** 9), workers=2)  # lazy: an endless input is fine
+    gen = net.run_concurrently(fn, range(10 ** 9), workers=2)  # lazy: an endless input is fine
     assert len([next(gen) for _ in range(5)]) == 5
     gen.close()
 
@@ -822,14 +825,14 @@ def test_run_concurrently_yields_calls_that_ended_together_in_submission_order(m
     """Calls that ended together come out in input order, so a consumer that stops at a failure (generate on
     Ctrl-C) has handled every earlier call, on every run. `wait` returns a set, whose order is arbitrary: here it
     reports every finished call, newest first."""
-    real_wait = tools.wait
+    real_wait = net.wait
 
     def wait_all_newest_first(fs, return_when):
         done, _ = real_wait(fs, return_when=concurrent.futures.ALL_COMPLETED)
         return sorted(done, key=list(fs).index, reverse=True), set()
 
-    monkeypatch.setattr(tools, "wait", wait_all_newest_first)
-    seen = [x for x, _ in tools.run_concurrently(lambda x: x, range(30), workers=3)]
+    monkeypatch.setattr(net, "wait", wait_all_newest_first)
+    seen = [x for x, _ in net.run_concurrently(lambda x: x, range(30), workers=3)]
     assert seen == list(range(30))
 
 
@@ -841,7 +844,7 @@ def test_rate_limiter_spacing():
         sleeps.append(s)
         now[0] += s
 
-    lim = tools.RateLimiter(120, sleep=sleep, clock=clock)  # one start per 0.5 s
+    lim = net.RateLimiter(120, sleep=sleep, clock=clock)  # one start per 0.5 s
     for _ in range(4):
         lim.wait()
     assert sleeps == [0.5, 0.5, 0.5]
@@ -849,7 +852,7 @@ def test_rate_limiter_spacing():
     lim.wait()
     assert sleeps == [0.5, 0.5, 0.5]
     t0 = time.monotonic()
-    list(tools.run_concurrently(lambda x: x, range(4), workers=4, rpm=1200))  # real clock: 3 gaps of 50 ms
+    list(net.run_concurrently(lambda x: x, range(4), workers=4, rpm=1200))  # real clock: 3 gaps of 50 ms
     assert time.monotonic() - t0 >= 0.14
 
 
@@ -859,7 +862,7 @@ def test_flaky_server_under_load(tmp_path):
     with serve(openai_app, fail_rate=0.3, seed=1) as srv:
         t = make_teacher(srv, cache_dir=tmp_path / "c", max_retries=10, backoff=0.01)
         ask = lambda p: t.chat([{"role": "user", "content": p}])
-        out = list(tools.run_concurrently(ask, prompts, workers=8))
+        out = list(net.run_concurrently(ask, prompts, workers=8))
         assert len(out) == 100 and all(r == f"echo: {p}" for p, r in out)
         assert t.usage["retries"] > 10 and t.usage["failures"] == 0
         _check_cache(tmp_path / "c", [])
@@ -867,7 +870,7 @@ def test_flaky_server_under_load(tmp_path):
         n = len(srv.log)
         t2 = make_teacher(srv, cache_dir=tmp_path / "c")  # a rerun: everything from the cache, nothing sent
         ask2 = lambda p: t2.chat([{"role": "user", "content": p}])
-        assert all(r == f"echo: {p}" for p, r in tools.run_concurrently(ask2, prompts, workers=8))
+        assert all(r == f"echo: {p}" for p, r in net.run_concurrently(ask2, prompts, workers=8))
         assert len(srv.log) == n
         assert t2.usage["cached"] == 100 and t2.usage["requests"] == 0
 
@@ -913,7 +916,7 @@ def test_wikipedia_disk_cache_and_maxlag(tmp_path):
         assert len(srv.log) == 2 and len(waits) == 1  # maxlag is transient
         again = Wikipedia(endpoint=srv.url + "/w/api.php", cache_dir=tmp_path / "wc")  # a rerun: from disk
         assert again.fork().step("search[Seine]").startswith("The Seine is a river") and len(srv.log) == 2
-        assert tools.USER_AGENT in srv.log[0]["headers"]["User-Agent"]
+        assert net.USER_AGENT in srv.log[0]["headers"]["User-Agent"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -974,152 +977,3 @@ def test_noisy_tool_rate_seed_and_modes(corpus):
         NoisyTool(base, 0.5, mode="typo")
     with pytest.raises(ValueError, match="p must be"):
         NoisyTool(base, 1.5)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Fine-tuning through the API: the local file check, the estimate, the files/jobs client and its resumable state
-
-
-def chat_rows(n, **extra):
-    return [{"messages": [{"role": "user", "content": f"question {i}"},
-                          {"role": "assistant", "content": "Thought: t\nAction: finish[a]"}], **extra} for i in range(n)]
-
-
-def write_rows(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-@pytest.mark.parametrize("edit,error", [
-    (lambda rows: rows.__setitem__(3, "{oops"), "f.jsonl:4: invalid JSON"),
-    (lambda rows: rows[1]["messages"][1].update(role="tool"), "f.jsonl:2: messages[1]: role 'tool' is not one of"),
-    (lambda rows: rows[0]["messages"][0].pop("content"), "f.jsonl:1: messages[0]: 'content' must be a string"),
-    (lambda rows: rows[0]["messages"][0].update(extra=1), "f.jsonl:1: messages[0]: unknown key 'extra'"),
-    (lambda rows: rows[4]["messages"].append({"role": "system", "content": "s"}), "f.jsonl:5: messages[2]: a system message must come first"),
-    (lambda rows: rows[2]["messages"].pop(), "f.jsonl:3: no non-empty assistant message"),
-    (lambda rows: rows[2]["messages"][1].update(weight=2), "f.jsonl:3: messages[1]: 'weight' must be 0 or 1"),
-    (lambda rows: rows[6]["messages"][0].update(content="word " * 20000), "f.jsonl:7: 2"),  # ~25k tokens
-    (lambda rows: rows.__delitem__(slice(1, None)), "1 examples; the API needs at least 10"),
-    (lambda rows: rows.insert(5, {"prompt": "p", "completion": "c"}), "f.jsonl:6: expected {\"messages\": [...]}"),
-])
-def test_check_chat_file_errors_name_file_and_line(tmp_path, edit, error):
-    rows = chat_rows(12)
-    edit(rows)
-    path = tmp_path / "f.jsonl"
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    with pytest.raises(ValueError) as e:
-        tools.check_chat_file(path, "gpt-3.5-turbo")
-    assert error in str(e.value) and "\n" not in str(e.value)
-    if "2" == error[-1]:
-        assert "over gpt-3.5-turbo's 16,385 a training example" in str(e.value)
-        assert tools.check_chat_file(path, "gpt-4o-mini")["examples"] == 12  # 65,536 for gpt-4o-mini
-
-
-def test_check_chat_file_counts_tokens_and_warns(tmp_path, monkeypatch):
-    rows = chat_rows(12)
-    rows[3]["messages"].append({"role": "user", "content": "Observation: Episode finished, reward = True"})
-    path = write_rows(tmp_path / "f.jsonl", rows)
-    monkeypatch.setitem(sys.modules, "tiktoken", None)  # no tokenizer package: the 4-characters estimate
-    monkeypatch.setitem(sys.modules, "bpe_openai", None)
-    c = tools.check_chat_file(path)
-    assert c["tokenizer"].startswith("estimated at 4 characters")
-    # cookbook counting: 3 per example + per message 3 + role + content, at ceil(characters / 4) here
-    assert c["tokens"][0] == 3 + (3 + 1 + 3) + (3 + 3 + 7)  # user, 'question 0'; assistant, 28 characters
-    assert c["tokens"][3] == c["tokens"][0] + 3 + 1 + 11
-    (w,) = c["warnings"]
-    assert w.startswith("1 of 12 examples end with a user message") and "f.jsonl:4" in w
-    e = tools.estimate(c, "gpt-3.5-turbo")
-    assert (e["epochs"], e["trained_tokens"], e["price"]) == (9, 9 * sum(c["tokens"]), 8.0)  # auto: 100 passes
-    assert e["usd"] == pytest.approx(e["trained_tokens"] * 8 / 1e6)
-    assert tools.estimate(c, "gpt-4o-mini-2024-07-18", epochs=2)["price"] == 3.0
-    assert tools.estimate(c, "davinci-002")["usd"] is None
-    assert [tools.auto_epochs(n) for n in (10, 34, 2063, 8333, 10000, 100000)] == [10, 3, 3, 3, 2, 1]
-
-
-def ft_app(state):
-    """OpenAI's files and fine-tuning endpoints, in-process: jobs go running -> succeeded (or failed)."""
-    def app(method, path, raw):
-        path = path.split("?")[0]
-        state["calls"].append((method, path))
-        if method == "POST" and path == "/v1/files":
-            boundary = raw.split(b"\r\n", 1)[0]
-            parts = {re.search(rb'name="(\w+)"', p).group(1).decode(): p.split(b"\r\n\r\n", 1)[1][:-2]
-                     for p in raw.split(boundary)[1:-1]}
-            state["uploads"].append(parts)
-            return 200, {"id": f"file-{len(state['uploads'])}", "status": "uploaded"}
-        if path.startswith("/v1/files/"):
-            state["file_looks"] += 1
-            return 200, {"id": path.rsplit("/", 1)[1], "status": "processed" if state["file_looks"] > 1 else "pending"}
-        if method == "POST" and path == "/v1/fine_tuning/jobs":
-            body = json.loads(raw)
-            job = dict(id=f"ftjob-{len(state['jobs'])}", status="running", trained_tokens=None, **body)
-            state["jobs"].append(job)
-            return 200, job
-        if path == "/v1/fine_tuning/jobs":
-            return 200, {"data": state["jobs"]}
-        job = next(j for j in state["jobs"] if j["id"] == path.split("/")[4])
-        if path.endswith("/events"):
-            return 200, {"data": [{"id": f"ev-{k}", "created_at": k, "message": f"Step {k}/2"} for k in (2, 1)]}
-        job.update(status=state["end"], trained_tokens=99, fine_tuned_model="ft:m:org::x" if state["end"] == "succeeded" else None,
-                   error={"message": "Quota exceeded."} if state["end"] == "failed" else None)
-        return 200, job
-    return app
-
-
-def test_finetune_uploads_follows_and_resumes(tmp_path):
-    train = write_rows(tmp_path / "train.jsonl", chat_rows(10))
-    val = write_rows(tmp_path / "val.jsonl", chat_rows(10))
-    state = dict(calls=[], uploads=[], jobs=[], file_looks=0, end="succeeded")
-    lines = []
-    with serve(ft_app(state), faults=[("status", 503)]) as srv:  # the first upload gets a 503 and is retried
-        api = tools.FineTuneAPI(srv.url + "/v1", timeout=5, max_retries=2, sleep=lambda s: None)
-        assert tools.finetune(api, train, "gpt-4o-mini", val, epochs=3, suffix="fa", poll=0.01,
-                              sleep=lambda s: None, log=lines.append) == "ft:m:org::x"
-        assert [u["purpose"] for u in state["uploads"]] == [b"fine-tune"] * 2
-        assert state["uploads"][0]["file"] == train.read_bytes() and state["uploads"][1]["file"] == val.read_bytes()
-        first, retry = srv.log[0]["body"], srv.log[1]["body"]  # the 503'd upload, then its retry: all resent
-        assert train.read_bytes() in first and len(first) == len(retry) and state["uploads"][0] != {}
-        (job,) = state["jobs"]
-        assert (job["training_file"], job["validation_file"], job["hyperparameters"], job["suffix"], job["model"]) == \
-            ("file-1", "file-2", {"n_epochs": 3}, "fa", "gpt-4o-mini")
-        assert lines[-1] == "ftjob-0: succeeded | 99 trained tokens | Step 2/2"  # events oldest first: the latest
-        assert all(h["headers"]["Authorization"] == f"Bearer {KEY}" for h in srv.log)
-        saved = json.loads((tmp_path / "train.jsonl.finetune.json").read_text())
-        (run,) = saved.values()
-        assert run["fine_tuned_model"] == "ft:m:org::x" and run["job"] == "ftjob-0" and KEY not in json.dumps(saved)
-        n = len(state["calls"])
-        assert tools.finetune(api, train, "gpt-4o-mini", val, epochs=3, log=lines.append) == "ft:m:org::x"
-        assert len(state["calls"]) == n  # resumed from the state file: no request at all
-        # another base model is another run: new uploads and job. A crash after the job was created and before
-        # the state recorded it: the rerun finds that job in the server's list instead of paying again
-        state["end"] = "running-forever"
-        key_free = lambda: json.loads((tmp_path / "train.jsonl.finetune.json").read_text())
-        with pytest.raises(RuntimeError):
-            tools.finetune(api, train, "gpt-3.5-turbo", poll=0.01, log=lines.append,
-                           sleep=lambda s: (_ for _ in ()).throw(RuntimeError("crash")))
-        st = key_free()
-        run35 = next(r for r in st.values() if r["base_model"] == "gpt-3.5-turbo")
-        assert run35["job"] == "ftjob-1" and len(state["jobs"]) == 2
-        run35["job"] = None
-        (tmp_path / "train.jsonl.finetune.json").write_text(json.dumps(st))
-        state["end"] = "failed"
-        with pytest.raises(ValueError, match=r"^fine-tuning job ftjob-1 failed: Quota exceeded\.; fix it and rerun$"):
-            tools.finetune(api, train, "gpt-3.5-turbo", poll=0.01, sleep=lambda s: None, log=lines.append)
-        assert "found job ftjob-1" in lines and len(state["jobs"]) == 2 and len(state["uploads"]) == 3
-
-
-def test_finetune_api_errors_are_one_line_with_the_servers_message(tmp_path):
-    train = write_rows(tmp_path / "train.jsonl", chat_rows(10))
-    bad = {"error": {"message": "Invalid file format. Example 3: messages must not be empty.", "type": "invalid_request_error"}}
-    with serve(ft_app(dict(calls=[], uploads=[], jobs=[], file_looks=0, end="succeeded")),
-               faults=[("status", 400, {}, bad), ("status", 429, {}, {"error": {"message": "You exceeded your quota."}})] * 3) as srv:
-        api = tools.FineTuneAPI(srv.url + "/v1", timeout=5, max_retries=0)
-        with pytest.raises(APIError) as e:
-            api.upload(train)
-        assert str(e.value) == (f"fine-tune: 400 Bad Request from {srv.url}/v1/files: Invalid file format. Example 3: "
-                                f"messages must not be empty.")
-        with pytest.raises(APIError, match="You exceeded your quota") as e:
-            api.create_job("file-1", "gpt-3.5-turbo")
-        assert "\n" not in str(e.value) and KEY not in str(e.value)
-    with pytest.raises(ValueError, match="set the environment variable NOPE"):
-        tools.FineTuneAPI(api_key_env="NOPE")

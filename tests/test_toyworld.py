@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 import fireact
+import tasks
 import toyworld
+from common import files
 from toyworld import OracleTeacher, WorldConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -22,7 +24,7 @@ WORLD_FILES = ["corpus.jsonl", *toyworld.QUESTION_FILES.values(),
 
 
 def load(split, task=""):
-    return toyworld.read_jsonl(TOY / task / toyworld.QUESTION_FILES[split])
+    return files.read_jsonl(TOY / task / toyworld.QUESTION_FILES[split])
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +50,7 @@ def test_regenerates_bit_for_bit(tmp_path):
 
 
 def test_split_by_entity_and_question_shape():
-    pages = {p["title"]: p["sentences"] for p in toyworld.read_jsonl(TOY / "corpus.jsonl")}
+    pages = {p["title"]: p["sentences"] for p in files.read_jsonl(TOY / "corpus.jsonl")}
     titles = {s: {f["title"] for q in load(s) for f in q["chain"]} for s in ("train", "dev", "test")}
     assert not titles["test"] & titles["train"] and not titles["dev"] & titles["train"]
     assert not titles["test"] & titles["dev"]
@@ -75,7 +77,7 @@ def test_split_by_entity_and_question_shape():
 
 @pytest.mark.parametrize("task", list(toyworld.EXTRA_TASKS))
 def test_extra_tasks_split_by_entity_balanced_and_true_to_the_corpus(task):
-    pages = {p["title"]: p["sentences"] for p in toyworld.read_jsonl(TOY / "corpus.jsonl")}
+    pages = {p["title"]: p["sentences"] for p in files.read_jsonl(TOY / "corpus.jsonl")}
     qa_train = {f["mention"] for q in load("train") for f in q["chain"]}
     mentions = {s: {f["mention"] for q in load(s, task) for f in q["chain"]} for s in ("train", "dev", "test")}
     assert not mentions["test"] & (mentions["train"] | qa_train) and not mentions["dev"] & mentions["train"]
@@ -103,19 +105,19 @@ def test_extra_tasks_split_by_entity_balanced_and_true_to_the_corpus(task):
 def test_oracle_solves_extra_tasks_in_the_agent_loop(task, wiki):
     """ReAct solves every question; Reflexion's teacher is stuck until it reflects, then solves; CoT only guesses."""
     qs = load("test", task)[:80]
-    t = fireact.TASKS[task]
+    t = tasks.TASKS[task]
     for method, want in (("react", 1.0), ("reflexion", 1.0)):
         prompt_fn, max_steps, reflexion = fireact.method_setup(t, method, 11, reflect_at=[2])
         eps = fireact.run_agent(fireact.TeacherLLM(OracleTeacher(method=method)), [wiki.fork() for _ in qs], qs,
                                 prompt_fn, max_steps, reflexion=reflexion)
-        right = [fireact.score_answer(t.metric, ep.pred, q["answer"])[0] for ep, q in zip(eps, qs)]
+        right = [tasks.score_answer(t.metric, ep.pred, q["answer"])[0] for ep, q in zip(eps, qs)]
         assert sum(right) == len(qs) * want, method
         if method == "reflexion":
             # a vague search can land on the right page by luck (best text match): those never need to reflect
             assert sum(ep.reflections == 1 for ep in eps) >= 0.8 * len(qs)
     guess = fireact.run_agent(fireact.TeacherLLM(OracleTeacher(method="cot")), [wiki.fork() for _ in qs], qs,
                               fireact.method_setup(t, "cot", 11)[0], 1)
-    assert sum(fireact.score_answer(t.metric, ep.pred, q["answer"])[0] for ep, q in zip(guess, qs)) < len(qs) * 0.7
+    assert sum(tasks.score_answer(t.metric, ep.pred, q["answer"])[0] for ep, q in zip(guess, qs)) < len(qs) * 0.7
 
 
 def run_episode(oracle, wiki, q, prompt_head="", max_steps=12):
@@ -151,11 +153,11 @@ def test_oracle_recovers_from_sloppy_search_and_noise(wiki):
     answer, hist = run_episode(sloppy, wiki, qs[0], max_steps=6)  # never asked to reflect: stays stuck
     assert answer is None and hist.count("Action: search[") == 6
     # in the agent loop, FireAct's Reflexion (no gold answer) asks for a reflection after 2 stuck rounds
-    prompt_fn, max_steps, reflexion = fireact.method_setup(fireact.TASKS["toy"], "reflexion", 11, reflect_at=[2])
+    prompt_fn, max_steps, reflexion = fireact.method_setup(tasks.TASKS["toy"], "reflexion", 11, reflect_at=[2])
     eps = fireact.run_agent(fireact.TeacherLLM(sloppy), [wiki.fork() for _ in qs], qs, prompt_fn, max_steps,
                             reflexion=reflexion)
     assert all(ep.pred == q["answer"] and ep.reflections == 1 for ep, q in zip(eps, qs))
-    assert all(ep.steps[2]["thought"].startswith(fireact.REFLECT_INTRO) for ep in eps)
+    assert all(ep.steps[2]["thought"].startswith(tasks.REFLECT_INTRO) for ep in eps)
     oracle = OracleTeacher(method="react")
     noisy = tools.NoisyTool(wiki, 0.3, mode="none", seed=1)
     solved = 0
@@ -225,9 +227,9 @@ def test_default_training_data_is_consistent():
     if not path.exists():
         pytest.skip("data/toy/train.jsonl not generated yet")
     train_q = {q["id"]: q for q in load("train")}
-    recs = toyworld.read_jsonl(path)
+    recs = files.read_jsonl(path)
     methods = {r["method"] for r in recs}
-    # ReAct only: the mix chosen on dev (experiments.py's methods rows; Reflexion and CoT records lowered dev EM)
+    # ReAct only: the mix chosen on dev (the grid's methods rows; Reflexion and CoT records lowered dev EM)
     assert methods == {"react"} and len(recs) == 545
     for r in recs:
         assert r["id"] in train_q and r["question"] == train_q[r["id"]]["question"] and r["em"] == 1
@@ -244,7 +246,7 @@ def test_default_training_data_regenerates_from_the_documented_recipe(tmp_path, 
     """The README/toyworld recipe (oracle generate x 3 methods -> filter -> mix) rebuilds data/toy/train.jsonl
     byte for byte, so the committed default data and the measured demo stay reproducible."""
     fireact = pytest.importorskip("fireact")
-    monkeypatch.setattr(fireact, "CACHE", tmp_path / "cache")
+    monkeypatch.setenv("FIREACT_CACHE", str(tmp_path / "cache"))  # files.cache_dir()
     for m in ("react", "reflexion", "cot"):
         fireact.main(["generate", "--task", "toy", "--method", m, "--teacher-model", "oracle",
                       "--out", str(tmp_path / f"gen_{m}.jsonl")] + (["--reflect-at", "2"] if m == "reflexion" else []))
@@ -255,9 +257,9 @@ def test_default_training_data_regenerates_from_the_documented_recipe(tmp_path, 
     assert (tmp_path / "train.jsonl").read_bytes() == (TOY / "train.jsonl").read_bytes()
     # the Reflexion records the experiments' other mixes use hold real reflections (FireAct's: the teacher got
     # stuck, reflected, then solved it), and no gold answer: every one finishes right with one reflection
-    refl = [r for r in toyworld.read_jsonl(tmp_path / "ok.jsonl") if r["method"] == "reflexion"]
+    refl = [r for r in files.read_jsonl(tmp_path / "ok.jsonl") if r["method"] == "reflexion"]
     assert len(refl) == 600 and all(r["reflections"] == 1 and any(
-        s["thought"].startswith(fireact.REFLECT_INTRO) for s in r["steps"]) for r in refl)
+        s["thought"].startswith(tasks.REFLECT_INTRO) for s in r["steps"]) for r in refl)
 
 
 def test_world_cli_rejects_bad_sizes(tmp_path):

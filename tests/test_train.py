@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from conftest import make_tiny_llama, make_tokenizer
 
 from common import cli
+from fast import cpu as FC
 import model as M
 import train as T
 from fireact import is_finish
@@ -287,7 +288,8 @@ def test_compiled_loss_compiles_by_region_and_matches_eager(tiny):
     want = run(T.loss_sum)
     torch._dynamo.reset()
     counters.clear()
-    loss = T.loss_function(model, compile=True)
+    from fast import training as FT
+    loss = FT.compile_loss(model, T.loss_sum, T.head_loss)              # what train.py --compile steps with
     got = run(loss)
     for x, y in batches[1:]:
         loss(model, x, y).backward()
@@ -323,7 +325,7 @@ def test_bf16_base_on_cpu_trains_fp32_lora_and_follows_fp32(tiny, tmp_path, caps
     ref = T.train(cfg_for(tiny, tmp_path / "fp32", dtype="float32", **kw))
     out = T.train(cfg_for(tiny, tmp_path / "bf16", dtype="bfloat16", **kw))
     log = capsys.readouterr().out
-    assert "training path: bf16" in log and ("EMULATED" in log) != M.native_bf16()
+    assert "training path: bf16" in log and ("EMULATED" in log) != FC.native_bf16()
     losses = [[json.loads(l)["loss"] for l in (d / "metrics.jsonl").read_text().splitlines() if "loss" in l]
               for d in (ref, out)]
     assert len(losses[1]) == len(losses[0]) == 6 and losses[1][-1] < losses[1][0] - 0.2
@@ -333,18 +335,19 @@ def test_bf16_base_on_cpu_trains_fp32_lora_and_follows_fp32(tiny, tmp_path, caps
     want = load_file(ref / "adapter_model.safetensors")
     cos = [F.cosine_similarity(lora[k].flatten(), want[k].flatten(), 0) for k in want if "lora_B" in k]
     assert min(cos) > 0.9, cos
-    monkeypatch.setattr(M, "native_bf16", lambda info=None: True)       # training on a CPU with native bf16:
-    assert M.pick_dtype("", "cpu", train=True) == torch.bfloat16         # a bf16 base (dev chose it, README §5)
-    assert M.pick_dtype("", "cpu") == torch.float32                      # inference stays exact fp32
-    assert M.pick_dtype("float32", "cpu", train=True) == torch.float32   # a named dtype wins
-    monkeypatch.setattr(M, "native_bf16", lambda info=None: False)      # emulated bf16: fp32 trains
-    assert M.pick_dtype("", "cpu", train=True) == torch.float32
+    monkeypatch.setattr(FC, "native_bf16", lambda info=None: True)      # training on a CPU with native bf16:
+    assert FC.best_dtype("", "cpu", train=True) == torch.bfloat16        # a bf16 base (dev chose it, docs)
+    assert FC.best_dtype("", "cpu") == torch.float32                     # inference stays exact fp32
+    assert M.pick_dtype("", "cpu") == torch.float32                      # and so does --plain (model.pick_dtype)
+    assert FC.best_dtype("float32", "cpu", train=True) == torch.float32  # a named dtype wins
+    monkeypatch.setattr(FC, "native_bf16", lambda info=None: False)     # emulated bf16: fp32 trains
+    assert FC.best_dtype("", "cpu", train=True) == torch.float32
     assert M.pick_dtype("", "cuda") == torch.bfloat16 and M.pick_dtype("float32", "cuda") == torch.float32
     with pytest.raises(ValueError, match="--dtype 'half'"):
         M.pick_dtype("half", "cpu")
 
 
-@pytest.mark.skipif(not (M.native_bf16() and M.cpu_info()["vnni"]), reason="--quant int8 needs VNNI and native bf16")
+@pytest.mark.skipif(not (FC.native_bf16() and FC.cpu_info()["vnni"]), reason="--quant int8 needs VNNI and native bf16")
 def test_int8_frozen_matmuls_train_and_follow_the_bf16_run(tiny, tmp_path, capsys):
     """--quant int8: the frozen linears' GEMMs in int8 after calibrating the smoothing on the first micro-batches;
     the losses follow the bf16 run's (the same base) within quantization noise, and the adapter is a plain one."""
@@ -367,12 +370,38 @@ def test_int8_is_refused_where_it_cannot_run(tiny, tmp_path, monkeypatch):
         T.train(cfg_for(tiny, tmp_path / "full", quant="int8", full=True))
     with pytest.raises(ValueError, match=r"--quant int8: for a CPU with VNNI and native bf16.*base torch.float32"):
         T.train(cfg_for(tiny, tmp_path / "fp32", quant="int8", dtype="float32", device="cpu"))
-    monkeypatch.setattr(M, "native_bf16", lambda info=None: True)
-    monkeypatch.setattr(T, "native_bf16", lambda info=None: True)
-    monkeypatch.setattr(T, "cpu_info", lambda: {**M.cpu_info(), "vnni": False})
+    info = FC.cpu_info()
+    monkeypatch.setattr(FC, "native_bf16", lambda info=None: True)
+    monkeypatch.setattr(FC, "cpu_info", lambda: {**info, "vnni": False})
     with pytest.raises(ValueError, match="--quant int8: for a CPU with VNNI"):
         T.train(cfg_for(tiny, tmp_path / "novnni", quant="int8", dtype="bfloat16", device="cpu"))
     assert not any((tmp_path / d).exists() for d in ("full", "fp32", "novnni"))
+
+
+def test_plain_path_agrees_with_the_fast_path_and_imports_no_fast_module(tiny, tmp_path):
+    """--plain is the teaching path end to end (model.pick_dtype: fp32 on CPU; eager; no fast/* module imported).
+    Stated tolerances, per-step training loss: in fp32 (--dtype float32, dropout off) the fast path computes the
+    same thing (its attention kernel and int8 are bf16-only): equal to rtol 1e-5 (bitwise here), and the adapters
+    too. The default path (a bf16 frozen base where the CPU has native bf16, else fp32 = plain) follows the plain
+    fp32 run within bf16 rounding: 5% of the loss per step, the --dtype bfloat16 test's tolerance."""
+    args = ["--model", str(tiny[0]), "--data", str(tiny[1]), "--val-frac", "0", "--batch-size", "4",
+            "--micro-batch", "2", "--epochs", "2", "--lr", "5e-3", "--lora-r", "4", "--lora-alpha", "8", "--warmup",
+            "2", "--no-progress"]
+    code = ("import sys, train; train.main(sys.argv[1:]); "
+            "print('fast modules:', sorted(m for m in sys.modules if m.split('.')[0] == 'fast'))")
+    r = subprocess.run([sys.executable, "-c", code, *args, "--plain", "--out", str(tmp_path / "plain")], cwd=REPO,
+                       capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "fast modules: []" in r.stdout and "(--plain)" in r.stdout and "cpu fp32" in r.stdout, r.stdout[-2000:]
+    T.main([*args, "--dtype", "float32", "--out", str(tmp_path / "fast32")])
+    T.main([*args, "--out", str(tmp_path / "default")])
+    losses = {d: [json.loads(l)["loss"] for l in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+              for d in ("plain", "fast32", "default")}
+    assert len(losses["plain"]) == 4 and losses["plain"][-1] < losses["plain"][0]
+    torch.testing.assert_close(torch.tensor(losses["fast32"]), torch.tensor(losses["plain"]), rtol=1e-5, atol=0)
+    a, b = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("plain", "fast32"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
+    assert all(abs(x - y) < 0.05 * y for x, y in zip(losses["default"], losses["plain"])), losses
 
 
 def test_resume_equals_uninterrupted(tiny, tmp_path):
@@ -485,6 +514,7 @@ def test_help_shows_every_setting_with_help_default_and_choices(capsys):
     (["--val-data", "{tmp}/v.jsonl"], ["--val-data", "v.jsonl: no such file"]),
     (["--data", "{data}:0"], ["N >= 1"]), (["--out", "{data}"], ["is a file"]),
     (["--resume", "--out", "{tmp}/o"], ["--resume: no", "state.pt"]),
+    (["--plain", "--compile"], ["--plain", "no --compile"]), (["--plain", "--quant", "int8"], ["--plain", "no --quant"]),
 ])
 def test_bad_settings_are_one_line_errors_before_anything_loads(tiny, tmp_path, capsys, args, words):
     args = [a.format(tmp=tmp_path, data=tiny[1]) for a in args]

