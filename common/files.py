@@ -141,10 +141,11 @@ def atomic_write(path, data, commit=True) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_path(path):
+def atomic_path(path, commit=True):
     """For writers that take a file NAME (a library's save(path)): yields a temporary path beside `path`; when the
-    block ends without an error, the file is fsync'd and renamed onto `path` (atomic_write's guarantees);
-    on an error it is removed. `with files.atomic_path(out) as tmp: writer.write(tmp)`."""
+    block ends without an error, the file is fsync'd and renamed onto `path` (atomic_write's guarantees; commit=
+    False: left complete and fsync'd for the caller to rename, as atomic_write's); on an error it is removed.
+    `with files.atomic_path(out) as tmp: writer.write(tmp)`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -157,6 +158,8 @@ def atomic_path(path):
             os.fsync(fd)
         finally:
             os.close(fd)
+        if not commit:
+            return
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
