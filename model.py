@@ -1,5 +1,6 @@
 """
 A hand-written Llama (HF LlamaForCausalLM layout) with LoRA, KV-cache generation, checkpoint loading and tokenizers.
+Mistral, Qwen2/2.5 (q/k/v biases) and Qwen3 (q/k norms) checkpoints run as the same class with a config flag each.
 The teaching core: read it top to bottom. Speed paths (prepacked/int4 linears, attention kernels, compiled and
 shared-prefix decode) live in fast/ as swaps the entry points apply; weights on disk in common/weights.py.
 
@@ -37,6 +38,10 @@ from common.weights import (PROVENANCE, base_provenance, checkpoint_files, conve
 # ----------------------------------------------------------------------------------------------------------------
 # config
 
+# the families one class runs: model_type -> transformers' class (to_hf names it, so transformers and PEFT load ours)
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM"}
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 49152
@@ -51,8 +56,11 @@ class ModelConfig:
     rope_scaling: dict | None = None       # None | {"rope_type": "linear"|"llama3", "factor": ..., ...}
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    attention_bias: bool = False           # biases on q, k, v and o (Llama's option, Qwen3's)
     mlp_bias: bool = False
+    qkv_bias: bool = False                 # Qwen2/2.5: biases on q, k, v only
+    qk_norm: bool = False                  # Qwen3: an RMSNorm over each head of q and of k, before RoPE
+    model_type: str = "llama"              # a key of ARCHITECTURES
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None
     pad_token_id: int | None = None
@@ -65,13 +73,37 @@ class ModelConfig:
         rope_type = (self.rope_scaling or {}).get("rope_type", (self.rope_scaling or {}).get("type", "default"))
         if rope_type not in ("default", "linear", "llama3"):
             raise ValueError(f"unsupported rope_scaling type {rope_type!r} (supported: none, linear, llama3)")
+        if self.model_type not in ARCHITECTURES:
+            raise ValueError(f"unsupported model_type {self.model_type!r} (supported: {', '.join(ARCHITECTURES)})")
 
     @classmethod
     def from_hf(cls, d: dict) -> "ModelConfig":
-        if d.get("model_type", "llama") not in ("llama", "mistral"):
-            raise ValueError(f"unsupported model_type {d.get('model_type')!r} (supported: llama)")
+        """config.json -> ModelConfig. What in it changes the forward pass is run or refused (one line), never
+        ignored: the biases and norms each family's transformers class builds whatever the file says, and
+        sliding windows, which only full attention up to the whole context makes exact."""
+        kind = d.get("model_type", "llama")
+        if kind not in ARCHITECTURES:
+            raise ValueError(f"unsupported model_type {kind!r} (supported: {', '.join(ARCHITECTURES)})")
         if d.get("hidden_act", "silu") != "silu":
             raise ValueError(f"unsupported hidden_act {d['hidden_act']!r} (supported: silu)")
+        if d.get("attention_dropout"):
+            raise ValueError(f"attention_dropout={d['attention_dropout']}: attention dropout is not supported")
+        no_bias = {"mistral": ("attention_bias", "mlp_bias"), "qwen2": ("attention_bias", "mlp_bias"),
+                   "qwen3": ("mlp_bias",)}.get(kind, ())
+        for f in no_bias:
+            if d.get(f):
+                raise ValueError(f"{f}=true: transformers' {ARCHITECTURES[kind]} does not read it (the family fixes "
+                                 "its biases); remove it from config.json, or give the right model_type")
+        window = d.get("sliding_window") if kind == "mistral" or d.get("use_sliding_window") else None
+        if window is not None and kind in ("qwen2", "qwen3"):  # Qwen: only layers >= max_window_layers slide
+            n = d["num_hidden_layers"]
+            types = d.get("layer_types") or ["sliding_attention" if i >= d.get("max_window_layers", 28)
+                                             else "full_attention" for i in range(n)]
+            window = window if "sliding_attention" in types else None
+        if window is not None and window < d.get("max_position_embeddings", 2048):
+            raise ValueError(f"sliding_window={window} < max_position_embeddings={d.get('max_position_embeddings')}: "
+                             "sliding-window attention is not supported (set sliding_window to null in config.json "
+                             f"to run full attention, exact up to {window} tokens)")
         d = dict(d)
         rp = d.pop("rope_parameters", None)  # transformers >= 5 folds rope_theta + rope_scaling into this
         if rp:
@@ -80,13 +112,19 @@ class ModelConfig:
                 d["rope_scaling"] = {k: v for k, v in rp.items() if k != "rope_theta"}
         if d.get("head_dim") is None:
             d.pop("head_dim", None)
+            if kind == "qwen3":
+                d["head_dim"] = 128  # transformers' Qwen3Config default, not hidden_size // heads
         d.setdefault("num_key_value_heads", d["num_attention_heads"])
+        d.update(model_type=kind, qkv_bias=kind == "qwen2", qk_norm=kind == "qwen3")
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names and v is not None})
 
     def to_hf(self) -> dict:
-        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-                **dataclasses.asdict(self)}
+        """config.json for transformers' class of this family (qkv_bias and qk_norm follow from model_type)."""
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("qkv_bias", "qk_norm")}
+        window = {"use_sliding_window": False, "sliding_window": None} if self.model_type in ("qwen2", "qwen3") \
+            else {"sliding_window": None} if self.model_type == "mistral" else {}  # Mistral's default is 4096
+        return {"architectures": [ARCHITECTURES[self.model_type]], "hidden_act": "silu", **d, **window}
 
 # ----------------------------------------------------------------------------------------------------------------
 # the model: RoPE, RMSNorm, attention, SwiGLU MLP, the Llama
@@ -132,17 +170,22 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, idx: int):
         super().__init__()
         self.idx, self.nh, self.nkv, self.hd = idx, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        b = cfg.attention_bias
+        b = cfg.attention_bias or cfg.qkv_bias  # q, k, v biases: Qwen2's, or all four (attention_bias)
         self.q_proj = nn.Linear(cfg.hidden_size, self.nh * self.hd, bias=b)
         self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=b)
         self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=b)
-        self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=b)
+        self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=cfg.attention_bias)
+        # Qwen3's QK-norm: each head's q and k RMS-normalised over its hd features (a learned [hd] scale each)
+        self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps) if cfg.qk_norm else None
 
     def forward(self, x, cos, sin, mask, cache):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)    # [B, nh, T, hd]
         k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)   # [B, nkv, T, hd]
         v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
+        if self.q_norm is not None:  # Qwen3: before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = rope(q, cos, sin), rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.idx, k, v)                            # [B, nkv, S, hd]: every key so far
@@ -597,7 +640,8 @@ def _token_str(t):  # tokenizer_config entries are "<s>" or {"content": "<s>", .
 
 class Tokenizer:
     """tokenizer.json via `tokenizers` (preferred), else tokenizer.model via sentencepiece."""
-    FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+    FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+             "generation_config.json")  # the last: the stop tokens (save copies it with the tokenizer)
 
     def __init__(self, d):
         self.dir = d = Path(d)
@@ -641,8 +685,10 @@ class Tokenizer:
         self.bos_id = tid("bos") if tid("bos") is not None else (self.sp.bos_id() if self.sp and self.sp.bos_id() >= 0 else None)
         self.eos_id = tid("eos") if tid("eos") is not None else (self.sp.eos_id() if self.sp else None)
         self.pad_id = tid("pad") if tid("pad") is not None else self.eos_id
-        eos = mc.get("eos_token_id")
-        self.eos_ids = {self.eos_id, *(eos if isinstance(eos, list) else [eos])} - {None}
+        gc = read_json(d / "generation_config.json") if (d / "generation_config.json").exists() else {}
+        eos = [i for c in (mc, gc) for i in (c.get("eos_token_id") if isinstance(c.get("eos_token_id"), list)
+                                              else [c.get("eos_token_id")])]  # Qwen2.5-Instruct: im_end, endoftext
+        self.eos_ids = {self.eos_id, *eos} - {None}
         if "add_bos_token" in tc:
             self.add_bos = bool(tc["add_bos_token"])
         elif self.hf is not None:  # does the post-processor prepend bos? (Llama-3 yes, SmolLM2 no)

@@ -25,13 +25,6 @@ ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
              "BOOL": torch.bool}
 
-def fsync_file(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 def read_safetensors_header(path: Path, f=None) -> tuple[dict, int]:
     """-> ({name: {dtype, shape, data_offsets}}, byte offset of the data section). One-line errors when corrupt.
     f: an already open file of path (load_adapter hashes and parses the same open file)."""
@@ -77,14 +70,13 @@ def iter_safetensors(path: Path, dtype=None, f=None):
         yield name, (t if dtype is None or not t.is_floating_point() else t.to(dtype))
 
 def save_safetensors(tensors: dict, path: Path, metadata=None, commit=True) -> Path:
-    """Atomic: <path>.tmp, fsync'd, then (commit) renamed onto path. Returns the tmp path (for commit=False)."""
+    """Atomic (files.atomic_path): path holds the old file or the whole new one. -> the path written; with
+    commit=False the complete temporary file, for the caller to rename (an adapter's files, in order)."""
     from safetensors.torch import save_file
-    tmp = Path(str(path) + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata or {"format": "pt"})
-    fsync_file(tmp)
-    if commit:
-        os.replace(tmp, path)
-    return tmp
+    with files.atomic_path(path, commit) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+                  metadata=metadata or {"format": "pt"})
+    return Path(path) if commit else tmp
 
 def checkpoint_files(d: Path) -> list[Path]:
     if (d / "model.safetensors").exists():
@@ -109,20 +101,26 @@ def checkpoint_files(d: Path) -> list[Path]:
 GGUF_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
               "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
               "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
-              "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
-GGUF_PRE = {  # llama.cpp pre-tokenizer type -> split digits individually before GPT-2's byte-level regex?
-    "smollm": True, "starcoder": True, "refact": True, "gpt-2": False, "default": False}
+              "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+              "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}  # the last two: Qwen3's
+GGUF_ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}  # its key prefix
+GGUF_PRE = {  # llama.cpp pre-tokenizer type -> how the original tokenizer.json splits text before byte-level BPE
+    "smollm": "digits", "starcoder": "digits", "refact": "digits", "gpt-2": "gpt2", "default": "gpt2",
+    "qwen2": "qwen2"}
+QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+               r"""\s*[\r\n]+|\s+(?!\S)|\s+""")   # Qwen2/2.5/3's tokenizer.json: NFC, this Split, byte-level
 
 def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """Undo llama.cpp's convert_hf_to_gguf permute(): it interleaves each head's two rotary halves, [out, in]."""
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 def convert_gguf(gguf_path, out_dir) -> Path:
-    """GGUF (llama arch, gpt2 BPE vocab; F32/F16/Q8_0/Q4_1/... dequantised by `gguf`) -> HF-layout checkpoint dir."""
+    """GGUF (llama, qwen2 or qwen3 arch, gpt2 BPE vocab; F32/F16/Q8_0/Q4_1/... dequantised by `gguf`) -> HF-layout
+    checkpoint dir. llama.cpp permutes q/k rows for llama only; Qwen2's q/k/v biases are tensors of their own."""
     import numpy as np
     from gguf import GGUFReader
     from gguf.quants import dequantize
-    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers
     try:  # the reader maps every tensor up front: a truncated file fails here
         r = GGUFReader(str(gguf_path))
     except (ValueError, IndexError, KeyError, struct.error, OSError) as e:
@@ -130,8 +128,11 @@ def convert_gguf(gguf_path, out_dir) -> Path:
                          "download it again") from None
     def kv(key, default=None):
         return r.fields[key].contents() if key in r.fields else default
-    if kv("general.architecture") != "llama":
-        raise ValueError(f"{gguf_path}: unsupported GGUF architecture {kv('general.architecture')!r} (supported: llama)")
+    arch = kv("general.architecture")
+    if arch not in GGUF_ARCHS:
+        raise ValueError(f"{gguf_path}: unsupported GGUF architecture {arch!r} (supported: {', '.join(GGUF_ARCHS)})")
+    def hp(key, default=None):  # a hyperparameter, under the architecture's prefix (llama.*, qwen2.*, ...)
+        return kv(f"{arch}.{key}", default)
     if kv("tokenizer.ggml.model") != "gpt2" or kv("tokenizer.ggml.pre", "default") not in GGUF_PRE:
         raise ValueError(f"{gguf_path}: unsupported GGUF tokenizer {kv('tokenizer.ggml.model')!r} / pre-tokenizer "
                          f"{kv('tokenizer.ggml.pre')!r} (supported: gpt2 with {', '.join(GGUF_PRE)})")
@@ -139,20 +140,21 @@ def convert_gguf(gguf_path, out_dir) -> Path:
     if "rope_freqs.weight" in tensors:
         raise ValueError(f"{gguf_path}: GGUF with rope_freqs (llama3 rope scaling) is not supported")
     tokens, types = kv("tokenizer.ggml.tokens"), kv("tokenizer.ggml.token_type")
-    nh = kv("llama.attention.head_count")
-    scaling = {"rope_type": "linear", "factor": kv("llama.rope.scaling.factor")} \
-        if kv("llama.rope.scaling.type") == "linear" else None
+    nh = hp("attention.head_count")
+    scaling = {"rope_type": "linear", "factor": hp("rope.scaling.factor")} \
+        if hp("rope.scaling.type") == "linear" else None
     ids = {k: kv(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "padding")}
-    hidden = kv("llama.embedding_length")
-    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",  # model.ModelConfig.to_hf
-           "vocab_size": len(tokens), "hidden_size": hidden, "intermediate_size": kv("llama.feed_forward_length"),
-           "num_hidden_layers": kv("llama.block_count"), "num_attention_heads": nh,
-           "num_key_value_heads": kv("llama.attention.head_count_kv", nh),
-           "head_dim": kv("llama.attention.key_length", 0) or hidden // nh,
-           "rms_norm_eps": float(f"{kv('llama.attention.layer_norm_rms_epsilon'):.6g}"),  # stored as float32
-           "rope_theta": kv("llama.rope.freq_base", 10000.0), "rope_scaling": scaling,
-           "max_position_embeddings": kv("llama.context_length", 2048),
-           "tie_word_embeddings": "output.weight" not in tensors, "attention_bias": "blk.0.attn_q.bias" in tensors,
+    hidden = hp("embedding_length")
+    cfg = {"architectures": [GGUF_ARCHS[arch]], "model_type": arch, "hidden_act": "silu",  # model.ModelConfig.to_hf
+           "vocab_size": len(tokens), "hidden_size": hidden, "intermediate_size": hp("feed_forward_length"),
+           "num_hidden_layers": hp("block_count"), "num_attention_heads": nh,
+           "num_key_value_heads": hp("attention.head_count_kv", nh),
+           "head_dim": hp("attention.key_length", 0) or hidden // nh,
+           "rms_norm_eps": float(f"{hp('attention.layer_norm_rms_epsilon'):.6g}"),  # stored as float32
+           "rope_theta": hp("rope.freq_base", 10000.0), "rope_scaling": scaling,
+           "max_position_embeddings": hp("context_length", 2048),
+           "tie_word_embeddings": "output.weight" not in tensors,   # Qwen2's q/k/v biases come with its model_type
+           "attention_bias": f"blk.0.attn_{'output' if arch == 'qwen3' else 'q'}.bias" in tensors and arch != "qwen2",
            "mlp_bias": "blk.0.ffn_up.bias" in tensors, "bos_token_id": ids["bos"], "eos_token_id": ids["eos"],
            "pad_token_id": ids["padding"]}
     sd = {}
@@ -166,7 +168,7 @@ def convert_gguf(gguf_path, out_dir) -> Path:
             raise ValueError(f"{gguf_path}: unknown GGUF tensor {name}")
         w = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))  # a writable copy
         w = w.reshape([int(x) for x in reversed(t.shape)])  # GGUF lists dims innermost first
-        if parts[-2] in ("attn_q", "attn_k"):
+        if parts[-2] in ("attn_q", "attn_k") and arch == "llama":
             w = unpermute_qk(w, nh if parts[-2] == "attn_q" else cfg["num_key_value_heads"])
         sd[hf] = w
     out_dir = Path(out_dir)
@@ -177,8 +179,16 @@ def convert_gguf(gguf_path, out_dir) -> Path:
     # the original SmolLM2 tokenizer.json: Sequence[Digits(individual), ByteLevel(GPT-2 regex)], ByteLevel decoder
     tok = HFTokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, [tuple(m.split(" ", 1)) for m in kv("tokenizer.ggml.merges")]))
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]) \
-        if GGUF_PRE[kv("tokenizer.ggml.pre", "default")] else byte_level
+    split = GGUF_PRE[kv("tokenizer.ggml.pre", "default")]
+    if split == "digits":
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    elif split == "qwen2":
+        tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        tok.pre_tokenizer = byte_level
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i, ty in enumerate(types) if ty in (3, 4)])
     tok.save(str(out_dir / "tokenizer.json"))

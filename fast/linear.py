@@ -113,6 +113,8 @@ class PackedAttention:
         q = q.view(B, T, self.nh, self.hd).transpose(1, 2)                 # [B, nh, T, hd]
         k = k.view(B, T, self.nkv, self.hd).transpose(1, 2)                # [B, nkv, T, hd]
         v = v.view(B, T, self.nkv, self.hd).transpose(1, 2)
+        if self.q_norm is not None:  # Qwen3, as model.Attention.forward
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = M.rope(q, cos, sin), M.rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.idx, k, v)                            # [B, nkv, S, hd]
