@@ -119,7 +119,8 @@ class PackedAttention:
         if cache is not None:
             k, v = cache.update(self.idx, k, v)                            # [B, nkv, S, hd]
         y = self.attend(q, k, v, mask, cache).transpose(1, 2).reshape(B, T, self.nh * self.hd)
-        return fast_linear(self, "o", (self.o_proj,), y)[0]
+        # o decides on its own input: under autocast the attention hands it bf16, which an fp32 pack cannot take
+        return fast_linear(self, "o", (self.o_proj,), y)[0] if use_packed(self, y) else self.o_proj(y)
 
 class PackedMLP:
     """The MLP with gate and up as one prepacked matmul, down prepacked, when use_packed."""
