@@ -14,7 +14,8 @@ Ours is train.py's own step: its loss, and (unless --plain 1) the fast path trai
 the precision policy, attention kernel, dropout, int8, compiled loss). It prints the CPU, what it has and the path
 ours takes (fast.cpu.cpu_report), and two baselines: transformers+PEFT
 in float32 and in bfloat16 (transformers' best setting depends on the CPU: bf16 wins only with native bf16
-matmuls). Last line: `train speedup vs transformers+peft: X.XXx` (tokens/s ours / the faster baseline's).
+matmuls; on a CPU without them, AVX2 only, the bf16 baseline is skipped with a line saying so). Last line:
+`train speedup vs transformers+peft: X.XXx` (tokens/s ours / the faster baseline's).
 """
 import argparse
 import json
@@ -149,7 +150,8 @@ def main():
                    help="LoRA dropout, both sides (default: train.py's)")
     p.add_argument("--compile", type=int, default=0, help="ours: torch.compile the loss, as train.py --compile "
                    "(the warm-up step, not timed, compiles)")
-    p.add_argument("--hf-bf16", type=int, default=1, help="also time transformers+PEFT with a bfloat16 base")
+    p.add_argument("--hf-bf16", type=int, default=1, choices=[0, 1, 2], help="also time transformers+PEFT with a "
+                   "bfloat16 base: 1 where the CPU has native bf16, 2 even where it is emulated")
     p.add_argument("--dtype", default="", choices=["", "float32", "bfloat16"],
                    help="ours: the frozen base's dtype; empty = train.py's choice (bfloat16 where the CPU has native "
                         "bf16, else float32)")
@@ -173,7 +175,11 @@ def main():
         print(report.replace("path: ", "training path (ours" + (", --plain" if args.plain else "") + "): "),
               flush=True)
         res = {}
-        for name in ("hf", "hf-bf16", "ours") if args.hf_bf16 else ("hf", "ours"):
+        hf_bf16 = args.hf_bf16 == 2 or (args.hf_bf16 == 1 and cpu.native_bf16())
+        if args.hf_bf16 == 1 and not hf_bf16:   # an hour of emulated bf16 that no user would pick on this CPU
+            print("transformers+peft bf16: skipped: this CPU has no native bf16 (emulated, many times slower than "
+                  "fp32); --hf-bf16 2 runs it anyway", flush=True)
+        for name in ("hf", "hf-bf16", "ours") if hf_bf16 else ("hf", "ours"):
             cmd = [sys.executable, __file__, *sys.argv[1:], "--worker", name, "--dir", d]
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode:

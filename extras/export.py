@@ -7,9 +7,17 @@ an Ollama Modelfile beside it.
     (`python model.py export ...` hands the same command line over to this module)
 
 Owns: ExportConfig, merged_model (base + LoRA merged, fp32 on CPU), the GGUF writer (gguf_vocab, permute_qk,
-write_gguf: llama arch, byte-level BPE tokenizers), modelfile (Ollama) and export(). Reading a GGUF back is
+write_gguf: llama / qwen2 / qwen3 arch, byte-level BPE tokenizers), modelfile (Ollama) and export(). Reading a GGUF back is
 common.weights.convert_gguf's; the HF checkpoint is written by model.save_checkpoint (as train.py --merge does).
+
+Exports never leave a half-written result where a retry trips on it: the HF folder is written beside --out and
+renamed into place (a non-empty --out is refused unless --force), the GGUF file through files.atomic_write; what
+they write is readable by others (0644 under the usual umask), and a second GGUF in a folder gets its own
+<name>.Modelfile instead of taking over the first one's Modelfile.
 """
+import os
+import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -29,13 +37,24 @@ class ExportConfig:
     model: str = ""               # the base; "" = the embedded SmolLM2-135M-Instruct
     format: Literal["hf", "gguf"] = "hf"  # hf: merged safetensors (as train.py --merge) | gguf: llama.cpp, Ollama
     outtype: Literal["f16", "q8_0", "f32"] = "f16"  # gguf: the type of the 2-D weights (norms stay f32)
+    force: bool = False           # hf: replace an --out folder that exists and is not empty
 
     def check(self):
         if self.adapter and not Path(self.adapter).is_dir():
             raise ValueError(f"--adapter {self.adapter}: no such directory")
         if self.format == "gguf" and not self.out.endswith(".gguf"):
             raise ValueError(f"--out {self.out}: a GGUF export is one file; name it *.gguf")
-        fireact.check_out_path(self.out)
+        out = Path(self.out)
+        if self.format == "hf" and out.exists():   # a folder: written beside it, renamed into place
+            if not out.is_dir():
+                raise ValueError(f"--out {self.out}: is a file; an hf export is a folder (give a new folder)")
+            if any(out.iterdir()) and not self.force:
+                raise ValueError(f"--out {self.out}: the folder exists and is not empty; pass --force to replace it "
+                                 "with the export, or give a new folder")
+            if not os.access(out.absolute().parent, os.W_OK):
+                raise ValueError(f"--out {self.out}: {out.absolute().parent} is not writable")
+        else:
+            fireact.check_out_path(self.out)
 
 
 # ------------------------------------------------------------------------------------------------------ export
@@ -64,9 +83,12 @@ def gguf_vocab(tok, vocab_size):
         pre_name = "smollm"   # llama.cpp's name for SmolLM2's: single digits, then GPT-2's regex
     elif kinds == [("ByteLevel", None)]:
         pre_name = "gpt-2"
+    elif kinds == [("Split", None), ("ByteLevel", None)] and parts[0].get("pattern") == {"Regex": weights.QWEN2_SPLIT} \
+            and parts[1].get("use_regex") is False:
+        pre_name = "qwen2"    # Qwen2/2.5/3's: their split regex, then byte-level without GPT-2's
     else:
         raise ValueError(f"{path}: pre-tokenizer {kinds} has no llama.cpp equivalent we know; GGUF export supports "
-                         "SmolLM2's and GPT-2's")
+                         "SmolLM2's, GPT-2's and Qwen2's")
     tokens = [None] * vocab_size
     for t, i in tj["model"]["vocab"].items():
         tokens[i] = t
@@ -96,7 +118,8 @@ def tokenizer_config(tok) -> dict:
 
 
 def write_gguf(model, tok, path, outtype="f16", name="fireact-student"):
-    """The merged model as one GGUF file (llama arch), written atomically (files.atomic_write)."""
+    """The merged model as one GGUF file, written atomically (files.atomic_write). As llama.cpp converts: llama
+    and mistral as the llama arch (q/k rows permuted), qwen2 / qwen3 as their own (not permuted)."""
     import gguf
     import numpy as np
     c = model.config
@@ -104,7 +127,8 @@ def write_gguf(model, tok, path, outtype="f16", name="fireact-student"):
         raise ValueError("GGUF export of llama3 rope scaling (rope_freqs) is not supported")
     inv = {hf: g for g, hf in weights.GGUF_NAMES.items()}
     Q = gguf.GGMLQuantizationType
-    w = gguf.GGUFWriter(None, "llama")   # no path: it writes into atomic_write's temporary file (below)
+    arch = {"mistral": "llama"}.get(c.model_type, c.model_type)   # llama, qwen2, qwen3: weights.GGUF_ARCHS
+    w = gguf.GGUFWriter(None, arch)   # no path: it writes into atomic_write's temporary file (below)
     w.add_name(name)
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
@@ -144,7 +168,7 @@ def write_gguf(model, tok, path, outtype="f16", name="fireact-student"):
         gname = f"blk.{parts[2]}.{inv['.'.join(parts[3:-1])]}.{parts[-1]}" if parts[1:2] == ["layers"] \
             else f"{inv['.'.join(parts[:-1])]}.{parts[-1]}"
         t = t.detach().float().cpu()
-        if gname.split(".")[-2] in ("attn_q", "attn_k"):
+        if gname.split(".")[-2] in ("attn_q", "attn_k") and arch == "llama":
             t = permute_qk(t, c.num_attention_heads if "attn_q" in gname else c.num_key_value_heads)
         a = t.numpy()
         if a.ndim == 1 or outtype == "f32":
@@ -181,17 +205,51 @@ def modelfile(gguf_name, tok, adapter_template):
             "PARAMETER temperature 0\n")
 
 
+def save_folder(model, tok, out, force=False) -> Path:
+    """The merged HF checkpoint (model.save_checkpoint, as train.py --merge) written into the sibling
+    <out>.tmp<pid>, made readable by others (files 0644, folders 0755 under the umask; some writers make 0600),
+    then renamed onto out (an old out is moved aside and removed after). A failed export removes its temporary
+    folder; a killed one leaves it for the next run to remove (weights.remove_stale_tmp): never a half-written
+    out that blocks the retry."""
+    out = Path(out)
+    weights.remove_stale_tmp(out)
+    tmp, old = out.with_name(f"{out.name}.tmp{os.getpid()}"), out.with_name(f"{out.name}.tmp{os.getpid()}old")
+    try:
+        M.save_checkpoint(model, tok, tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        for f in [tmp, *tmp.rglob("*")]:
+            os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask)
+        if out.exists():
+            if any(out.iterdir()) and not force:
+                raise ValueError(f"--out {out}: the folder exists and is not empty; pass --force to replace it")
+            os.rename(out, old)
+        os.rename(tmp, out)
+        files.fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not out.exists():
+            os.rename(old, out)   # the old folder back in place
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
 def export(cfg: ExportConfig) -> Path:
     model, tok = merged_model(cfg)
     if cfg.format == "hf":
-        out = M.save_checkpoint(model, tok, cfg.out)   # the mechanism train.py --merge uses
+        out = save_folder(model, tok, cfg.out, cfg.force)
     else:
         name = Path(cfg.adapter or cfg.model or "SmolLM2-135M-Instruct").name
         out = write_gguf(model, tok, cfg.out, cfg.outtype, name)
         template = (fireact.adapter_training(cfg.adapter).get("template", "react") if cfg.adapter else "")
         chatml = "<|im_start|>" in (tokenizer_config(tok).get("chat_template") or "")
-        if template or chatml:
-            files.atomic_write(out.parent / "Modelfile", modelfile(out.name, tok, template))
+        if template or chatml:   # a Modelfile that FROMs another GGUF of this folder stays that one's
+            mf = out.parent / "Modelfile"
+            if mf.exists() and f"FROM ./{out.name}\n" not in files.read_text(mf):
+                mf = out.parent / f"{out.stem}.Modelfile"
+                print(f"{out.parent / 'Modelfile'} is another GGUF's: this one's is {mf}", file=sys.stderr)
+            files.atomic_write(mf, modelfile(out.name, tok, template).replace("-f Modelfile", f"-f {mf.name}"))
     print(f"{out}: {cfg.format}{' ' + cfg.outtype if cfg.format == 'gguf' else ''}"
           f"{', LoRA merged from ' + cfg.adapter if cfg.adapter else ''}")
     return Path(out)
