@@ -11,6 +11,8 @@ import contextlib
 import hashlib
 import json
 import os
+import re
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -108,6 +110,32 @@ def fsync_dir(path) -> None:
         pass
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def remove_stale_tmp(path) -> None:
+    """Delete what processes that died mid-write (a crash, a kill) left beside `path`: the <name>.tmp<pid>*
+    folders of directory writers and atomic_write's .<name>.<pid>.*.tmp files. A live writer's are kept."""
+    path = Path(path)
+    if os.name != "posix" or not path.parent.is_dir():
+        return
+    pats = ((f"{path.name}.tmp*", re.escape(path.name) + r"\.tmp(\d+)"),
+            (f".{path.name}.*.tmp", re.escape(f".{path.name}.") + r"(\d+)\..*\.tmp"))
+    for glob, rx in pats:
+        for p in path.parent.glob(glob):
+            m = re.match(rx, p.name)
+            if m and not _alive(int(m[1])):
+                print(f"removing {p}: left half-written by a run that died", file=sys.stderr)
+                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+
+
 _UMASK = os.umask(0o022)  # read once, at import (os.umask can only be read by setting it: not from threads)
 os.umask(_UMASK)
 
@@ -120,7 +148,8 @@ def atomic_write(path, data, commit=True) -> Path:
     chosen order (an adapter's weights, then its config). New files get the usual 0644-style mode (umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    remove_stale_tmp(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600: others could not read a saved model or results file
         with os.fdopen(fd, "wb") as f:
@@ -148,7 +177,8 @@ def atomic_path(path, commit=True):
     `with files.atomic_path(out) as tmp: writer.write(tmp)`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    remove_stale_tmp(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     os.close(fd)
     try:
         yield Path(tmp)

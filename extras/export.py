@@ -209,10 +209,10 @@ def save_folder(model, tok, out, force=False) -> Path:
     """The merged HF checkpoint (model.save_checkpoint, as train.py --merge) written into the sibling
     <out>.tmp<pid>, made readable by others (files 0644, folders 0755 under the umask; some writers make 0600),
     then renamed onto out (an old out is moved aside and removed after). A failed export removes its temporary
-    folder; a killed one leaves it for the next run to remove (weights.remove_stale_tmp): never a half-written
+    folder; a killed one leaves it for the next run to remove (files.remove_stale_tmp): never a half-written
     out that blocks the retry."""
     out = Path(out)
-    weights.remove_stale_tmp(out)
+    files.remove_stale_tmp(out)
     tmp, old = out.with_name(f"{out.name}.tmp{os.getpid()}"), out.with_name(f"{out.name}.tmp{os.getpid()}old")
     try:
         M.save_checkpoint(model, tok, tmp)

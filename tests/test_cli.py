@@ -199,6 +199,19 @@ def test_atomic_path_for_writers_that_take_a_name_and_the_files_mode(tmp_path):
     assert oct(q.stat().st_mode & 0o777) == oct(0o666 & ~files._UMASK)        # not mkstemp's 0600
 
 
+def test_a_dead_writers_temporaries_are_removed_a_live_ones_kept(tmp_path):
+    dead = 2**22 + 12345                               # above Linux's default pid_max: no such process
+    left = [tmp_path / f".out.gguf.{dead}.x1.tmp", tmp_path / f"out.gguf.tmp{dead}"]
+    left[0].write_bytes(b"half")
+    left[1].mkdir()
+    live = tmp_path / f".out.gguf.{os.getpid()}.x2.tmp"  # another thread of this process, writing now
+    live.write_bytes(b"in progress")
+    with files.atomic_path(tmp_path / "out.gguf") as tmp:
+        assert str(os.getpid()) in tmp.name             # a killed writer's file says whose it was
+        tmp.write_bytes(b"whole")
+    assert sorted(os.listdir(tmp_path)) == sorted(["out.gguf", live.name])
+
+
 def test_read_json_and_jsonl_name_the_file_and_line(tmp_path):
     p = tmp_path / "a.json"
     with pytest.raises(ValueError, match="a.json: no such file; run it"):
