@@ -224,7 +224,7 @@ def _from_json(path, lineno, d, i):
         return _record(path, lineno, q, d["output"], i)
     if "question" in d and "chain" in d:
         raise ValueError(f"{path}:{lineno}: this is a question file, not trajectories; generate them with "
-                         f"`python fireact.py generate ...` (see README)")
+                         f"`python fireact.py generate ...` (see docs/real-data.md)")
     raise ValueError(f"{path}:{lineno}: unknown record format (keys {sorted(d)[:6]}); expected 'steps', "
                      f"'messages', 'conversations' or 'instruction'/'output'")
 

@@ -441,7 +441,7 @@ TEMPLATES = ("film_town", "born_first", "novel_year", "same_country", "painting_
 
 
 # Training questions go to train_questions.jsonl: data/toy/train.jsonl is the embedded default *trajectory* file
-# that `python train.py` reads (made from these questions by fireact's generate -> filter -> mix, see README).
+# that `python train.py` reads (made from these questions by fireact's generate -> filter -> mix, see docs/experiments.md).
 QUESTION_FILES = {"train": "train_questions.jsonl", "dev": "dev.jsonl", "test": "test.jsonl"}
 # the extra tasks (fireact tasks toy_yesno, toy_mc: FireAct's StrategyQA and MMLU formats) -> their templates
 EXTRA_TASKS = {"toy_yesno": ("could_see_film", "band_hometown"), "toy_mc": ("which_occupation", "which_year")}

@@ -735,7 +735,7 @@ def check_config(cfg):
             if path == str(REPO / DEFAULT_DATA) and not Path(path).exists():
                 raise ValueError(f"no training data at {DEFAULT_DATA}: build the offline default task with "
                                  f"`python toyworld.py`, then `python fireact.py generate --task toy --split "
-                                 f"train --teacher-model oracle ...` -> filter -> mix (README, the demo); or "
+                                 f"train --teacher-model oracle ...` -> filter -> mix (docs/experiments.md); or "
                                  f"pass --data FILE")
             if not Path(path).exists():
                 raise ValueError(f"{flag} {path}: no such file")

@@ -101,7 +101,7 @@ def eval_step(name, task, split, *flags, n=200, prompted=False, hp=False):
 # data/toy/train.jsonl, is the one chosen on dev: ReAct only (toyworld.py)
 MIXES = {"react": ["react=545"], "react_reflexion": ["react=470", "reflexion=75"],
          "react_cot_reflexion": ["react=420", "reflexion=75", "cot=50"]}
-TOY_EVAL = ["--max-new-tokens", "128"]  # toy turns are short; prompted rambling is cut at 128 tokens (README)
+TOY_EVAL = ["--max-new-tokens", "128"]  # toy turns are short; prompted rambling is cut at 128 tokens (docs/experiments.md)
 
 
 def toy_rows() -> list[Row]:
@@ -213,7 +213,7 @@ def hotpotqa_rows() -> list[Row]:
     # FireAct trained its students for 3 epochs; the grid's recipe is 1 (the CPU default): the step count that the
     # toy's scaling rows say matters most, tried on tune before it is read on report. Then the same with LoRA
     # dropout 0, train.py's default since the toy's dev split chose it (compiled: the same loss, faster); then that
-    # recipe's rank and learning rate, each moved once, and FireAct's multitask file at its epoch count (README §2b)
+    # recipe's rank and learning rate, each moved once, and FireAct's multitask file at its epoch count (docs/experiments.md)
     drop0 = ["--epochs", "3", "--lora-dropout", "0", "--compile"]
     for name, label, data, flags in (
             ("hp_hotpotqa_3ep", "FireAct's hotpotqa, 3 epochs (FireAct's count)", "hotpotqa", ["--epochs", "3"]),
