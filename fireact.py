@@ -19,7 +19,9 @@ The text layout (few-shot LLMs get a prefix of examples first; a fine-tuned stud
     Observation: {observation}\n                      <- not trained (the tool wrote it)      ... once per step
 The LLM writes `Thought: ...\nAction: ...`; we cut after the first complete Action line. CoT writes
 `Thought: ...\nAnswer: X`, read as the one step `finish[X]`. A reflection prompt (data/prompts/reflexion_*.txt) ends
-with `Reflection:`; the reflection then opens the next Thought. Tasks, metrics and file formats: tasks.py.
+with `Reflection:`; the reflection then opens the next Thought. The few-shot examples are ours (data/prompts/) or
+FireAct's own (--prompts fireact, the default with its search-engine tools on its tasks; read from the data dir).
+Tasks, metrics and file formats: tasks.py.
 """
 import dataclasses, json, os, random, re, sys, threading, time
 from collections import Counter, deque
@@ -29,9 +31,9 @@ from typing import Literal
 
 from common import cli, files, net  # flags and one-line errors, JSON/JSONL files, concurrent HTTP (torch-free)
 import tools  # the agent's tools and the teacher (no torch)
-from tasks import (REFLECT_INTRO, TASKS, TOOLS, DownloadConfig, Task, TaskName, denominator, download, get_task,
-                   is_finish, make_tool, pick_tool, question_key, read_records, read_results, score_answer,
-                   summary_path)
+from tasks import (REFLECT_INTRO, TASKS, TOOLS, DownloadConfig, Task, TaskName, Toy, data_dir, denominator,
+                   download, get_task, is_finish, make_tool, pick_tool, question_key, read_records,
+                   read_results, read_training_records, score_answer, summary_path)
 
 REPO = cli.REPO
 PROMPTS = REPO / "data" / "prompts"
@@ -120,21 +122,65 @@ def show_mask(rec, tokenizer, train_on="actions", color=None, template="react"):
 
 
 # --------------------------------------------------------------------------------------------------------- prompts
-def prompt_file(method: str, family: str, tool: str) -> Path:
-    """data/prompts/{method}_{family}[_snippet].txt: search-engine tools (snippet, google) get the prompts whose
-    search takes a free-text query and returns one snippet; page tools get the Wikipedia-style ones."""
+# Two sets of few-shot prompts (--prompts): ours (data/prompts/, written for this project: a `Question:` label, a
+# page-tool and a search-engine variant, a Reflexion prompt) and FireAct's own (its repository's prompts/, read from
+# the data dir after `python fireact.py download`: ReAct with its Google-snippet tool, CoT; no Reflexion prompt).
+PROMPT_SETS = ("ours", "fireact")
+FIREACT_FAMILIES = ("hotpotqa", "strategyqa", "mmlu")
+FIREACT_QUESTION = {"hotpotqa": "", "strategyqa": "Yes or no: ", "mmlu": "Single choice: "}  # as its examples ask
+
+
+def default_prompts(task: Task, tool: str) -> str:
+    """FireAct's prompts wherever FireAct's tool family is used (a search engine: snippet or google) on its task
+    families; ours for the toy world and for page tools (wikipedia, local), for which FireAct wrote none."""
+    fireact = tool in ("snippet", "google") and task.family in FIREACT_FAMILIES and not isinstance(task, Toy)
+    return "fireact" if fireact else "ours"
+
+
+def prompt_file(method: str, family: str, tool: str, prompts: str = "ours") -> Path:
+    """ours: data/prompts/{method}_{family}[_snippet].txt (search-engine tools, snippet and google, get the prompts
+    whose search takes a free-text query and returns one snippet; page tools the Wikipedia-style ones).
+    fireact: {data dir}/fireact/prompts/react_{family}_google.txt or cot_{family}.txt, whatever the tool."""
+    if prompts == "fireact":
+        if family not in FIREACT_FAMILIES or method not in ("react", "cot"):
+            raise ValueError(f"--prompts fireact: FireAct released no {method} prompt for {family} (it has react and "
+                             f"cot for {', '.join(FIREACT_FAMILIES)}); pass --prompts ours")
+        return data_dir() / "fireact" / "prompts" / (f"react_{family}_google.txt" if method == "react" else
+                                                     f"cot_{family}.txt")
+    if prompts != "ours":
+        raise ValueError(f"unknown prompts {prompts!r}; choose {' | '.join(PROMPT_SETS)}")
     style = "_snippet" if tool in ("snippet", "google") and method != "cot" else ""
     return PROMPTS / f"{method}_{family}{style}.txt"
 
 
-def few_shot(method: str, family: str, tool: str = ""):
-    """prompt_fn(question, steps) -> text: the few-shot prefix of the prompt file + the history so far."""
-    path = prompt_file(method, family, tool)
+def few_shot(method: str, family: str, tool: str = "", prompts: str = "ours"):
+    """prompt_fn(question, steps) -> text: the few-shot prefix of the prompt file + the history so far.
+    ours:    {prefix}\n\nQuestion: {question}\n{steps}
+    fireact: {prefix}\n\n{Yes or no: |Single choice: }{question}\n{steps}, FireAct's layout (generation.py:
+             prompt file + question + newline; its examples carry no `Question:` label). Two differences: the
+             prefix is always followed by one blank line (its MMLU and StrategyQA files end with no newline, so
+             its code ran the question into the last example's line), and the prompt ends after the question or
+             the last Observation (FireAct appended `Thought:`; here the model writes it, as with ours)."""
+    path = prompt_file(method, family, tool, prompts)
     if not path.exists():
-        raise ValueError(f"{path}: no such prompt file")
+        hint = "; run `python fireact.py download --only fireact/prompts`, or pass --prompts ours" \
+            if prompts == "fireact" else ""
+        raise ValueError(f"{path}: no such prompt file{hint}")
     prefix = files.read_text(path).strip()
     suffix = "Reflection:" if method == "reflexion" else ""
+    if prompts == "fireact":
+        label = FIREACT_QUESTION[family]
+        return lambda question, steps: (f"{prefix}\n\n{label}{question}\n" + "".join(
+            text for text, _ in segments(question, steps, for_inference=True)[1:]))
     return lambda question, steps: f"{prefix}\n\n{history_text(question, steps)}{suffix}"
+
+
+def prompts_used(method: str, family: str, tool: str, prompts: str) -> dict:
+    """What a summary or a generate run records about its few-shot prompts: the set and the file(s)."""
+    if method == "reflexion":  # FireAct released no reflection prompt: the ReAct turns use the set, reflections ours
+        return {"set": prompts, "react": str(prompt_file("react", family, tool, prompts)),
+                "reflexion": str(prompt_file("reflexion", family, tool, "ours"))}
+    return {"set": prompts, method: str(prompt_file(method, family, tool, prompts))}
 
 
 def zero_shot(tokenizer, template="react"):
@@ -419,11 +465,14 @@ class RunConfig:  # what generate and eval share
     seed: int = 0                 # tool noise and re-sampling seed
     noise: float = 0.0            # probability that an observation is replaced (tools.NoisyTool)
     noise_mode: Literal["none", "random"] = "none"  # none: the observation becomes "None" | random: another question's
+    prompts: Literal["", "ours", "fireact"] = ""  # few-shot prompts; "" = FireAct's with snippet/google on its tasks, else ours
 
     def check(self):
         get_task(self.task)
         if self.tool and self.tool not in TOOLS:
             raise ValueError(f"--tool {self.tool}: choose {' | '.join(TOOLS)}")
+        if self.prompts and self.prompts not in PROMPT_SETS:
+            raise ValueError(f"--prompts {self.prompts}: choose {' | '.join(PROMPT_SETS)}")
         at_least(self, n=0, max_steps=1, retries=0)
         if self.timeout <= 0:
             raise ValueError(f"--timeout {self.timeout}: must be > 0 seconds")
@@ -509,12 +558,15 @@ class AskConfig(LocalModelConfig):
     question: list = field(default_factory=list)  # the question (quotes optional: the words are joined)
     task: TaskName = "toy"        # the tool's corpus and the few-shot prompt family
     tool: ToolChoice = ""         # "" = the tool family of the adapter's training data, else the task's default
+    prompts: Literal["", "ours", "fireact"] = ""  # few-shot prompts (no adapter); "" = as eval chooses
     max_steps: int = 11           # LLM turns
     interactive: bool = False     # after this question, keep asking (an empty line or Ctrl-D ends)
     color: Literal["auto", "always", "never"] = "auto"  # auto: colour on a terminal, plain when piped
 
     def check(self):
         self.check_local()
+        if self.prompts and self.prompts not in PROMPT_SETS:
+            raise ValueError(f"--prompts {self.prompts}: choose {' | '.join(PROMPT_SETS)}")
         if self.max_steps < 1 or self.max_new_tokens < 1:
             raise ValueError("--max-steps and --max-new-tokens must be >= 1")
         if self.adapter and not Path(self.adapter).is_dir():
@@ -526,6 +578,7 @@ class FilterConfig:
     files: list = field(default_factory=list)    # trajectory files written by generate
     out: str = "runs/filtered.jsonl"  # the kept records
     keep_forced: bool = False     # keep episodes whose answer was forced out of them (not successful trajectories)
+    keep_failed: bool = False     # keep FireAct's rows that end `reward = False` (its failed attempts)
 
     def check(self):
         check_out_path(self.out)
@@ -540,6 +593,7 @@ class MixConfig:
     per_group: int = 0                           # at most this many per (task, method); 0 = all
     per_method: list = field(default_factory=list)  # METHOD=N caps that override per_group: react=450 cot=0
     seed: int = 0                                # shuffle seed
+    keep_failed: bool = False                    # keep FireAct's rows that end `reward = False` (dropped by default)
 
     def check(self):
         check_out_path(self.out)
@@ -568,17 +622,19 @@ def make_teacher(name, base_url="", api_key_env="OPENAI_API_KEY", method=None, t
                          cache_dir=files.cache_dir() / "teacher", timeout=timeout, max_retries=retries)
 
 
-def method_setup(task: Task, method: str, max_steps: int, reflect_at=(5, 9), reflect_on="rounds", tool=""):
-    """(prompt_fn, max_steps, reflexion) for a generation method. CoT is one turn that must finish."""
+def method_setup(task: Task, method: str, max_steps: int, reflect_at=(5, 9), reflect_on="rounds", tool="",
+                 prompts="ours"):
+    """(prompt_fn, max_steps, reflexion) for a generation method. CoT is one turn that must finish. prompts: the
+    set of the ReAct and CoT prompts; a reflection prompt is always ours (FireAct released none)."""
     if method not in ("react", "cot", "reflexion"):
         raise ValueError(f"unknown method {method!r}; choose react | cot | reflexion")
     if method == "cot":
-        return few_shot("cot", task.family), 1, None
+        return few_shot("cot", task.family, prompts=prompts), 1, None
     reflexion = None
     if method == "reflexion":
         judge = (lambda ep, answer: score_answer(task.metric, answer, ep.answer)[0] > 0) if reflect_on == "wrong" else None
         reflexion = Reflexion(few_shot("reflexion", task.family, tool), tuple(reflect_at), judge)
-    return few_shot("react", task.family, tool), max_steps, reflexion
+    return few_shot("react", task.family, tool, prompts), max_steps, reflexion
 
 
 def cost(model_name: str, usage: dict):
@@ -599,7 +655,9 @@ def generate(cfg: GenerateConfig, teacher=None) -> Path:
     task = get_task(cfg.task)
     split = task.training_split(cfg.split, cfg.allow_eval_split)
     tool = cfg.tool or task.tool
+    prompts = cfg.prompts or default_prompts(task, tool)
     run = dict(task=cfg.task, split=split, method=cfg.method, teacher=cfg.teacher_model, tool=tool,
+               **({} if prompts == "ours" else dict(prompts=prompts)),  # no key: ours (files before --prompts too)
                max_steps=cfg.max_steps, temperature=cfg.temperature, max_tokens=cfg.max_tokens,
                **(dict(reflect_at=cfg.reflect_at, reflect_on=cfg.reflect_on) if cfg.method == "reflexion" else {}),
                **(dict(noise=cfg.noise, noise_mode=cfg.noise_mode) if cfg.noise else {}))
@@ -623,10 +681,12 @@ def generate(cfg: GenerateConfig, teacher=None) -> Path:
                                           cfg.timeout, cfg.retries)
         llm = TeacherLLM(teacher, max_tokens=cfg.max_tokens, temperature=cfg.temperature)
         prompt_fn, max_steps, reflexion = method_setup(task, cfg.method, cfg.max_steps, cfg.reflect_at,
-                                                       cfg.reflect_on, tool)
+                                                       cfg.reflect_on, tool, prompts)
         base_tool = make_tool(cfg.task, tool, cfg.noise, cfg.noise_mode, cfg.seed)  # noise: FireAct's robustness data
         print(f"generate {cfg.task}/{split}/{cfg.method} with {cfg.teacher_model}, tool {tool}: {len(done)} done, "
               f"{len(todo)} to go -> {out}")
+        print(f"prompts: {prompts} ({', '.join(f'{k} {v}' for k, v in prompts_used(cfg.method, task.family, tool, prompts).items() if k != 'set')})"
+              + ("" if cfg.prompts else "; --prompts overrides"))
         # One episode per worker thread: each is written the moment it ends (the batch is the pool of threads).
         episode = lambda q: run_agent(llm, [base_tool.fork()], [q], prompt_fn, max_steps, reflexion=reflexion)[0]
         stats, errors, t0 = Counter(), [], time.time()
@@ -659,12 +719,14 @@ def generate(cfg: GenerateConfig, teacher=None) -> Path:
 
 
 def filter_records(cfg: FilterConfig) -> int:
-    """Keep the successful trajectories (right answer, finished by the agent itself), one per (task, method, id)."""
+    """Keep the successful trajectories (right answer, finished by the agent itself), one per (task, method, id).
+    FireAct's released rows carry no score: they count as successful unless they end `reward = False`."""
     seen, kept = set(), []
     for path in cfg.files:
-        for r in read_records(path):
+        for r in read_training_records(path, cfg.keep_failed):
             key = (r.get("task"), r.get("method"), r["id"])
-            if r.get("em", 0) > 0 and (cfg.keep_forced or not r.get("forced")) and key not in seen:
+            ok = r["em"] > 0 if "em" in r else True  # FireAct's: its failed rows are gone already (unless kept)
+            if ok and (cfg.keep_forced or not r.get("forced")) and key not in seen:
                 seen.add(key)
                 kept.append(r)
     files.write_jsonl(cfg.out, kept)
@@ -676,7 +738,7 @@ def mix(cfg: MixConfig) -> Counter:
     """K tasks x M methods -> one shuffled training file (our format; FireAct's files are read too)."""
     groups = {}
     for path in cfg.files:
-        for r in read_records(path):
+        for r in read_training_records(path, cfg.keep_failed):  # FireAct's failed rows dropped unless kept
             groups.setdefault((r.get("task", "?"), r.get("method", "?")), []).append(r)
     caps = {}
     for spec in cfg.per_method:
@@ -826,9 +888,9 @@ def load_local(cfg) -> tuple:
                                         prefix_cache_mb=getattr(cfg, "prefix_cache_mb", 2048))
 
 
-def student_prompt(tok, zero: bool, template: str, task: Task, tool: str):
+def student_prompt(tok, zero: bool, template: str, task: Task, tool: str, prompts: str = "ours"):
     """A fine-tuned student's prompt (render, no examples) or the prompted model's (few-shot ReAct for the tool)."""
-    return zero_shot(tok, template) if zero else few_shot("react", task.family, tool)
+    return zero_shot(tok, template) if zero else few_shot("react", task.family, tool, prompts)
 
 
 def evaluate(cfg: EvalConfig) -> list[dict]:
@@ -838,6 +900,11 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
     trained = adapter_training(cfg.adapter)
     tool = pick_tool(cfg, task, trained)
     template = cfg.template or trained.get("template", "react")
+    prompts = cfg.prompts or default_prompts(task, tool)
+    few_shot_runs = cfg.compare or not (cfg.adapter or cfg.zero_shot)
+    few = prompts_used("react", task.family, tool, prompts) if few_shot_runs else None  # recorded in summaries
+    if few_shot_runs:
+        print(f"prompts: {prompts} ({few['react']})" + ("" if cfg.prompts else "; --prompts overrides"))
     meta = dict(model=cfg.teacher_model or cfg.model or "SmolLM2-135M-Instruct", adapter=cfg.adapter or None,
                 adapter_base=trained.get("base"),
                 template=template, noise=cfg.noise, noise_mode=cfg.noise_mode, force_answer=cfg.force_answer,
@@ -847,10 +914,11 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
         llm = TeacherLLM(make_teacher(cfg.teacher_model, cfg.base_url, cfg.api_key_env, timeout=cfg.timeout,
                                       retries=cfg.retries))
         if cfg.zero_shot:  # a fine-tuned API model, evaluated as FireAct evaluated its GPT-3.5: chat, no examples
-            summaries = [run_eval(cfg, llm, chat_messages, f"{cfg.teacher_model} zero-shot", out, tool, meta)]
+            summaries = [run_eval(cfg, llm, chat_messages, f"{cfg.teacher_model} zero-shot", out, tool,
+                                  dict(meta, prompts=None))]
         else:
-            summaries = [run_eval(cfg, llm, few_shot("react", task.family, tool), f"{cfg.teacher_model} prompted",
-                                  out, tool, meta)]
+            summaries = [run_eval(cfg, llm, few_shot("react", task.family, tool, prompts),
+                                  f"{cfg.teacher_model} prompted", out, tool, dict(meta, prompts=few))]
     else:
         import model as M
         net, tok, generate_fn = load_local(cfg)
@@ -860,12 +928,13 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
         for label, tuned in runs:
             if tuned:
                 M.load_adapter(net, cfg.adapter, merge=not cfg.quant)
-            prompt_fn = student_prompt(tok, tuned or cfg.zero_shot, template, task, tool)
+            prompt_fn = student_prompt(tok, tuned or cfg.zero_shot, template, task, tool, prompts)
             path = out.with_name(f"{out.stem}_{label}{out.suffix}") if cfg.compare else out
             llm = LocalLLM(net, tok, generate_fn, cfg.max_new_tokens, seed=cfg.seed)
             summaries.append(run_eval(cfg, llm, prompt_fn, label, path, tool,
                                       dict(meta, adapter=cfg.adapter if tuned else None,
-                                           adapter_merged=tuned and not cfg.quant)))
+                                           adapter_merged=tuned and not cfg.quant,
+                                           prompts=None if tuned or cfg.zero_shot else few)))
     print_table(summaries)
     for s in summaries:
         if s["failures"] > cfg.max_failures * s["n"]:
@@ -885,7 +954,8 @@ def ask(cfg: AskConfig) -> list[Episode]:
     net, tok, generate_fn = load_local(cfg)
     if cfg.adapter:
         M.load_adapter(net, cfg.adapter, merge=not cfg.quant)
-    prompt_fn = student_prompt(tok, bool(cfg.adapter), cfg.template or trained.get("template", "react"), task, tool)
+    prompt_fn = student_prompt(tok, bool(cfg.adapter), cfg.template or trained.get("template", "react"), task, tool,
+                               cfg.prompts or default_prompts(task, tool))
     llm, base_tool = LocalLLM(net, tok, generate_fn, cfg.max_new_tokens), make_tool(cfg.task, tool)
     gold = {question_key(q["question"]): q["answer"] for split in task.eval_splits for q in task.questions(split)}
 

@@ -3,6 +3,7 @@
     import tasks
     qs = tasks.load_questions("toy", "test", n=5)         # [{"id", "question", "answer"}]
     recs = tasks.read_records("data/toy/train.jsonl")     # our JSONL, FireAct's alpaca JSON / gpt JSONL, ShareGPT
+    recs = tasks.read_training_records(path)              # the same, less failed attempts (FireAct's reward = False)
     tasks.score_answer("qa", "the Mapocho river.", "Mapocho River")   # (em, f1) = (1.0, 1.0)
 
 What is here: the metrics (SQuAD EM/F1, yes/no, multiple choice); the trajectory record and every reader of it
@@ -164,6 +165,35 @@ def check_steps(steps, where):
                              f"at its only finish (a failed attempt must not reach training data)")
         steps = steps[:done + 1]
     return steps
+
+
+# FireAct's released files are not all successful: 40 of hotpotqa_multimethod's 734 rows (47 of
+# multitask_multimethod's 2,063), its Reflexion rows, end `Observation: Episode finished, reward = False` (or `= 0`).
+# FireAct's method trains on successful trajectories only, so the readers on the way to training drop them.
+FAILED = re.compile(r"Episode finished, reward = (False|0)\b")
+
+
+def is_failed(rec) -> bool:
+    """Whether a record's last observation says its episode failed (FireAct's `reward = False`)."""
+    return bool(rec["steps"]) and bool(FAILED.search(str(rec["steps"][-1].get("observation") or "")))
+
+
+def drop_failed(recs, path, keep=False, log=print):
+    """recs without the failed ones (is_failed), saying how many were dropped from which file; keep: all of them."""
+    failed = sum(map(is_failed, recs))
+    if failed and not keep:
+        log(f"{path}: dropped {failed} of {len(recs)} trajectories whose last observation says `Episode finished, "
+            f"reward = False` (failed attempts; --keep-failed keeps them)")
+        return [r for r in recs if not is_failed(r)]
+    if failed:
+        log(f"{path}: kept {failed} failed trajectories (`reward = False`), as --keep-failed asks")
+    return recs
+
+
+def read_training_records(path, keep_failed=False, log=print):
+    """read_records on the way to training (train.py --data, fireact.py mix): failed trajectories dropped unless
+    keep_failed. read_records itself returns every record of the file, as it is."""
+    return drop_failed(read_records(path), path, keep_failed, log)
 
 
 def _record(path, lineno, question, output, i):
@@ -569,10 +599,14 @@ def denominator(path: Path, rows: list) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- download
-FIREACT_FILES = {  # FireAct's released trajectories and eval runs (not a task: training data and reference runs)
+FIREACT_FILES = {  # FireAct's released trajectories, prompts and eval runs (not a task: data and reference runs)
     **{f"fireact/finetune/{fmt}/{name}.{ext}": FIREACT_RAW + f"data/finetune/{fmt}/{name}.{ext}"
        for fmt, ext in (("alpaca_format", "json"), ("gpt_format", "jsonl"))
        for name in ("hotpotqa", "hotpotqa_multimethod", "multitask", "multitask_multimethod")},
+    # FireAct's few-shot prompts (`fireact.py eval/generate --prompts fireact`): its repository's prompts/ folder
+    **{f"fireact/prompts/{name}.txt": FIREACT_RAW + f"prompts/{name}.txt" for name in (
+        *(f"react_{t}_google" for t in ("hotpotqa", "strategyqa", "mmlu")),
+        *(f"{m}_{t}" for m in ("cot", "io") for t in ("hotpotqa", "strategyqa", "mmlu")))},
     **{f"fireact/trajs/{name}": FIREACT_RAW + f"trajs/{name}" for name in (
         "hotpotqa_dev_0_500_ft_gpt-3.5-turbo-0613_princeton-nlp__7woQRsdi_0.0_2023-09-21-16-19-51.json",
         "hotpotqa_dev_0_500_llama_models_lora_llama-2-13b-d_1000_0.7_2023-09-18-13-40-08.json",

@@ -46,7 +46,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from common import cli, files
-from fireact import read_records, render, show_mask
+from fireact import read_records, read_training_records, render, show_mask  # noqa: F401 (read_records: tests)
 from model import apply_lora, load_model, pick_device, pick_dtype, save_adapter, save_checkpoint
 
 REPO = Path(__file__).resolve().parent
@@ -64,6 +64,7 @@ class TrainConfig:
     val_max: int = 64                   # cap on held-out records: validation runs every --eval-every steps
     out: str = "out/train"              # run dir: adapter, config.json, run.json, metrics.jsonl, state.pt
     recipe: Literal["default", "fireact"] = "default"  # presets for settings not given: fireact = FireAct's own
+    keep_failed: bool = False           # keep FireAct's released rows that end `reward = False` (dropped by default)
     template: Literal["react", "alpaca"] = "react"  # prompt around the question (training and inference)
     train_on: Literal["actions", "all"] = "actions"  # trained tokens: actions = Thought/Action only; all = every token
     max_len: int = 1024                 # tokens per example (FireAct cut at 512)
@@ -607,10 +608,10 @@ def split_spec(spec):
     return (str(REPO / path) if path == DEFAULT_DATA else path), n
 
 
-def read_data_file(path):
-    """read_records (fireact.py owns the three formats; it names the file and line of any bad record), refusing a
-    file with no records."""
-    recs = read_records(path)
+def read_data_file(path, keep_failed=False, log=print):
+    """read_records (tasks.py owns the formats; it names the file and line of any bad record), refusing a file with
+    no records, less the failed trajectories (FireAct's `reward = False` rows) unless keep_failed."""
+    recs = read_training_records(path, keep_failed, log)
     if not recs:
         raise ValueError(f"{path}: no records (an empty file?)")
     return recs
@@ -621,13 +622,13 @@ def load_data(cfg, log=print):
     rng, train, val = random.Random(cfg.seed), [], []
     for spec in cfg.data:
         path, n = split_spec(spec)
-        recs = read_data_file(path)
+        recs = read_data_file(path, cfg.keep_failed, log)
         if n:
             recs = rng.sample(recs, min(n, len(recs)))
         log(f"data: {path}: {len(recs)} records" + (f" (sampled {n})" if n else ""))
         train += recs
     for path in cfg.val_data:
-        val += read_data_file(path)
+        val += read_data_file(path, cfg.keep_failed, log)
     if not val and cfg.val_frac > 0 and len(train) >= 10:
         rng.shuffle(train)
         k = min(cfg.val_max, max(1, round(cfg.val_frac * len(train))))
@@ -761,7 +762,7 @@ def mask_record(cfg, log=print):
     apply_recipe(cfg)
     recs = []
     for d in cfg.data:
-        recs += read_data_file(split_spec(d)[0])
+        recs += read_data_file(split_spec(d)[0], cfg.keep_failed, log)
         log(f"data: {split_spec(d)[0]}: {len(recs)} records so far")
     if cfg.show_mask >= len(recs):
         raise ValueError(f"--show-mask {cfg.show_mask}: only {len(recs)} records")

@@ -13,6 +13,7 @@ In code:
 """
 import json
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,7 @@ class ExportDataConfig:
     format: Literal["openai", "alpaca", "sharegpt"] = "openai"  # openai: chat messages (FireAct's gpt_format) | alpaca: a JSON array | sharegpt: conversations
     out: str = "runs/train_openai.jsonl"  # the exported file
     final_observation: bool = True  # end with the finish's observation, as FireAct's files do (billed, not trained on)
+    keep_failed: bool = False  # keep trajectories that end `reward = False` (dropped by default: FireAct's method)
 
     def check(self):
         if not self.files:
@@ -66,7 +68,8 @@ class ExportDataConfig:
 
 def export_data(cfg: ExportDataConfig) -> Path:
     """Trajectory files -> one fine-tuning file in OpenAI's chat format (FireAct's gpt_format), alpaca or ShareGPT."""
-    rows = [export_row(r, cfg.format, cfg.final_observation) for f in cfg.files for r in tasks.read_records(f)]
+    rows = [export_row(r, cfg.format, cfg.final_observation) for f in cfg.files
+            for r in tasks.read_training_records(f, cfg.keep_failed, log=lambda m: print(m, file=sys.stderr))]
     if cfg.format == "alpaca":  # FireAct's alpaca files are one JSON array
         files.atomic_write(cfg.out, json.dumps(rows, indent=4, ensure_ascii=False))
     else:

@@ -833,6 +833,16 @@ def test_export_round_trip(tmp_path, fmt):
     assert all(json.loads(l)["messages"][-1]["role"] == "assistant" for l in out.read_text().splitlines())
 
 
+@needs_data
+def test_export_data_drops_fireacts_failed_trajectories_unless_told(tmp_path, capsys):
+    """An API student is trained on what export-data writes: FireAct's 40 failed Reflexion rows stay out of it."""
+    src = DATA / "fireact" / "finetune" / "alpaca_format" / "hotpotqa_multimethod.json"
+    out = FA.export_data(FA.ExportDataConfig(files=[str(src)], out=str(tmp_path / "ft.jsonl")))
+    assert len(out.read_text().splitlines()) == 734 - 40 and "dropped 40 of 734" in capsys.readouterr().err
+    out = FA.export_data(FA.ExportDataConfig(files=[str(src)], keep_failed=True, out=str(tmp_path / "all.jsonl")))
+    assert len(out.read_text().splitlines()) == 734
+
+
 def _normalised(text):
     """What our reader keeps of a FireAct text: each line stripped, and no 'Question: ' label (MMLU rows carry
     one; our tasks' questions and eval prompts have none)."""
@@ -1082,3 +1092,194 @@ def test_eval_plain_and_fast_give_the_same_trajectories(tmp_path):
         outs[label] = {k: (v["steps"], v["pred"]) for k, v in json.loads(out.read_text()).items()}
     assert outs["plain"] == outs["fast"] and len(outs["fast"]) == 3
     assert json.loads((tmp_path / "plain.summary.json").read_text())["config"]["plain"]
+
+
+# ------------------------------------------------------------------------------ FireAct's prompts, failed rows
+FIREACT_PROMPTS = DATA / "fireact" / "prompts"
+FT = DATA / "fireact" / "finetune"
+
+
+def test_prompt_sets_default_to_fireacts_with_its_tool_family(tmp_path):
+    """--prompts "": FireAct's prompts with a search engine (snippet, google) on its task families; ours for the
+    toy world and for page tools. FireAct's are read from the data dir, never from the repo."""
+    d = lambda task, tool: fireact.default_prompts(tasks.TASKS[task], tool)  # noqa: E731
+    assert [d("hotpotqa_offline", "snippet"), d("hotpotqa", "google"), d("strategyqa", "google"),
+            d("mmlu", "snippet"), d("bamboogle", "google")] == ["fireact"] * 5
+    assert [d("hotpotqa_offline", "local"), d("hotpotqa", "wikipedia"), d("toy", "snippet"), d("toy_yesno", "snippet"),
+            d("toy_mc", "local")] == ["ours"] * 5
+    assert fireact.prompt_file("react", "mmlu", "snippet", "fireact") == \
+        tasks.data_dir() / "fireact" / "prompts" / "react_mmlu_google.txt"
+    assert fireact.prompt_file("cot", "hotpotqa", "", "fireact").name == "cot_hotpotqa.txt"
+    with pytest.raises(ValueError, match="FireAct released no reflexion prompt"):
+        fireact.prompt_file("reflexion", "hotpotqa", "snippet", "fireact")
+    used = fireact.prompts_used("reflexion", "hotpotqa", "snippet", "fireact")
+    assert used["react"].endswith("react_hotpotqa_google.txt") and used["reflexion"].endswith("reflexion_hotpotqa_snippet.txt")
+    # every file download fetches from FireAct's repository is one of its prompts/ (9 files)
+    got = {rel: url for rel, url in tasks.sources().items() if rel.startswith("fireact/prompts/")}
+    assert len(got) == 9 and all(url == tasks.FIREACT_RAW + "prompts/" + Path(rel).name for rel, url in got.items())
+    if FIREACT_PROMPTS.exists():
+        assert {Path(r).name for r in got} == {p.name for p in FIREACT_PROMPTS.glob("*.txt")}
+    import os
+    old = os.environ.get("FIREACT_DATA")
+    os.environ["FIREACT_DATA"] = str(tmp_path)  # no prompts there: a one-line error that says how to get them
+    try:
+        with pytest.raises(ValueError, match="download --only fireact/prompts"):
+            fireact.few_shot("react", "hotpotqa", "snippet", "fireact")
+    finally:
+        os.environ.pop("FIREACT_DATA") if old is None else os.environ.__setitem__("FIREACT_DATA", old)
+    with pytest.raises(SystemExit):
+        fireact.parse_config(fireact.EvalConfig, ["--prompts", "theirs"])
+
+
+class FireActStyleLLM:
+    """Replies in the line format of FireAct's examples; reads the question as FireAct's prompt shows it (the line
+    after the examples, no `Question:` label) and the turn from the Observation lines after it."""
+
+    def __init__(self, prefix, script):
+        self.prefix, self.script, self.prompts = prefix, script, []
+
+    def complete_batch(self, prompts, stop=None, stop_at=None, temperature=None):
+        outs = []
+        for p in prompts:
+            assert p.startswith(self.prefix + "\n\n")
+            self.prompts.append(p)
+            tail = p[len(self.prefix) + 2:]
+            question = tail.split("\n")[0]
+            reply = self.script[question][tail.count("\nObservation:")]
+            k = stop_at(reply) if stop_at else None
+            outs.append(reply if k is None else reply[:k])
+        return outs
+
+    def extend(self, prompt, text):
+        return prompt + text
+
+
+@pytest.mark.skipif(not FIREACT_PROMPTS.exists(), reason="../shared/data/fireact/prompts is absent")
+def test_fireacts_prompts_run_through_the_agent_loop(wiki):
+    """FireAct's ReAct prompt, built as FireAct's generation.py builds it (examples, the question with no label,
+    then the steps), runs a scripted LLM that writes FireAct's line format through run_agent; our renderer writes
+    its examples' steps back line for line, so the history the model sees has its examples' format."""
+    prefix = (FIREACT_PROMPTS / "react_hotpotqa_google.txt").read_text().strip()
+    assert prefix.startswith("Solve a question answering task with interleaving Thought, Action, Observation steps.")
+    # 4 examples (ours: 3), each a question line, then Thought/Action/Observation lines, ending in the finish's
+    # `Observation: Episode finished, reward = 1`: parse_react reads them, segments renders them back unchanged
+    examples = prefix.split("Here are some examples.")[1].strip().split("\n\n\n")
+    assert len(examples) == 4
+    for ex in examples:
+        question, body = ex.split("\n", 1)
+        preamble, steps = tasks.parse_react(body)
+        assert not preamble and tasks.is_finish(steps[-1]["action"]) and steps[-1]["observation"].endswith("reward = 1")
+        assert all(tools.parse_action(s["action"]) for s in steps)
+        assert "".join(t for t, _ in fireact.segments(question, steps, for_inference=True)[1:]) == body.strip() + "\n"
+    for family, label, n in (("strategyqa", "Yes or no: ", 4), ("mmlu", "Single choice: ", 3)):
+        text = fireact.few_shot("react", family, "google", "fireact")("Q?", [])
+        assert text.endswith(f"reward = 1.\n\n{label}Q?\n" if family == "strategyqa" else f"reward = 1\n\n{label}Q?\n")
+        assert text.count("Observation: Episode finished, reward = 1") == n
+    prompt_fn = fireact.few_shot("react", "hotpotqa", "snippet", "fireact")
+    assert prompt_fn("Q?", []) == prefix + "\n\nQ?\n" and "Question:" not in prompt_fn("Q?", [])
+    q = "Which river crosses the capital of the country of the Atacama Desert?"
+    llm = FireActStyleLLM(prefix, {q: [
+        "Thought: I need to search the Atacama Desert first.\nAction: search[Atacama Desert]\nObservation: made up",
+        "Thought: It is in Chile. I need the capital of Chile.\nAction: search[Santiago]\nObservation: x",
+        "Thought: The Mapocho River crosses Santiago.\nAction: finish[Mapocho River]\nObservation: Episode finished, reward = 1"]})
+    (ep,) = fireact.run_agent(llm, [wiki.fork()], [dict(id="0", question=q, answer="Mapocho River")], prompt_fn, 11)
+    assert ep.pred == "Mapocho River" and not ep.error and [s["action"] for s in ep.steps] == [
+        "search[Atacama Desert]", "search[Santiago]", "finish[Mapocho River]"]
+    assert ep.steps[0]["observation"].startswith("The Atacama Desert is a desert plateau")  # the tool's, not the LLM's
+    # the last prompt: FireAct's layout, each step in its examples' line format, no invented observation
+    assert llm.prompts[-1] == (f"{prefix}\n\n{q}\nThought: I need to search the Atacama Desert first.\n"
+                               f"Action: search[Atacama Desert]\nObservation: {ep.steps[0]['observation']}\n"
+                               f"Thought: It is in Chile. I need the capital of Chile.\nAction: search[Santiago]\n"
+                               f"Observation: {ep.steps[1]['observation']}\n")
+    # CoT with FireAct's prompt: `Thought: ...\nAnswer: X`, its examples' format, is one finish step
+    cot_fn, max_steps, _ = fireact.method_setup(tasks.TASKS["hotpotqa"], "cot", 11, prompts="fireact")
+    cot_prefix = (FIREACT_PROMPTS / "cot_hotpotqa.txt").read_text().strip()
+    llm = FireActStyleLLM(cot_prefix, {q: ["Thought: Santiago's river.\nAnswer: Mapocho River\n\nWhat is"]})
+    (ep,) = fireact.run_agent(llm, [wiki.fork()], [dict(id="0", question=q, answer="x")], cot_fn, max_steps)
+    assert ep.pred == "Mapocho River" and len(ep.steps) == 1
+
+
+@pytest.mark.skipif(not FIREACT_PROMPTS.exists(), reason="../shared/data/fireact/prompts is absent")
+def test_cli_eval_and_generate_record_the_prompts(cli_world):
+    """eval's summary and generate's records say which prompts were used; --prompts picks them."""
+    import shutil
+    run, tmp = cli_world
+    shutil.copytree(FIREACT_PROMPTS, tmp / "data" / "fireact" / "prompts")  # the test's data dir (a tmp copy)
+    r = run("eval", "--task", "hotpotqa_offline", "--tool", "snippet", "--teacher-model", "chat", "--max-steps", "1",
+            "--out", tmp / "f.json")  # (model `chat`: the scripted server's reply that needs no `Question:` label)
+    assert r.returncode == 0, r.stderr
+    assert "prompts: fireact" in r.stdout and "--prompts overrides" in r.stdout
+    s = json.loads((tmp / "f.summary.json").read_text())
+    assert s["prompts"]["set"] == "fireact" and s["prompts"]["react"].endswith("react_hotpotqa_google.txt")
+    sent = ScriptedOpenAI.requests[-1]["messages"][-1]["content"]
+    assert sent.startswith("Solve a question answering task") and "\nQuestion:" not in sent
+    r = run("eval", "--task", "hotpotqa_offline", "--tool", "snippet", "--prompts", "ours", "--teacher-model", "again",
+            "--max-steps", "1", "--out", tmp / "o.json")
+    assert r.returncode == 0, r.stderr
+    s = json.loads((tmp / "o.summary.json").read_text())
+    assert s["prompts"]["set"] == "ours" and s["prompts"]["react"].endswith("react_hotpotqa_snippet.txt")
+    r = run("generate", "--task", "hotpotqa_offline", "--split", "dev", "--allow-eval-split", "--teacher-model", "again",
+            "--max-steps", "1", "--tool", "local", "--out", tmp / "g.jsonl")
+    assert r.returncode == 0, r.stderr
+    recs = [json.loads(l) for l in (tmp / "g.jsonl").read_text().splitlines()]
+    # ours is the run without a `prompts` key (as every file from before --prompts: they resume, byte for byte)
+    assert recs and all("prompts" not in rec["run"] for rec in recs) and "prompts: ours" in r.stdout
+    r = run("generate", "--task", "hotpotqa_offline", "--split", "dev", "--allow-eval-split", "--teacher-model", "again",
+            "--max-steps", "1", "--tool", "local", "--out", tmp / "g.jsonl")
+    assert r.returncode == 0 and "3 done, 0 to go" in r.stdout, r.stdout + r.stderr
+    r = run("generate", "--task", "hotpotqa_offline", "--split", "dev", "--allow-eval-split", "--teacher-model", "again",
+            "--max-steps", "1", "--tool", "local", "--prompts", "fireact", "--out", tmp / "g.jsonl")
+    one_line_error(r, 1, "prompts None -> 'fireact'")
+
+
+def test_failed_rows_are_dropped_on_the_way_to_training(tmp_path, capsys):
+    """A row whose last observation says `reward = False` (or `= 0`) is a failed attempt: train.py --data, mix and
+    filter drop it and say how many, from which file; --keep-failed keeps it. read_records returns every row."""
+    ok = {"instruction": "Q1", "input": "", "output": "Thought: t\nAction: finish[a]\nObservation: Episode finished, reward = True\n"}
+    bad = {"instruction": "Q2", "input": "", "output": "Thought: t\nAction: finish[b]\nObservation: Episode finished, reward = False\n"}
+    zero = {"messages": [{"role": "user", "content": "Q3"}, {"role": "assistant", "content": "Thought: t\nAction: finish[c]"},
+                         {"role": "user", "content": "Observation: Episode finished, reward = 0"}]}
+    (tmp_path / "a.json").write_text(json.dumps([ok, bad, ok]))
+    (tmp_path / "g.jsonl").write_text(json.dumps(zero) + "\n")
+    assert len(tasks.read_records(tmp_path / "a.json")) == 3
+    assert [tasks.is_failed(r) for r in tasks.read_records(tmp_path / "a.json")] == [False, True, False]
+    assert len(tasks.read_training_records(tmp_path / "a.json")) == 2
+    assert f"{tmp_path / 'a.json'}: dropped 1 of 3 trajectories" in capsys.readouterr().out
+    assert len(tasks.read_training_records(tmp_path / "a.json", keep_failed=True)) == 3
+    counts = fireact.mix(fireact.MixConfig(files=[str(tmp_path / "a.json"), str(tmp_path / "g.jsonl")],
+                                           out=str(tmp_path / "m.jsonl")))
+    assert sum(counts.values()) == 2 and "dropped 1 of 1 trajectories" in capsys.readouterr().out
+    counts = fireact.mix(fireact.MixConfig(files=[str(tmp_path / "a.json"), str(tmp_path / "g.jsonl")],
+                                           out=str(tmp_path / "m.jsonl"), keep_failed=True))
+    assert sum(counts.values()) == 4
+    # filter: FireAct's rows carry no score; the unfailed ones are its successful trajectories
+    assert fireact.filter_records(fireact.FilterConfig(files=[str(tmp_path / "a.json")], out=str(tmp_path / "f.jsonl"))) == 2
+    import train as T
+    cfg = T.parse_args(["--data", str(tmp_path / "a.json"), "--val-frac", "0"])
+    tr, _ = T.load_data(cfg, log=print)
+    assert len(tr) == 2 and "dropped 1 of 3" in capsys.readouterr().out
+    tr, _ = T.load_data(T.parse_args(["--data", str(tmp_path / "a.json"), "--val-frac", "0", "--keep-failed"]))
+    assert len(tr) == 3
+
+
+@pytest.mark.skipif(not FT.exists(), reason="../shared/data/fireact/finetune is absent")
+@pytest.mark.parametrize("name,total,failed", [
+    ("alpaca_format/hotpotqa.json", 500, 0), ("alpaca_format/hotpotqa_multimethod.json", 734, 40),
+    ("alpaca_format/multitask.json", 1344, 0), ("alpaca_format/multitask_multimethod.json", 2063, 47),
+    ("gpt_format/hotpotqa_multimethod.jsonl", 733, 40), ("gpt_format/multitask_multimethod.jsonl", 2063, 47)])
+def test_fireacts_released_files_lose_their_failed_rows(name, total, failed, capsys):
+    """FireAct's failed rows are its Reflexion rows: 40 of hotpotqa_multimethod's 47 (every one opens its reflection
+    with the same fixed sentence) and 47 of multitask_multimethod's 71."""
+    recs = tasks.read_records(FT / name)
+    kept = tasks.read_training_records(FT / name)
+    assert (len(recs), len(recs) - len(kept)) == (total, failed)
+    out = capsys.readouterr().out
+    assert (f"dropped {failed} of {total}" in out and name.split("/")[-1] in out) if failed else out == ""
+    refl = [r for r in recs if any("let me do a reflection" in s["thought"] for s in r["steps"])]
+    assert all(any("let me do a reflection" in s["thought"] for s in r["steps"]) for r in recs if tasks.is_failed(r))
+    if "multimethod" in name:
+        assert len(refl) == (47 if "hotpotqa" in name else 71)
+        sentences = {m for r in refl for s in r["steps"]
+                     for m in re.findall(r"[^.]*let me do a reflection[^.]*\.", s["thought"])}
+        assert sentences == {"Now that I haven't solved the task within 5 steps, let me do a reflection and think "
+                             "about how to improve my strategy."}
