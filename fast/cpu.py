@@ -1,5 +1,7 @@
 """
 What this CPU runs natively, detected and never assumed, and the precision policy that follows from it. Speed layer.
+ONEDNN_MAX_CPU_ISA / MKL_ENABLE_INSTRUCTIONS / ATEN_CPU_CAPABILITY holds count: held at AVX2, an AVX-512 CPU takes
+an AVX2-only CPU's path and cpu_report says so (how the AVX2 kind is measured where none is at hand).
 
     from fast import cpu
     print(cpu.cpu_report(torch.float32))                 # cpu: AMD EPYC, ... path: fp32, frozen linears prepacked ...
@@ -20,9 +22,36 @@ def require_compiler(device_type: str):
         raise ValueError(f"--compile: torch.compile on CPU needs a C++ compiler ({cxx} not found; install g++, or "
                          "set CXX), or leave --compile off")
 
+# Holding the libraries below the CPU (to simulate an AVX2-only CPU on an AVX-512 one, issue 35): each variable
+# -> its values -> the highest ISA level it leaves, 0 below AVX2, 1 AVX2, 2 AVX-512, 3 + VNNI, 4 + BF16, 5 + AMX.
+ISA_LEVELS = ("below AVX2", "AVX2", "AVX-512", "AVX-512 VNNI", "AVX-512 BF16", "AMX")
+ISA_HOLDS = {
+    "ONEDNN_MAX_CPU_ISA": {"SSE41": 0, "AVX": 0, "AVX2": 1, "AVX2_VNNI": 1, "AVX2_VNNI_2": 1, "AVX512_CORE": 2,
+                           "AVX512_CORE_VNNI": 3, "AVX512_CORE_BF16": 4, "AVX512_CORE_FP16": 4, "AVX10_1_512": 4},
+    "DNNL_MAX_CPU_ISA": None,  # oneDNN's older name: the same values
+    "MKL_ENABLE_INSTRUCTIONS": {"SSE4_2": 0, "AVX": 0, "AVX2": 1, "AVX2_E1": 1, "AVX512": 2, "AVX512_E1": 3,
+                                "AVX512_E2": 3, "AVX512_E3": 4},
+    "ATEN_CPU_CAPABILITY": {"default": 0, "avx2": 1, "avx512": 2}}
+
+def isa_hold() -> tuple[int, list[str]]:
+    """(the highest ISA level the libraries may use, ['VAR=value' that hold it]). Any value not listed (ALL,
+    AVX512_CORE_AMX, unset) holds nothing. The lowest hold wins for every flag: the variables are set together to
+    simulate a CPU (bench/*.py, docs/benchmarks.md), and a process held by one of them runs that CPU's kernels there."""
+    level, by = len(ISA_LEVELS) - 1, {}
+    for var, values in ISA_HOLDS.items():
+        val = os.environ.get(var, "").strip()
+        values = values or ISA_HOLDS["ONEDNN_MAX_CPU_ISA"]
+        lvl = values.get(val.lower() if var == "ATEN_CPU_CAPABILITY" else val.upper())
+        if lvl is not None:
+            by[var] = (lvl, val)
+            level = min(level, lvl)
+    return level, [f"{v}={val}" for v, (lvl, val) in by.items() if lvl == level]
+
 def cpu_info() -> dict:
     """What this CPU can do, detected, never assumed (machines differ): its name, torch's capability string,
-    the ISA extensions that decide the fast path, and whether oneDNN is there."""
+    the ISA extensions that decide the fast path, and whether oneDNN is there. Extensions above a hold of
+    ONEDNN_MAX_CPU_ISA / MKL_ENABLE_INSTRUCTIONS / ATEN_CPU_CAPABILITY (isa_hold) count as absent: the process takes
+    the path of the CPU it simulates; "held" names the hold and "cpu_flags" what /proc/cpuinfo lists."""
     name, flags = "", set()
     try:
         with open("/proc/cpuinfo") as f:
@@ -37,13 +66,20 @@ def cpu_info() -> dict:
         pass
     probe = lambda f: bool(getattr(torch.cpu, f, lambda: False)())
     onednn = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-    return {"name": name or "unknown CPU", "capability": torch.backends.cpu.get_cpu_capability(),
-            "avx2": "avx2" in flags or probe("_is_avx2_supported"),
-            "avx512": "avx512f" in flags or probe("_is_avx512_supported"),
-            "avx512_bf16": "avx512_bf16" in flags or probe("_is_avx512_bf16_supported"),
-            "amx_bf16": "amx_bf16" in flags or probe("_is_amx_tile_supported"),
-            "vnni": bool({"avx512_vnni", "avx_vnni"} & flags) or probe("_is_vnni_supported"),
-            "onednn": onednn, "onednn_bf16": onednn and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())}
+    cpu = {"avx2": "avx2" in flags or probe("_is_avx2_supported"),
+           "avx512": "avx512f" in flags or probe("_is_avx512_supported"),
+           "avx512_bf16": "avx512_bf16" in flags or probe("_is_avx512_bf16_supported"),
+           "amx_bf16": "amx_bf16" in flags or probe("_is_amx_tile_supported"),
+           "vnni": bool({"avx512_vnni", "avx_vnni"} & flags) or probe("_is_vnni_supported")}
+    level, held = isa_hold()
+    has = {"avx2": cpu["avx2"] and level >= 1, "avx512": cpu["avx512"] and level >= 2,
+           "avx512_bf16": cpu["avx512_bf16"] and level >= 4, "amx_bf16": cpu["amx_bf16"] and level >= 5,
+           "vnni": cpu["vnni"] and level >= 3}  # held below it, AVX-VNNI counts as absent too (int8 needs AVX-512)
+    lost = [k for k in cpu if cpu[k] and not has[k]]
+    return {"name": name or "unknown CPU", "capability": torch.backends.cpu.get_cpu_capability(), **has,
+            "onednn": onednn, "onednn_bf16": onednn and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+            "held": f"{ISA_LEVELS[level]} held by {', '.join(held)}" if lost else "",
+            "cpu_flags": [k for k in cpu if cpu[k]]}
 
 def native_bf16(info=None) -> bool:
     """bf16 matmuls in hardware (AVX512_BF16 or AMX) through oneDNN. Elsewhere bf16 is emulated: measured on an
@@ -76,7 +112,9 @@ def cpu_report(dtype=torch.float32, info=None, quant="", train=False, compiled=F
     if compiled and not train:
         path += ("; one-row decode steps compiled (torch.compile)" if quant else
                  "; decode steps compiled (torch.compile, weights frozen, max-autotune GEMMs)")
-    return (f"cpu: {info['name']}, torch capability {info['capability']}, {' '.join(isa) or 'no AVX2'}, "
+    held = (f" ({info['held']}; the CPU has {' '.join(info.get('cpu_flags') or [])})"
+            if info.get("held") else "")
+    return (f"cpu: {info['name']}, torch capability {info['capability']}, {' '.join(isa) or 'no AVX2'}{held}, "
             f"oneDNN {'yes' if info['onednn'] else 'no'} (bf16 {'native' if native_bf16(info) else 'not native'}); "
             f"path: {path}")
 

@@ -6,6 +6,7 @@
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -460,6 +461,121 @@ def test_loader_errors(tmp_path):
     (d / "pytorch_model.bin").write_bytes(b"pickle")
     with pytest.raises(ValueError, match="never unpickle"):
         M.load_checkpoint(d)
+
+
+LOAD_MEMORY = """
+import json, re, sys, torch
+sys.path.insert(0, {root!r})
+import model as M
+from common import weights
+def st(key):
+    return int(re.search(key + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+if {copying}:  # a reader that hands each tensor over as a private copy, as the reader before issue 35 did
+    mapped = weights.iter_safetensors
+    weights.iter_safetensors = M.iter_safetensors = lambda *a, **k: ((n, t.clone()) for n, t in mapped(*a, **k))
+with torch.device("meta"):  # torch imports sympy & co. at the first module built on meta (~65 MiB): not the load
+    M.Llama(M.ModelConfig.from_hf(M.read_json({d!r} + "/config.json")))
+rss0, anon0 = st("VmRSS"), st("RssAnon")
+m = M.load_checkpoint({d!r}, dtype=getattr(torch, {dtype!r}))
+anon_load = st("RssAnon") - anon0
+with torch.no_grad():  # touch every weight: a mapped load's pages count in RSS from here (file pages, not anon)
+    assert all(torch.isfinite(p.sum()) for p in m.parameters())  # in its own dtype: no temporary copies
+print(json.dumps({{"anon_load": anon_load, "anon_touched": st("RssAnon") - anon0, "peak": st("VmHWM") - rss0}}))
+"""
+
+
+def load_memory(d, dtype="float32", copying=False) -> dict:
+    """Memory a fresh process spends loading d, in bytes: anonymous (private) memory after the load and after
+    touching every weight, and the peak RSS (VmHWM: anonymous + file pages) above the RSS before the load."""
+    import subprocess, sys
+    root = str(Path(__file__).resolve().parent.parent)
+    code = LOAD_MEMORY.format(root=root, d=str(d), dtype=dtype, copying=copying)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ,
+                         "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def mid_llama(tmp_path_factory):
+    """A ~70 MB float32 random Llama: large against the interpreter's noise, small enough to write in seconds."""
+    return make_tiny_llama(tmp_path_factory.mktemp("mid_llama"), tokenizer=False, vocab_size=8192, hidden_size=512,
+                           intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc/self/status (Linux)")
+def test_a_load_holds_the_weights_once(mid_llama):
+    """Loaded in its own dtype, the model's weights are the file's pages (mapped copy-on-write): no private copy,
+    and the peak RSS with every weight touched is one copy of the file. Converted (fp32 -> bf16), one converted
+    copy. The same check on a reader that copies each tensor (the reader before issue 35) fails."""
+    size = (mid_llama / "model.safetensors").stat().st_size
+    assert size > 60e6
+    same = load_memory(mid_llama)
+    assert same["anon_load"] < 0.3 * size and same["anon_touched"] < 0.3 * size, (same, size)
+    assert same["peak"] < 1.3 * size, (same, size)
+    bf16 = load_memory(mid_llama, "bfloat16")  # 0.5x the file: the converted copy; the file's pages dropped
+    assert bf16["anon_load"] < 0.65 * size and bf16["peak"] < 0.8 * size, (bf16, size)
+    copying = load_memory(mid_llama, copying=True)  # the measure sees a second copy: this test would catch it
+    assert copying["anon_load"] > 0.9 * size and not copying["anon_load"] < 0.3 * size, (copying, size)
+
+
+def test_mapped_weights_merge_in_place_and_leave_the_file_unchanged(tiny_llama, tmp_path):
+    """merge_lora writes into the base weights in place: on the copy-on-write map that changes this process's
+    pages only. Merge, unmerge, a fresh load: the file on disk is byte for byte the same; a second model loaded from
+    it meanwhile keeps the file's weights."""
+    path = tiny_llama / "model.safetensors"
+    sha = files.sha256_file(path)
+    m, m2 = M.load_checkpoint(tiny_llama), M.load_checkpoint(tiny_llama)
+    if os.path.exists("/proc/self/maps"):
+        assert str(path.resolve()) in open("/proc/self/maps").read()  # the weights are mapped, not read
+    w = m.model.layers[0].self_attn.q_proj.weight
+    w0 = w.detach().clone()
+    M.apply_lora(m, targets=("q_proj", "v_proj"), r=4, alpha=8, dropout=0.0)
+    for _, l in M.lora_layers(m):
+        torch.nn.init.normal_(l.lora_B, std=0.5)
+    layer = m.model.layers[0].self_attn.q_proj
+    assert layer.weight is w
+    M.merge_lora(m)
+    torch.testing.assert_close(w, w0 + layer.delta())
+    assert files.sha256_file(path) == sha and torch.equal(m2.model.layers[0].self_attn.q_proj.weight, w0)
+    M.unmerge_lora(m)
+    torch.testing.assert_close(w, w0, rtol=1e-5, atol=1e-5)
+    assert files.sha256_file(path) == sha
+    torch.testing.assert_close(M.load_checkpoint(tiny_llama).model.layers[0].self_attn.q_proj.weight, w0,
+                               rtol=0, atol=0)
+
+
+def test_safetensors_reader_maps_aligned_copies_misaligned_and_writer_round_trips(tmp_path):
+    """A header not padded to 8 bytes leaves the data misaligned for 4-byte floats: those tensors are copied out,
+    the rest are views of the map; empty and 0-dim tensors too; the bytes read are the ones written."""
+    import struct
+    ts = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.tensor([1, -2], dtype=torch.int8),
+          "c": torch.zeros(0, 4), "d": torch.tensor(3.5, dtype=torch.bfloat16), "e": torch.tensor([True, False])}
+    header, blobs, off = {}, [], 0
+    for name, t in ts.items():
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        dt = {torch.float32: "F32", torch.int8: "I8", torch.bfloat16: "BF16", torch.bool: "BOOL"}[t.dtype]
+        header[name] = {"dtype": dt, "shape": list(t.shape), "data_offsets": [off, off + len(raw)]}
+        blobs.append(raw)
+        off += len(raw)
+    for pad in (0, 1):  # 8 + len(header) misaligned for F32 (pad 1 makes it odd), or not
+        h = json.dumps(header).encode()
+        h += b" " * ((-len(h)) % 8 + pad)
+        (tmp_path / "x.safetensors").write_bytes(struct.pack("<Q", len(h)) + h + b"".join(blobs))
+        got = dict(weights.iter_safetensors(tmp_path / "x.safetensors"))
+        assert got.keys() == ts.keys() and all(torch.equal(got[k], ts[k]) and got[k].dtype == ts[k].dtype for k in ts)
+        bf = dict(weights.iter_safetensors(tmp_path / "x.safetensors", torch.bfloat16))
+        assert bf["a"].dtype == torch.bfloat16 and bf["b"].dtype == torch.int8 and torch.equal(bf["a"].float(), ts["a"])
+    # our writer (one tensor at a time, lazy ones made when written) gives files safetensors itself reads
+    from safetensors.torch import load_file
+    lazy = (torch.float32, [2, 2], lambda: torch.full((2, 2), 7.0))
+    weights.save_safetensors({**ts, "g": ts["a"].t(), "lazy": lazy}, tmp_path / "y.safetensors")
+    got = load_file(tmp_path / "y.safetensors")
+    assert all(torch.equal(got[k], ts[k]) for k in ts) and torch.equal(got["g"], ts["a"].t())
+    assert torch.equal(got["lazy"], torch.full((2, 2), 7.0))
+    with pytest.raises(ValueError, match=r"tensor x is torch.float32 \[3\], announced"):
+        weights.save_safetensors({"x": (torch.float32, [2], lambda: torch.ones(3))}, tmp_path / "z.safetensors")
+    assert not (tmp_path / "z.safetensors").exists() and not list(tmp_path.glob(".z.*"))
 
 
 def one_line(exc_info, *parts):
