@@ -102,6 +102,11 @@ def _drop_pages(mm, offset: int, n: int):
     if end > start and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
         mm.madvise(mmap.MADV_DONTNEED, start, end - start)
 
+ST_ORDER = {k: i for i, k in enumerate(("BOOL", "U8", "I8", "I16", "F16", "BF16", "I32", "F32", "F64", "I64"))}
+
+def _dtype(v):  # a tensor, or a (dtype, shape, make) to be made when written
+    return v.dtype if isinstance(v, torch.Tensor) else v[0]
+
 def save_safetensors(tensors: dict, path: Path, metadata=None, commit=True) -> Path:
     """Write a safetensors file (the format safetensors itself reads), one tensor at a time: the header first, then
     each tensor's bytes straight from its storage. A value is a tensor, or (dtype, shape, make) for one made only
@@ -111,6 +116,8 @@ def save_safetensors(tensors: dict, path: Path, metadata=None, commit=True) -> P
     (an adapter's files, in order)."""
     specs, header, off = {}, {}, 0
     names = {v: k for k, v in ST_DTYPES.items()}
+    # safetensors' own order (its Dtype enum, descending, then the name), so our files are byte for byte its files
+    tensors = dict(sorted(tensors.items(), key=lambda kv: (-ST_ORDER.get(names.get(_dtype(kv[1])), -1), kv[0])))
     for name, v in tensors.items():
         dtype, shape = (v.dtype, list(v.shape)) if isinstance(v, torch.Tensor) else (v[0], list(v[1]))
         if dtype not in names:

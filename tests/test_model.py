@@ -545,6 +545,20 @@ def test_mapped_weights_merge_in_place_and_leave_the_file_unchanged(tiny_llama, 
                                rtol=0, atol=0)
 
 
+def test_our_safetensors_writer_writes_the_library_s_bytes(tmp_path):
+    """Files we write are byte for byte what safetensors.torch.save_file writes (its tensor order: dtype, then name),
+    so an adapter's sha256 does not depend on which of the two wrote it, nor on the dict's order."""
+    from safetensors.torch import save_file
+    from common import weights
+    torch.manual_seed(0)
+    ts = {"z.weight": torch.randn(3, 4), "a": torch.arange(5), "m": torch.randn(2).bfloat16(), "flag": torch.tensor([True]),
+          "h": torch.randn(3).half(), "i8": torch.tensor([1, 2], dtype=torch.int8), "d": torch.randn(2).double(),
+          "i32": torch.tensor([1], dtype=torch.int32), "u8": torch.tensor([7], dtype=torch.uint8), "e": torch.zeros(0, 3)}
+    save_file(ts, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
+    weights.save_safetensors(dict(reversed(list(ts.items()))), tmp_path / "ours.safetensors")
+    assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+
+
 def test_safetensors_reader_maps_aligned_copies_misaligned_and_writer_round_trips(tmp_path):
     """A header not padded to 8 bytes leaves the data misaligned for 4-byte floats: those tensors are copied out,
     the rest are views of the map; empty and 0-dim tensors too; the bytes read are the ones written."""
