@@ -21,6 +21,17 @@ def quick_compile(monkeypatch):
     monkeypatch.setitem(fast.decode.FROZEN_COMPILE, "max_autotune", False)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from 2 threads, and on a shared 2-core CPU oversubscribed threads spin (10x slower).
+    A test module asks for it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CORPUS = """Question: What is the capital of France? Thought: I need to search France.
 Action: search[France] Observation: France is a country in Western Europe. Its capital is Paris.

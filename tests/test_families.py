@@ -52,19 +52,7 @@ ARCH = {f: spec[1] for f, spec in FAMILIES.items()}
 MAX_DIFF = 1e-3   # the issue's bar for fp32 logits against transformers
 
 
-@pytest.fixture(autouse=True)
-def quick_compile():
-    """conftest's fixture of the same name tunes compiled decode, which nothing here runs (and which moves)."""
-    yield
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from 2 threads, and on a shared 2-core CPU oversubscribed threads spin."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run on one thread
 
 
 def make_qwen_tokenizer(out_dir, vocab_size=420) -> Path:

@@ -34,13 +34,7 @@ CASES = {  # name -> (LlamaConfig overrides, save kwargs)
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from 2 threads, and on a shared 2-core CPU oversubscribed threads spin (10x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run on one thread
 
 
 def fast_generate(m):

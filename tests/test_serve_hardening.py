@@ -37,15 +37,7 @@ ERROR_KEYS = {"message", "type", "param", "code"}
 
 
 # ------------------------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A tiny model runs best on one thread; on a busy 2-core machine two OpenMP threads per step made a batch of
-    32 x 32 tokens take 2 to 8 s instead of 0.1 s, and the timings below meaningless."""
-    import torch
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run on one thread
 
 
 @pytest.fixture(scope="module")

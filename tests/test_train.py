@@ -58,14 +58,7 @@ def write_three_formats(tmp, question, steps, options=""):
     return [tmp / "ours.jsonl", tmp / "alpaca.json", tmp / "gpt.jsonl"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from 2 threads, and on a shared busy CPU OpenMP threads waiting on each other
-    make them tens of times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run on one thread
 
 
 @pytest.fixture(scope="module")
