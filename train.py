@@ -46,8 +46,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from common import cli, files
-from fireact import read_records, read_training_records, render, show_mask  # noqa: F401 (read_records: tests)
+from fireact import render, show_mask
 from model import apply_lora, load_model, pick_device, pick_dtype, save_adapter, save_checkpoint
+from tasks import read_training_records
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_DATA = "data/toy/train.jsonl"

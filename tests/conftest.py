@@ -85,6 +85,19 @@ def make_tiny_llama(out_dir, seed=0, tokenizer=True, max_shard_size=None, std=0.
     return out_dir
 
 
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def make_tiny_chat_llama(out_dir) -> Path:
+    """make_tiny_llama (std 0.2: decisive greedy tokens) whose tokenizer_config carries a ChatML template: the
+    server's tests."""
+    d = make_tiny_llama(out_dir, std=0.2)
+    tc = json.loads((d / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps(dict(tc, chat_template=CHATML)))
+    return d
+
+
 def send_json(handler, status, obj):
     """Reply from a loopback http.server handler with a JSON body (the fake OpenAI-style servers of the tests)."""
     data = json.dumps(obj).encode()

@@ -22,23 +22,18 @@ import model as M
 import tasks
 import tools
 from common import cli, weights
-from conftest import make_tiny_llama
+from conftest import make_tiny_chat_llama
 from extras import export, serve
 from extras.__main__ import main as extras_main
 
 openai = pytest.importorskip("openai")   # test-only requirement (requirements-test.txt)
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 PROMPT = "Question: What is the capital of France? Thought:"
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    d = make_tiny_llama(tmp_path_factory.mktemp("serve_model"), std=0.2)
-    tc = json.loads((d / "tokenizer_config.json").read_text())
-    (d / "tokenizer_config.json").write_text(json.dumps(dict(tc, chat_template=CHATML)))
-    return d
+    return make_tiny_chat_llama(tmp_path_factory.mktemp("serve_model"))
 
 
 def start(cfg, model, tok, generate=None):

@@ -22,15 +22,13 @@ from pathlib import Path
 import pytest
 
 import model as M
-from conftest import make_tiny_llama
+from conftest import make_tiny_chat_llama
 
 S = pytest.importorskip("extras.serve")
 E = pytest.importorskip("extras.export")
 openai = pytest.importorskip("openai")   # test-only requirement (requirements-test.txt)
 
 REPO = Path(__file__).resolve().parent.parent
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 PROMPT = "Question: What is the capital of France? Thought:"
 SLOW_S = 0.025          # seconds per model step of the slow server: 480 steps ~ 12 s
 ERROR_KEYS = {"message", "type", "param", "code"}
@@ -42,10 +40,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    d = make_tiny_llama(tmp_path_factory.mktemp("harden_model"), std=0.2)
-    tc = json.loads((d / "tokenizer_config.json").read_text())
-    (d / "tokenizer_config.json").write_text(json.dumps(dict(tc, chat_template=CHATML)))
-    return d
+    return make_tiny_chat_llama(tmp_path_factory.mktemp("harden_model"))
 
 
 @pytest.fixture(scope="module")

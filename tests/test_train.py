@@ -21,6 +21,7 @@ from conftest import make_tiny_llama, make_tokenizer
 from common import cli
 from fast import cpu as FC
 import model as M
+import tasks
 import train as T
 from fireact import is_finish
 
@@ -95,7 +96,7 @@ def test_all_fireact_files_load_with_counts():
               "gpt_format/multitask.jsonl": 1344, "gpt_format/multitask_multimethod.jsonl": 2063}
     recs = {}
     for f, n in expect.items():
-        recs[f] = T.read_records(FT / f)
+        recs[f] = tasks.read_records(FT / f)
         assert len(recs[f]) == n, f
         assert all(r["question"] and r["steps"] and any(s["action"] for s in r["steps"]) for r in recs[f])
     # the two encodings of the same data (in another order) agree (MMLU options end up in the question)
@@ -112,7 +113,7 @@ def test_masks_cover_exactly_thought_action_for_each_format(tmp_path, tok, optio
     files = write_three_formats(tmp_path, QUESTION, STEPS, options)
     rendered = []
     for f in files:
-        (rec,) = T.read_records(f)
+        (rec,) = tasks.read_records(f)
         assert rec["question"] == QUESTION + ("\n" + options if options else ""), f
         ids, mask = T.render(rec["question"], rec["steps"], tok)
         rendered.append((ids, mask))
@@ -165,7 +166,7 @@ def test_bad_data_errors_name_file_and_line(tmp_path, content, err):
     f = tmp_path / ("bad.json" if content.startswith("[") else "bad.jsonl")
     f.write_text(content)
     with pytest.raises(ValueError) as e:
-        T.read_records(f)
+        tasks.read_records(f)
     assert str(e.value).startswith(str(f) + ":") and err in str(e.value), str(e.value)
     with pytest.raises(ValueError) as e:                      # cli.run prints it as one line (test below)
         T.train(T.TrainConfig(data=[str(f)], progress=False))
@@ -180,7 +181,7 @@ def test_missing_default_data_names_the_command(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(not FT.exists(), reason="shared FireAct data absent")
 def test_length_grouped_batches_waste_and_coverage(tok):
-    recs = T.read_records(FT / "gpt_format/multitask_multimethod.jsonl")
+    recs = tasks.read_records(FT / "gpt_format/multitask_multimethod.jsonl")
     cfg = T.TrainConfig(micro_batch=4, batch_size=16, max_len=100_000)
     ex, _, _ = T.encode_records(recs, tok, cfg)
     lengths = [len(i) for i, _ in ex]
@@ -306,7 +307,7 @@ def test_tiny_model_overfits_a_few_trajectories(tiny, tmp_path):
     assert {"lr", "tok_s", "sup_tok_s", "tokens", "sup_tokens", "grad_norm"} <= set(rows[0])
     assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
     meta = json.loads((out / "adapter_config.json").read_text())["fireact"]  # what eval follows (template, tool)
-    tools = T.read_records(tiny[1])[:3]
+    tools = tasks.read_records(tiny[1])[:3]
     assert meta["template"] == "react" and sum(meta["data_tools"].values()) == 3
     assert set(meta["data_tools"]) == {r.get("tool", "?") for r in tools}
 
@@ -681,7 +682,7 @@ def test_full_fine_tuning_trains_every_weight_saves_a_loadable_model_and_resumes
     meta = json.loads((out / "model" / "fireact.json").read_text())
     assert meta["config"]["full"] and meta["template"] == "react" and meta["step"] == 20
     # the saved model is the trained one: a training record's loss is far below the base model's
-    (ids, mask), = T.encode_records(T.read_records(tiny[1])[:1], tok, cfg)[0]
+    (ids, mask), = T.encode_records(tasks.read_records(tiny[1])[:1], tok, cfg)[0]
     x, y = T.collate([(ids, mask)], tok.pad_id, torch.device("cpu"))
     with torch.no_grad():
         l_after, l_before = T.loss_sum(after, x, y), T.loss_sum(before, x, y)
