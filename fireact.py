@@ -466,9 +466,10 @@ class RunConfig:  # what generate and eval share
     noise: float = 0.0            # probability that an observation is replaced (tools.NoisyTool)
     noise_mode: Literal["none", "random"] = "none"  # none: the observation becomes "None" | random: another question's
     prompts: Literal["", "ours", "fireact"] = ""  # few-shot prompts; "" = FireAct's with snippet/google on its tasks, else ours
+    world: str = ""               # toy tasks: another world's folder (python toyworld.py --seed S --out DIR); "" = data/toy
 
     def check(self):
-        get_task(self.task)
+        the_task(self)
         if self.tool and self.tool not in TOOLS:
             raise ValueError(f"--tool {self.tool}: choose {' | '.join(TOOLS)}")
         if self.prompts and self.prompts not in PROMPT_SETS:
@@ -517,7 +518,7 @@ class LocalModelConfig:  # what eval and ask share: the local model and how it r
     device: str = ""              # cpu | cuda | mps; "" = the best available
     plain: bool = False           # the teaching path only: model.generate, fp32 on CPU, none of fast/
     quant: Literal["", "int4"] = ""  # int4: decode through 4-bit layer weights (CPU; one stream at a time)
-    dtype: Literal["", "float32", "bfloat16"] = ""  # "" = float32 on CPU (the exact path), bfloat16 on CUDA
+    dtype: Literal["", "float32", "bfloat16"] = ""  # "" = bf16 on CUDA and CPUs with native bf16, else fp32 (--plain: fp32 on CPU)
     compile: bool = False         # torch.compile the decode steps (minutes once; a C++ compiler on CPU)
 
     def check_local(self):
@@ -560,6 +561,7 @@ class AskConfig(LocalModelConfig):
     tool: ToolChoice = ""         # "" = the tool family of the adapter's training data, else the task's default
     prompts: Literal["", "ours", "fireact"] = ""  # few-shot prompts (no adapter); "" = as eval chooses
     max_steps: int = 11           # LLM turns
+    world: str = ""               # toy tasks: another world's folder (python toyworld.py --seed S --out DIR); "" = data/toy
     interactive: bool = False     # after this question, keep asking (an empty line or Ctrl-D ends)
     color: Literal["auto", "always", "never"] = "auto"  # auto: colour on a terminal, plain when piped
 
@@ -614,10 +616,10 @@ class ScoreConfig:
 
 
 # ------------------------------------------------------------------------------------------------------- commands
-def make_teacher(name, base_url="", api_key_env="OPENAI_API_KEY", method=None, timeout=60.0, retries=6):
+def make_teacher(name, base_url="", api_key_env="OPENAI_API_KEY", method=None, timeout=60.0, retries=6, world=""):
     if name == "oracle":  # the toy world's scripted teacher, same interface as tools.Teacher
         import toyworld
-        return toyworld.OracleTeacher(method=method)
+        return toyworld.OracleTeacher(method=method, **({"data_dir": world} if world else {}))
     return tools.Teacher(name, base_url=base_url or None, api_key_env=api_key_env,
                          cache_dir=files.cache_dir() / "teacher", timeout=timeout, max_retries=retries)
 
@@ -652,12 +654,13 @@ def generate(cfg: GenerateConfig, teacher=None) -> Path:
     rerun with other settings is refused instead of mixing records or skipping work as "already done"."""
     import fcntl
     from tqdm import tqdm
-    task = get_task(cfg.task)
+    task = the_task(cfg)
     split = task.training_split(cfg.split, cfg.allow_eval_split)
     tool = cfg.tool or task.tool
     prompts = cfg.prompts or default_prompts(task, tool)
     run = dict(task=cfg.task, split=split, method=cfg.method, teacher=cfg.teacher_model, tool=tool,
                **({} if prompts == "ours" else dict(prompts=prompts)),  # no key: ours (files before --prompts too)
+               **(dict(world=cfg.world) if cfg.world else {}),
                max_steps=cfg.max_steps, temperature=cfg.temperature, max_tokens=cfg.max_tokens,
                **(dict(reflect_at=cfg.reflect_at, reflect_on=cfg.reflect_on) if cfg.method == "reflexion" else {}),
                **(dict(noise=cfg.noise, noise_mode=cfg.noise_mode) if cfg.noise else {}))
@@ -678,11 +681,11 @@ def generate(cfg: GenerateConfig, teacher=None) -> Path:
         done = {r["id"] for r in have}
         todo = [q for q in task.questions(split, cfg.n) if q["id"] not in done]
         teacher = teacher or make_teacher(cfg.teacher_model, cfg.base_url, cfg.api_key_env, cfg.method,
-                                          cfg.timeout, cfg.retries)
+                                          cfg.timeout, cfg.retries, world=cfg.world)
         llm = TeacherLLM(teacher, max_tokens=cfg.max_tokens, temperature=cfg.temperature)
         prompt_fn, max_steps, reflexion = method_setup(task, cfg.method, cfg.max_steps, cfg.reflect_at,
                                                        cfg.reflect_on, tool, prompts)
-        base_tool = make_tool(cfg.task, tool, cfg.noise, cfg.noise_mode, cfg.seed)  # noise: FireAct's robustness data
+        base_tool = make_tool(task, tool, cfg.noise, cfg.noise_mode, cfg.seed)  # noise: FireAct's robustness data
         print(f"generate {cfg.task}/{split}/{cfg.method} with {cfg.teacher_model}, tool {tool}: {len(done)} done, "
               f"{len(todo)} to go -> {out}")
         print(f"prompts: {prompts} ({', '.join(f'{k} {v}' for k, v in prompts_used(cfg.method, task.family, tool, prompts).items() if k != 'set')})"
@@ -808,13 +811,21 @@ def overlap_filter(qs, files):
     return kept, len(qs) - len(kept)
 
 
+def the_task(cfg):
+    """cfg.task as a Task, in cfg.world's generated world when one is given (toy tasks only)."""
+    task = get_task(cfg.task)
+    if cfg.world and not hasattr(task, "in_world"):
+        raise ValueError(f"--world {cfg.world}: only the toy tasks have generated worlds, not {cfg.task}")
+    return task.in_world(cfg.world) if cfg.world else task
+
+
 def run_eval(cfg: EvalConfig, llm, prompt_fn, label: str, out: Path, tool: str, meta: dict) -> dict:
     """Run the agent on a task's questions, write FireAct-schema results + a summary, return the summary."""
     from tqdm import tqdm
-    task = get_task(cfg.task)
+    task = the_task(cfg)
     split = cfg.split or task.eval_splits[0]
     qs, dropped = overlap_filter(task.questions(split, cfg.n), cfg.exclude_overlap)
-    base_tool = make_tool(cfg.task, tool, cfg.noise, cfg.noise_mode, cfg.seed)
+    base_tool = make_tool(task, tool, cfg.noise, cfg.noise_mode, cfg.seed)
     t0 = time.time()
     with tqdm(total=len(qs), unit="q", desc=label, dynamic_ncols=True) as bar:
         eps = run_agent(llm, [base_tool.fork() for _ in qs], qs, prompt_fn, cfg.max_steps, cfg.batch_size,
@@ -895,7 +906,7 @@ def student_prompt(tok, zero: bool, template: str, task: Task, tool: str, prompt
 
 def evaluate(cfg: EvalConfig) -> list[dict]:
     """Prompted (few-shot) or fine-tuned (adapter, zero-shot) evaluation; --compare runs both on the same model."""
-    task = get_task(cfg.task)
+    task = the_task(cfg)
     out = Path(cfg.out)
     trained = adapter_training(cfg.adapter)
     tool = pick_tool(cfg, task, trained)
@@ -912,7 +923,7 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
                 dtype=None if cfg.teacher_model else cfg.dtype or "auto", provenance=cli.provenance())
     if cfg.teacher_model:
         llm = TeacherLLM(make_teacher(cfg.teacher_model, cfg.base_url, cfg.api_key_env, timeout=cfg.timeout,
-                                      retries=cfg.retries))
+                                      retries=cfg.retries, world=cfg.world))
         if cfg.zero_shot:  # a fine-tuned API model, evaluated as FireAct evaluated its GPT-3.5: chat, no examples
             summaries = [run_eval(cfg, llm, chat_messages, f"{cfg.teacher_model} zero-shot", out, tool,
                                   dict(meta, prompts=None))]
@@ -922,6 +933,7 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
     else:
         import model as M
         net, tok, generate_fn = load_local(cfg)
+        meta["dtype"] = str(net.lm_head.weight.dtype).removeprefix("torch.")  # what "" resolved to here
         runs = [("prompted", False), ("fine-tuned", True)] if cfg.compare else [
             ("fine-tuned" if cfg.adapter else "zero-shot" if cfg.zero_shot else "prompted", bool(cfg.adapter))]
         summaries = []
@@ -949,14 +961,14 @@ def ask(cfg: AskConfig) -> list[Episode]:
     import model as M
     color = cfg.color == "always" or (cfg.color == "auto" and sys.stdout.isatty())
     paint = (lambda code, text: f"\x1b[{code}m{text}\x1b[0m") if color else (lambda code, text: text)
-    task, trained = get_task(cfg.task), adapter_training(cfg.adapter)
+    task, trained = the_task(cfg), adapter_training(cfg.adapter)
     tool = pick_tool(cfg, task, trained)
     net, tok, generate_fn = load_local(cfg)
     if cfg.adapter:
         M.load_adapter(net, cfg.adapter, merge=not cfg.quant)
     prompt_fn = student_prompt(tok, bool(cfg.adapter), cfg.template or trained.get("template", "react"), task, tool,
                                cfg.prompts or default_prompts(task, tool))
-    llm, base_tool = LocalLLM(net, tok, generate_fn, cfg.max_new_tokens), make_tool(cfg.task, tool)
+    llm, base_tool = LocalLLM(net, tok, generate_fn, cfg.max_new_tokens), make_tool(task, tool)
     gold = {question_key(q["question"]): q["answer"] for split in task.eval_splits for q in task.questions(split)}
 
     def show(ep, step):

@@ -11,7 +11,7 @@ What is here: the metrics (SQuAD EM/F1, yes/no, multiple choice); the trajectory
 default tool and public sources (`python fireact.py download`); the offline corpora and the tool an episode uses;
 the readers of results files (ours and FireAct's trajs). Torch-free: `fireact.py mix` and `filter` need no torch.
 """
-import csv, hashlib, json, os, random, re, string
+import copy, csv, hashlib, json, os, random, re, string
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -451,7 +451,22 @@ class Toy(Task):
     """The offline toy world (toyworld.py), inside the repo: HotpotQA-like questions (bridge, comparison)."""
     name, tool = "toy", "local"
     train_splits, eval_splits = ("train",), ("dev", "test")
-    folder = REPO / "data" / "toy"
+    world = REPO / "data" / "toy"   # the world's folder; `python toyworld.py --seed S --out DIR` makes others
+    sub = ""                        # this task's folder inside the world
+
+    @property
+    def folder(self) -> Path:
+        return self.world / self.sub
+
+    def in_world(self, world) -> "Toy":
+        """This task in another generated world (eval --world DIR): its questions and its pages."""
+        world = Path(world)
+        if not (world / "corpus.jsonl").is_file():
+            raise ValueError(f"--world {world}: no corpus.jsonl there (make a world with `python toyworld.py "
+                             f"--seed S --out {world}`)")
+        t = copy.copy(self)
+        t.world = world
+        return t
 
     def load(self, split):  # data/toy/train.jsonl holds trajectories; the training questions are train_questions
         name = "train_questions" if split == "train" else split
@@ -461,14 +476,12 @@ class Toy(Task):
 
 class ToyYesNo(Toy):
     """The toy world's StrategyQA-like task: yes/no questions that need two facts the question never names."""
-    name, metric, family = "toy_yesno", "yesno", "strategyqa"
-    folder = REPO / "data" / "toy" / "toy_yesno"
+    name, metric, family, sub = "toy_yesno", "yesno", "strategyqa", "toy_yesno"
 
 
 class ToyMC(Toy):
     """The toy world's MMLU-like task: four options, checked with the tools one page each."""
-    name, metric, family = "toy_mc", "mc", "mmlu"
-    folder = REPO / "data" / "toy" / "toy_mc"
+    name, metric, family, sub = "toy_mc", "mc", "mmlu", "toy_mc"
 
 
 TASKS = {t.name: t for t in (HotpotQA(), HotpotQAOffline(), Bamboogle(), StrategyQA(), MMLU(), Toy(), ToyYesNo(),
@@ -497,11 +510,13 @@ def load_questions(task: str, split: str = "", n: int = 0) -> list[dict]:
 TOOLS = ("local", "snippet", "wikipedia", "google")  # local: page tool over a corpus; snippet: offline search engine
 
 
-def corpus_path(task: str) -> Path:
-    """The offline corpus of a task: the toy world's pages, or the 9,366 paragraphs of the 957 HotpotQA dev
-    questions (built once from dev_distractor.jsonl into the cache, rebuilt when that file changes)."""
-    if isinstance(get_task(task), Toy):  # every toy task asks about the same world
-        return Toy.folder / "corpus.jsonl"
+def corpus_path(task) -> Path:
+    """The offline corpus of a task (a name or a Task): the toy world's pages, or the 9,366 paragraphs of the 957
+    HotpotQA dev questions (built once from dev_distractor.jsonl into the cache, rebuilt when that file changes)."""
+    task = get_task(task) if isinstance(task, str) else task
+    if isinstance(task, Toy):  # every toy task of a world asks about the same pages
+        return task.world / "corpus.jsonl"
+    task = task.name
     if task.startswith("hotpotqa"):
         src = data_dir() / "hotpotqa" / "dev_distractor.jsonl"
         if not src.exists():
@@ -514,9 +529,10 @@ def corpus_path(task: str) -> Path:
     raise ValueError(f"no offline corpus for task {task!r}: use --tool wikipedia or --tool google")
 
 
-def make_tool(task: str, kind: str = "", noise: float = 0.0, noise_mode: str = "none", seed: int = 0):
-    """The tool an episode of `task` uses (one shared backend; agent loops call .fork() per episode)."""
-    kind = kind or get_task(task).tool
+def make_tool(task, kind: str = "", noise: float = 0.0, noise_mode: str = "none", seed: int = 0):
+    """The tool an episode of `task` (a name or a Task) uses (one shared backend; agent loops call .fork() per
+    episode)."""
+    kind = kind or (get_task(task) if isinstance(task, str) else task).tool
     if kind == "wikipedia":
         tool = tools.Wikipedia(cache_dir=files.cache_dir() / "wikipedia")
     elif kind == "google":

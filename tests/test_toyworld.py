@@ -270,3 +270,36 @@ def test_world_cli_rejects_bad_sizes(tmp_path):
                            capture_output=True, text=True)
         assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr
         assert not (tmp_path / "w").exists()  # nothing written
+
+
+def test_eval_and_generate_in_another_world(tmp_path, capsys):
+    """--world DIR: eval and generate read the questions and the pages of a world made by `toyworld.py --seed S
+    --out DIR` (how the demo is checked on worlds it never saw); the oracle solves that world's questions through its
+    pages, the run records the world, and a missing world or a non-toy task is a one-line error."""
+    world = tmp_path / "w7"
+    toyworld.generate(WorldConfig(seed=7, out=str(world), n_train=30, n_dev=10, n_test=10, n_task_train=10,
+                                  n_task_dev=5, n_task_test=5))
+    qs = tasks.get_task("toy").in_world(world).questions("test")
+    assert [q["question"] for q in qs] == [r["question"] for r in files.read_jsonl(world / "test.jsonl")]
+    assert {q["question"] for q in qs}.isdisjoint(r["question"] for r in load("test"))
+    out = tmp_path / "eval.json"
+    fireact.main(["eval", "--task", "toy", "--world", str(world), "--split", "test", "--teacher-model", "oracle",
+                  "--out", str(out)])
+    summary = json.loads((tmp_path / "eval.summary.json").read_text())
+    assert summary["n"] == 10 and summary["em"] == 100.0 and summary["config"]["world"] == str(world)
+    # the same questions against the home world's pages: the entities are not there
+    home = tasks.make_tool("toy")
+    assert home.step(f"search[{qs[0]['question'].split(' the ')[-1].rstrip('?')}]") != \
+        tasks.make_tool(tasks.get_task("toy").in_world(world)).step(
+            f"search[{qs[0]['question'].split(' the ')[-1].rstrip('?')}]")
+    fireact.main(["generate", "--task", "toy", "--world", str(world), "--method", "react", "--teacher-model",
+                  "oracle", "--n", "3", "--out", str(tmp_path / "gen.jsonl")])
+    recs = files.read_jsonl(tmp_path / "gen.jsonl")
+    assert len(recs) == 3 and all(r["run"]["world"] == str(world) for r in recs)
+    for argv, words in ((["--world", str(tmp_path / "none")], "no corpus.jsonl there"),
+                        (["--task", "hotpotqa_offline", "--world", str(world)], "only the toy tasks")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            fireact.main(["eval", "--teacher-model", "oracle", "--out", str(tmp_path / "x.json"), *argv])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and words in err and err.count("\n") == 1, err
