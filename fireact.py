@@ -933,7 +933,7 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
     else:
         import model as M
         net, tok, generate_fn = load_local(cfg)
-        meta["dtype"] = str(net.lm_head.weight.dtype).removeprefix("torch.")  # what "" resolved to here
+        meta["dtype"] = str(net.model.embed_tokens.weight.dtype).removeprefix("torch.")  # what "" resolved to here
         runs = [("prompted", False), ("fine-tuned", True)] if cfg.compare else [
             ("fine-tuned" if cfg.adapter else "zero-shot" if cfg.zero_shot else "prompted", bool(cfg.adapter))]
         summaries = []
