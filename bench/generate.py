@@ -6,7 +6,7 @@ with random weights. Same prompts, same greedy token count, same process, interl
     python bench/generate.py --new-tokens 32 --repeats 1 --layers 30 --hf-bf16 0
     python bench/generate.py --quant int4 --memory 0  # ours with 4-bit layer weights (batch 1 is where it wins)
     python bench/generate.py --compile 1 --memory 0   # ours with its decode steps compiled (compile time apart)
-    python bench/generate.py --dtype bfloat16 --memory 0   # ours in bf16 (fast only where the CPU has native bf16)
+    python bench/generate.py --dtype float32 --memory 0    # ours in fp32 (the default where bf16 is not native)
     python bench/generate.py --memory-dir ~/.cache/fireact/SmolLM2-135M-Instruct   # the load of a real checkpoint
     ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 python bench/generate.py
                                                       # an AVX2-only CPU, simulated (the first line says so)
@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fast  # noqa: E402
 import model as M  # noqa: E402
-from fast.cpu import cpu_report  # noqa: E402
+from fast.cpu import best_dtype, cpu_report  # noqa: E402
 from common import cli  # noqa: E402
 
 
@@ -45,8 +45,10 @@ class BenchConfig:
     fast: int = 1             # ours with its fast path (fast.for_inference); 0 = model.generate, the plain path
     quant: str = ""           # int4: ours decodes through 4-bit layer weights (fast.quantize). The random weights
                               # here are not on a 4-bit grid, so its greedy rows may differ: a speed figure only
-    dtype: str = "float32"    # ours' weights: float32 (eval's CPU default) or bfloat16 (`eval --dtype bfloat16`:
-                              # prepacked for oneDNN where the CPU has native bf16, emulated and slow elsewhere)
+    dtype: str = ""           # ours' weights: "" = what eval / ask / serve pick (fast.cpu.best_dtype: bf16 where the CPU
+                              # has native bf16, else float32), or float32 / bfloat16
+    profile: int = 8          # after timing: ours' share of this CPU's matmul peak at batch 8, and a torch.profiler
+                              # table of its N costliest ops (0 = off)
     compile: int = 0          # 1: ours compiles its decode step (fast.decode.CompiledDecode: fp32 any batch, weights
                               # frozen; int4 one row); the compile happens in the warm-up, printed apart, not timed
 
@@ -163,11 +165,30 @@ def print_load_memory(d: Path, weights: int):
               f"= {anon / weights:.2f}x", flush=True)
 
 
+def decode_limits(ours, generate, prompts, seconds, dtype, c: BenchConfig):
+    """Ours at batch 8: its matmul work per second as a share of this CPU's measured matmul peak (same dtype and
+    threads), then where one generate call's time goes (torch.profiler)."""
+    from limits import matmul_peak, share_line, top_ops
+    cfg = ours.config
+    n_head = cfg.vocab_size * cfg.hidden_size
+    n_body = sum(p.numel() for n, p in ours.named_parameters() if "embed" not in n and "lm_head" not in n)
+    attn = 4 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim  # scores + values, per token per key
+    flops = 0
+    for p in prompts:  # prefill: every prompt token through the body; the head at the last; then each new token
+        L = len(p)
+        flops += 2 * n_body * L + attn * L * (L + 1) / 2 + 2 * n_head
+        flops += sum(2 * n_body + 2 * n_head + attn * (L + i) for i in range(1, c.new_tokens))
+    print(share_line("ours, batch 8 (prefill + decode)", flops, seconds, matmul_peak(dtype), dtype)
+          + "; its costliest ops (one generate call, torch.profiler):", flush=True)
+    print(top_ops(lambda: generate(ours, NoEosTokenizer(), prompts, max_new_tokens=c.new_tokens), rows=c.profile),
+          flush=True)
+
+
 def main(argv=None):
     c = cli.parse_config(BenchConfig, argv, description=__doc__)
     if c.threads:
         torch.set_num_threads(c.threads)
-    dtype = M.pick_dtype(c.dtype, "cpu")
+    dtype = best_dtype(c.dtype, "cpu") if c.fast else M.pick_dtype(c.dtype, "cpu")
     if not c.fast and (c.quant or c.compile):
         raise SystemExit("--quant and --compile are fast-path options (not with --fast 0)")
     # first line: the CPU, what it has (and any ISA hold: ONEDNN_MAX_CPU_ISA, ...) and the path ours takes
@@ -198,7 +219,10 @@ def main(argv=None):
     lengths = torch.randint(c.prompt_min, c.prompt_max + 1, (8,), generator=g).tolist()
     prompts = [torch.randint(3, 49152, (n,), generator=g).tolist() for n in lengths]
     report(1, *bench_batch(ours, generate, refs, prompts[:1], c))
-    speedup = report(8, *bench_batch(ours, generate, refs, prompts, c))
+    t8, refs8 = bench_batch(ours, generate, refs, prompts, c)
+    speedup = report(8, t8, refs8)
+    if c.profile:
+        decode_limits(ours, generate, prompts, t8, dtype, c)
     print(f"generate speedup vs transformers: {speedup:.2f}x")
 
 

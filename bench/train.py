@@ -2,9 +2,10 @@
 Our LoRA training step vs transformers + PEFT, on the SmolLM2-135M shape (random weights), same data, same LoRA
 targets and rank, in the same run. Each side runs in its own fresh subprocess so peak memory is its own.
 
-    python bench/train.py                      # batch 4 x 512, ~half the tokens masked, 3 timed steps each
+    python bench/train.py                      # ours as `python train.py` runs here: bf16 base where native, compiled
+                                               # (batch 4 x 512, ~half the tokens masked, 3 timed steps each)
     python bench/train.py --steps 5 --threads 2 --targets q_proj,v_proj --r 8
-    python bench/train.py --compile 1          # ours as train.py --compile: a bf16 base where the CPU has native bf16
+    python bench/train.py --compile 0          # ours eager (train.py --no-compile)
     python bench/train.py --dtype float32      # ours with an fp32 base (the default where bf16 is emulated)
     python bench/train.py --dropout 0 --compile 1   # LoRA dropout off on both sides; ours as train.py --compile
     python bench/train.py --compile 1 --quant int8  # ours as train.py --compile --quant int8 (VNNI CPUs)
@@ -132,9 +133,34 @@ def worker(args):
                 first = time.perf_counter() - t0                          # the warm-up (and the compile)
             losses.append(loss.item())
     tok = args.batch * args.seq
-    print(json.dumps({"tok_s": tok / (sum(times) / len(times)), "best_tok_s": tok / min(times),
-                      "peak_mb": (mem.peak - mem.base) / 2**20, "rss_mb": mem.peak / 2**20, "first_s": first,
-                      "loss0": losses[0], "trainable": sum(p.numel() for p in params)}))
+    res = {"tok_s": tok / (sum(times) / len(times)), "best_tok_s": tok / min(times),
+           "peak_mb": (mem.peak - mem.base) / 2**20, "rss_mb": mem.peak / 2**20, "first_s": first,
+           "loss0": losses[0], "trainable": sum(p.numel() for p in params)}
+    if args.profile:  # the limit: this CPU's matmul peak in the base's dtype, and where one step's time goes
+        from limits import matmul_peak, top_ops
+
+        def one_step():
+            step().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        res["profile"] = top_ops(one_step, rows=args.profile)
+        res["peak_flops"], res["peak_dtype"] = matmul_peak(dtype), str(dtype)
+    print(json.dumps(res))
+
+
+def share_of_peak(res, args):
+    """Each side's useful matmul work per second (the same FLOPs for both: fast.training.train_flops of this step)
+    as a share of the peak its worker measured, then its profile."""
+    import model as M
+    from fast.training import train_flops
+    from limits import share_line
+    with torch.device("meta"):
+        net = M.Llama(M.ModelConfig.from_hf(SMOLLM2_135M))
+    ids, mask = make_batch(args.batch, args.seq, SMOLLM2_135M["vocab_size"])
+    flops = train_flops(net, args.batch * args.seq, int(mask[:, 1:].sum()), args.seq)
+    for name, r in res.items():
+        print(share_line(f"{name} step", flops, args.batch * args.seq / r["tok_s"], r["peak_flops"],
+                         r["peak_dtype"]) + "; its costliest ops (one step, torch.profiler):\n" + r["profile"])
 
 
 def main():
@@ -148,8 +174,9 @@ def main():
     import train as T
     p.add_argument("--dropout", type=float, default=T.TrainConfig.lora_dropout,
                    help="LoRA dropout, both sides (default: train.py's)")
-    p.add_argument("--compile", type=int, default=0, help="ours: torch.compile the loss, as train.py --compile "
-                   "(the warm-up step, not timed, compiles)")
+    p.add_argument("--compile", type=int, default=-1, choices=[-1, 0, 1], help="ours: torch.compile the loss, as "
+                   "train.py --compile (the warm-up step, not timed, compiles); -1 = train.py's default for a run of "
+                   "the demo's length (fast.training.auto_compile)")
     p.add_argument("--hf-bf16", type=int, default=1, choices=[0, 1, 2], help="also time transformers+PEFT with a "
                    "bfloat16 base: 1 where the CPU has native bf16, 2 even where it is emulated")
     p.add_argument("--dtype", default="", choices=["", "float32", "bfloat16"],
@@ -157,9 +184,15 @@ def main():
                         "bf16, else float32)")
     p.add_argument("--quant", default="", choices=["", "int8"], help="ours: train.py --quant (int8 frozen matmuls)")
     p.add_argument("--plain", type=int, default=0, help="ours: train.py --plain (the teaching path, no fast/*)")
+    p.add_argument("--profile", type=int, default=8, help="after timing: each side's share of this CPU's matmul "
+                   "peak, and a torch.profiler table of its N costliest ops (0 = off)")
     p.add_argument("--worker", choices=["ours", "hf", "hf-bf16"])
     p.add_argument("--dir")
     args = p.parse_args()
+    if args.compile == -1:  # what `python train.py` does on this machine for a long run (the demo: 130+ steps)
+        from fast import training
+        args.compile = int(not args.plain and training.auto_compile(T.TrainConfig(), torch.device("cpu"),
+                                                                      training.COMPILE_MIN_STEPS, log=lambda *a: None))
     if args.worker:
         return worker(args)
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -168,12 +201,12 @@ def main():
         LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).save_pretrained(d)
         import model as M
         from fast import cpu
-        print(f"SmolLM2-135M shape, random weights; batch {args.batch}x{args.seq}, LoRA r={args.r} on "
-              f"{args.targets}; {args.steps} timed steps, {args.threads} threads")
         dtype = M.pick_dtype(args.dtype, "cpu") if args.plain else cpu.best_dtype(args.dtype, "cpu", train=True)
         report = cpu.cpu_report(dtype, quant=args.quant, train=True)
-        print(report.replace("path: ", "training path (ours" + (", --plain" if args.plain else "") + "): "),
-              flush=True)
+        print(report.replace("path: ", "training path (ours" + (", --plain" if args.plain else "") + "): ")
+              + ("; decoder blocks and loss compiled" if args.compile else "; eager"), flush=True)
+        print(f"SmolLM2-135M shape, random weights; batch {args.batch}x{args.seq}, LoRA r={args.r} on "
+              f"{args.targets}; {args.steps} timed steps, {args.threads} threads")
         res = {}
         hf_bf16 = args.hf_bf16 == 2 or (args.hf_bf16 == 1 and cpu.native_bf16())
         if args.hf_bf16 == 1 and not hf_bf16:   # an hour of emulated bf16 that no user would pick on this CPU
@@ -191,6 +224,8 @@ def main():
                   f"{r['peak_mb']:.0f} MB above the loaded model (process peak RSS {r['rss_mb']:.0f} MB), "
                   f"first loss {r['loss0']:.4f}, {r['trainable']:,} trainable; first step (not timed) {r['first_s']:.0f} s",
                   flush=True)
+    if args.profile:
+        share_of_peak(res, args)
     base = [k for k in res if k != "ours"]
     best = max(base, key=lambda k: res[k]["tok_s"])
     print("ours vs each: " + ", ".join(f"{res['ours']['tok_s'] / res[k]['tok_s']:.2f}x vs {k}" for k in base)
