@@ -752,7 +752,7 @@ class GenerateConfig:
     top_p: float = 1.0
     seed: int = 0
     device: str = ""           # cpu | cuda | cuda:N | mps; empty = cuda, then mps, then cpu
-    dtype: str = ""            # float32 | bfloat16 | float16; empty = float32 on CPU, bfloat16 on GPU
+    dtype: str = ""            # float32 | bfloat16 | float16; empty = bf16 on GPU and (fast path) native-bf16 CPUs, else fp32
     quant: str = ""            # int4: decode the layers' linears through 4-bit weights (CPU; fast path only)
     compile: bool = False      # torch.compile the decode step (minutes once; a C++ compiler on CPU; fast path only)
     plain: bool = False        # the teaching path only: this file's generate, none of fast/'s swaps
@@ -761,9 +761,10 @@ class GenerateConfig:
         if self.plain and (self.quant or self.compile):
             raise ValueError("--plain runs the teaching path: --quant and --compile are fast-path options")
 
-def main(argv=None, speed=None):
-    """The command line. speed: fast.for_inference (model, quant, compile) -> generate, which `python -m fast` passes
-    in; without it the default (fast) path is handed to `python -m fast` (model.py imports only the plumbing)."""
+def main(argv=None, speed=None, pick=pick_dtype):
+    """The command line. speed: fast.for_inference (model, quant, compile) -> generate, and pick: its dtype policy,
+    which `python -m fast` passes in; without speed the default (fast) path is handed to `python -m fast`
+    (model.py imports only the plumbing)."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] in (["serve"], ["export"]):  # serving and exporting live in the extras: a new process runs them
         return cli.hand_off(argv)
@@ -773,7 +774,7 @@ def main(argv=None, speed=None):
     try:  # user errors (a bad path, a broken file, no network) are one line, no traceback; stdout is the answer only
         device = pick_device(c.device)
         print(f"device: {device}", file=sys.stderr)
-        model, tok = load_model(c.model or None, device, pick_dtype(c.dtype, device))
+        model, tok = load_model(c.model or None, device, (pick_dtype if c.plain else pick)(c.dtype, device))
         gen = generate if c.plain else speed(model, c.quant, c.compile)
         prompt = c.prompt.replace("\\n", "\n")  # shells pass "\n" literally
         out = gen(model, tok, [prompt], c.max_new_tokens, c.temperature, c.top_p, seed=c.seed)[0]

@@ -81,7 +81,7 @@ class TrainConfig:
     grad_clip: float = 1.0              # clip the gradient norm to this (0 = off): guards the high lr
     epochs: int = 0                     # passes over --data; 0 = 1 on CPU (the 15-minute demo), 3 on CUDA (FireAct)
     batch_size: int = 0                 # sequences per optimizer step (global); 0 = micro_batch x processes
-    micro_batch: int = 0                # sequences per forward per process; 0 = 4 on CPU, 16 on CUDA
+    micro_batch: int = 0                # sequences per forward per process; 0 = 2 on CPU, 16 on CUDA
     max_steps: int = 0                  # > 0: the run (and its lr schedule) is this many steps; 0 = --epochs decide
     stop_after: int = 0                 # > 0: stop after N steps but keep the schedule (continue with --resume)
     eval_every: int = 50                # validation loss every N optimizer steps, and at the end
@@ -92,7 +92,7 @@ class TrainConfig:
     quant: Literal["", "int8"] = ""     # int8 = the frozen matmuls as smoothed int8 GEMMs (CPU with VNNI, native bf16)
     calib_batches: int = 8              # with --quant int8: micro-batches whose activations set the smoothing
     grad_checkpointing: bool = False    # recompute activations in backward: less memory, more time
-    compile: bool = False               # torch.compile each decoder block and the loss: ~1 min to start, faster steps
+    compile: bool | None = None         # torch.compile each decoder block and the loss; auto = on for CPU runs of >= 100 steps
     plain: bool = False                 # the teaching path only: model.pick_dtype, eager, no fast kernels
     resume: bool = False                # continue the run in --out exactly (refused if a setting that matters differs)
     merge: bool = False                 # also write a full HF checkpoint (LoRA merged) to OUT/merged
@@ -292,7 +292,7 @@ def train(cfg):
     log = print if rank == 0 else (lambda *a, **k: None)
     warn = (lambda m: print(m, file=sys.stderr)) if rank == 0 else log
     cuda = device.type == "cuda"
-    cfg.micro_batch = cfg.micro_batch or (16 if cuda else 4)
+    cfg.micro_batch = cfg.micro_batch or (16 if cuda else 2)  # CPU: the demo's recipe, chosen on dev (docs)
     cfg.batch_size = cfg.batch_size or cfg.micro_batch * world  # one micro-batch per process (more updates)
     cfg.epochs = cfg.epochs or (3 if cuda else 1)
     if cfg.batch_size % cfg.micro_batch:
@@ -375,6 +375,8 @@ def speed_up(model, run):
     and validate with, mfu(tokens, supervised tokens, sequence length, seconds) or None)."""
     from fast import training
     cfg = run.cfg
+    if cfg.compile is None:   # the policy (fast/training.py): compile where the run repays it
+        cfg.compile = training.auto_compile(cfg, run.device, run.total, run.log)
     calib = []
     if cfg.quant:   # the first micro-batches of the (seeded) plan: the same smoothing when resumed
         micro = [mb for st in run.plans[0] for mb in st][:cfg.calib_batches]

@@ -72,6 +72,9 @@ def _default(f):
 def _kind(f, hints, default):
     """-> (python type of one value, choices or None, is_list)."""
     hint = hints.get(f.name, type(default))
+    opt = [a for a in typing.get_args(hint) if a is not type(None)]
+    if default is None and len(opt) == 1:  # `x: bool | None = None`: None = the entry point decides (a policy)
+        hint = opt[0]
     if typing.get_origin(hint) is typing.Literal:
         choices = typing.get_args(hint)
         return type(choices[0]), choices, False
@@ -81,8 +84,10 @@ def _kind(f, hints, default):
     return (hint if isinstance(hint, type) else type(default)), None, False
 
 
-def _check_value(name, value, typ, choices, is_list):
+def _check_value(name, value, typ, choices, is_list, default=0):
     """A --config file's value against the field's type -> the value, or a ValueError saying what is wrong."""
+    if value is None and default is None:  # a policy field saved undecided
+        return None
     def ok(v):    # exact types: True is an int to Python, not to a setting; an int is a fine float
         return type(v) is typ or (typ is float and type(v) is int)
     if is_list:
@@ -115,11 +120,12 @@ def parse_config(cls, argv=None, prog=None, description=None, positional=()):
     except NameError:                   # an unresolvable annotation: the defaults' types serve
         hints = {}
     helps, kinds = field_help(cls), {}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     for f in dataclasses.fields(cls):
         default = _default(f)
         typ, choices, is_list = kinds[f.name] = _kind(f, hints, default)
         shown = " ".join(map(str, default)) or "none" if isinstance(default, list) else \
-            (repr(default) if default == "" else default)
+            (repr(default) if default == "" else "auto" if default is None else default)
         text = helps.get(f.name, "")
         text = (text + " " if text else "") + ("" if default is dataclasses.MISSING else f"(default: {shown})")
         kw = dict(help=text.replace("%", "%%"), default=argparse.SUPPRESS)   # SUPPRESS: absent unless given
@@ -140,7 +146,7 @@ def parse_config(cls, argv=None, prog=None, description=None, positional=()):
             for k, v in saved.items():
                 if k not in kinds:
                     raise ValueError(f"unknown key {k!r} (not a {cls.__name__} setting; see --help)")
-                values[k] = _check_value(k, v, *kinds[k])
+                values[k] = _check_value(k, v, *kinds[k], _default(fields[k]))
         except (OSError, ValueError) as e:
             msg = e.strerror if isinstance(e, OSError) and e.strerror else one_line(e)
             p.error(f"--config {path}: {msg.removeprefix(f'{path}: ')}")

@@ -73,9 +73,9 @@ class ServeConfig:
     batch_wait_ms: int = 5        # wait this long for more requests before a generate call
     prefix_cache_mb: int = 2048   # K/V kept between requests: an agent's next turn prefills only its new tokens
     device: str = ""              # cpu | cuda | cuda:N | mps; "" = the best available
-    dtype: Literal["", "float32", "bfloat16", "float16"] = ""  # "" = float32 on CPU, bfloat16 on GPU
+    dtype: Literal["", "float32", "bfloat16", "float16"] = ""  # "" = bf16 on GPU and CPUs with native bf16, else float32
     quant: Literal["", "int4"] = ""  # int4: decode through 4-bit layer weights (CPU)
-    compile: bool = False         # torch.compile the decode step (minutes at the first request; C++ compiler on CPU)
+    compile: bool | None = None   # torch.compile the decode step; auto = on for CPU with a C++ compiler (compiled before serving)
     slice_tokens: int = 32        # a generate call yields to waiting requests after this many steps
     max_choices: int = 128        # at most this many completions (prompts x n) in one request
     max_request_tokens: int = 1 << 18  # at most this many completion tokens (prompts x n x max_tokens) per request
@@ -712,6 +712,38 @@ BUSY = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n
         b"Content-Length: " + str(len(_busy)).encode() + b"\r\nConnection: close\r\n\r\n" + _busy)
 
 
+def auto_compile(device) -> bool:
+    """--compile left unset: a server compiles its decode step on CPU where a C++ compiler is there. It runs for
+    hours, so the compile (~2 min on 2 cores) is repaid within minutes of traffic (docs/benchmarks.md, the policy
+    table); elsewhere (GPUs, MPS) it stays opt-in."""
+    if str(device) != "cpu":
+        return False
+    try:
+        fast.cpu.require_compiler("cpu")
+    except ValueError:
+        print("compile: off (no C++ compiler found; install g++ for a faster server)", file=sys.stderr)
+        return False
+    return True
+
+
+def warm_up(generate, model, tok, fall_back: bool):
+    """Compile before the first request waits for it: two prompts of different lengths, so the graph is compiled
+    for any batch size (a batch of 1 would specialise on it). fall_back: the compile was the policy's choice, so a
+    failure serves eager with one line instead of stopping the server."""
+    t = time.perf_counter()
+    try:
+        generate(model, tok, [tok.encode("warm up"), tok.encode("warm up the decode step")], max_new_tokens=3,
+                 prefix_cache=None)
+    except Exception as e:  # inductor's failures are many kinds; with fall_back the eager path still serves
+        if not fall_back:
+            raise
+        generate.compiled.compile(on=False)
+        print(f"compile: failed ({cli.one_line(e)[:200]}); serving eager", file=sys.stderr)
+        return
+    print(f"compile: decode step compiled before serving in {time.perf_counter() - t:.0f} s (--no-compile skips it)",
+          file=sys.stderr)
+
+
 def make_server(cfg: ServeConfig, model=None, tok=None, generate=None):
     """-> (Server bound to cfg.host:cfg.port, App). The socket is bound first: a host or port that cannot be had
     fails before a model loads. model/tok: already loaded (tests), served through `generate` (default:
@@ -724,7 +756,10 @@ def make_server(cfg: ServeConfig, model=None, tok=None, generate=None):
             model, tok = M.load_model(cfg.model or None, device, fast.cpu.best_dtype(cfg.dtype, device))
             if cfg.adapter:
                 M.load_adapter(model, cfg.adapter, merge=not cfg.quant)  # (int4 weights would round a merged LoRA off)
-            generate = fast.for_inference(model, cfg.quant, cfg.compile, cfg.prefix_cache_mb)
+            compile = auto_compile(device) if cfg.compile is None else cfg.compile
+            generate = fast.for_inference(model, cfg.quant, compile, cfg.prefix_cache_mb)
+            if compile:
+                warm_up(generate, model, tok, fall_back=cfg.compile is None)
         elif generate is None:
             generate = fast.decode.Generator(prefix_cache_mb=cfg.prefix_cache_mb)
         chat_format = cfg.chat_format or ("trajectory" if cfg.adapter else "template")

@@ -7,7 +7,7 @@ Each gives model.py's results (greedy tokens; tests compare them) sooner. `--pla
     generate = fast.for_inference(net)               # instead of M.generate: same signature, same tokens
     print(generate(net, tok, ["<|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\n"])[0])
 
-    cpu.py        what this CPU runs natively; cpu_report; best_dtype (bf16 training where it is native)
+    cpu.py        what this CPU runs natively; cpu_report; best_dtype (bf16 where it is native)
     linear.py     oneDNN-prepacked and int4 linears (pack), the fast LoRA dropout (swap_dropout)
     attention.py  shared-prefix attention, bf16 decode attention, causal attention with a blocked backward
     decode.py     Generator: prefix cache, shared prompt prefix, growing cache, KV budget, compiled decode

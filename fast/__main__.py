@@ -6,6 +6,7 @@ linears, attention kernels, prefix cache, --quant int4, --compile). `python mode
 """
 import model
 from fast import for_inference
+from fast.cpu import best_dtype
 
 if __name__ == "__main__":
-    model.main(speed=for_inference)
+    model.main(speed=for_inference, pick=best_dtype)

@@ -5,7 +5,7 @@ an AVX2-only CPU's path and cpu_report says so (how the AVX2 kind is measured wh
 
     from fast import cpu
     print(cpu.cpu_report(torch.float32))                 # cpu: AMD EPYC, ... path: fp32, frozen linears prepacked ...
-    dtype = cpu.best_dtype("", "cpu", train=True)        # bf16 where the CPU has native bf16 matmuls, else fp32
+    dtype = cpu.best_dtype("", "cpu")                    # bf16 where the CPU has native bf16 matmuls, else fp32
 """
 import os
 import shutil
@@ -119,10 +119,11 @@ def cpu_report(dtype=torch.float32, info=None, quant="", train=False, compiled=F
             f"path: {path}")
 
 def best_dtype(name: str, device, train: bool = False) -> torch.dtype:
-    """--dtype for the fast path: a name, or "" = model.pick_dtype's choice, except training on a CPU with native
-    bf16 matmuls (AVX512_BF16 or AMX): there the frozen base is bf16 under autocast (faster, the same scores within
-    the gate; docs). Where bf16 is emulated it is far slower, so fp32 stays."""
-    if not name and train and torch.device(device).type == "cpu" and native_bf16():
+    """--dtype for the fast path: a name, or "" = model.pick_dtype's choice, except on a CPU with native bf16
+    matmuls (AVX512_BF16 or AMX): there the frozen base trains in bf16 under autocast, and eval / ask / serve /
+    generate decode in bf16 (faster at the same scores within the gates: docs/benchmarks.md, the policy table).
+    Where bf16 is emulated it is far slower, so fp32 stays. `train` is kept for the callers' clarity."""
+    if not name and torch.device(device).type == "cpu" and native_bf16():
         return torch.bfloat16
     return M.pick_dtype(name, device)
 

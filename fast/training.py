@@ -33,6 +33,23 @@ def precision(cfg, device, log=print) -> torch.dtype:
     return dtype
 
 
+COMPILE_MIN_STEPS = 100  # CPU runs this long repay the compile (~1 min) with faster steps (docs/benchmarks.md)
+
+
+def auto_compile(cfg, device, steps: int, log=print) -> bool:
+    """--compile left unset: on for LoRA runs on CPU of >= COMPILE_MIN_STEPS optimizer steps where a C++ compiler
+    is there (inductor builds C++); off for short runs, --full and GPUs (not measured there as defaults)."""
+    if device.type != "cpu" or steps < COMPILE_MIN_STEPS or cfg.full:
+        return False
+    try:
+        cpu.require_compiler(device.type)
+    except ValueError:
+        log(f"compile: off ({steps} steps would repay it, but no C++ compiler was found; install g++)")
+        return False
+    log(f"compile: on ({steps} steps on CPU repay its ~1 min; --no-compile turns it off)")
+    return True
+
+
 def for_training(model, cfg, autocast, calib, loss_sum, head_loss, log=print):
     """Apply the fast path to a model with LoRA applied (or --full), in place: the attention kernels
     (fast.attention), the cheap LoRA dropout and prepacked frozen weights for validation's no-grad forwards

@@ -74,6 +74,30 @@ def test_flags_types_lists_bools_and_literal_choices(capsys):
     assert err == "prog: error: argument --mode: invalid choice: 'slow' (choose from 'fast', 'exact')\n"
 
 
+@dataclass
+class Policy:
+    compile: bool | None = None     # on or off; auto = the entry point decides
+    steps: int = 1
+
+
+def test_a_policy_bool_is_none_unless_given(tmp_path, capsys):
+    """`x: bool | None = None`: --x / --no-x set it, absent it stays None (the entry point's policy decides), the
+    help says auto, and a saved config keeps either."""
+    P = lambda argv: cli.parse_config(Policy, argv, prog="prog")
+    assert P([]).compile is None and P(["--compile"]).compile is True and P(["--no-compile"]).compile is False
+    for saved in (None, True, False):
+        (tmp_path / "c.json").write_text(json.dumps({"compile": saved}))
+        assert P(["--config", str(tmp_path / "c.json")]).compile is saved
+    (tmp_path / "c.json").write_text(json.dumps({"compile": 1}))
+    with pytest.raises(SystemExit):
+        P(["--config", str(tmp_path / "c.json")])
+    assert "key 'compile': expected bool, got 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        P(["--help"])
+    assert "--compile, --no-compile on or off; auto = the entry point decides (default: auto)" in \
+        " ".join(capsys.readouterr().out.split())
+
+
 def test_positional_fields(tmp_path):
     c = parse(["x.jsonl", "y.jsonl", "--steps", "2"], positional=("files",))
     assert c.files == ["x.jsonl", "y.jsonl"] and c.steps == 2

@@ -24,6 +24,7 @@ from fast import cpu
 info = cpu.cpu_info()
 print(json.dumps({{"info": info, "native": cpu.native_bf16(), "packed_any_rows": bool(cpu.PACKED_FP32_ANY_ROWS),
                   "onednn_bf16": bool(cpu.ONEDNN_BF16), "best_train": str(cpu.best_dtype("", "cpu", train=True)),
+                  "best_infer": str(cpu.best_dtype("", "cpu")), "asked": str(cpu.best_dtype("float32", "cpu")),
                   "report": cpu.cpu_report(torch.float32), "report_bf16": cpu.cpu_report(torch.bfloat16)}}))
 """
 
@@ -57,7 +58,7 @@ def test_avx2_hold_takes_the_avx2_path_and_says_so(unheld):
     assert info["avx2"] == unheld["info"]["avx2"] and not (info["avx512"] or info["avx512_bf16"] or info["amx_bf16"]
                                                            or info["vnni"])
     assert not held["native"] and not held["onednn_bf16"] and not held["packed_any_rows"]
-    assert held["best_train"] == "torch.float32" and "EMULATED" in held["report_bf16"]
+    assert held["best_train"] == held["best_infer"] == "torch.float32" and "EMULATED" in held["report_bf16"]
     if unheld["info"]["avx512"]:  # the hold is visible only where the CPU has more than AVX2
         assert "AVX2 held by ONEDNN_MAX_CPU_ISA=AVX2, MKL_ENABLE_INSTRUCTIONS=AVX2, ATEN_CPU_CAPABILITY=avx2" \
             in held["report"], held["report"]
@@ -90,3 +91,28 @@ def test_partial_holds_keep_what_they_allow(monkeypatch):
     assert not (info["avx512_bf16"] or info["vnni"]) and info["avx512"] == ("avx512" in info["cpu_flags"])
     monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")
     assert FC.isa_hold()[0] == 0 and not FC.cpu_info()["avx2"]
+
+
+def test_the_dtype_policy_follows_native_bf16(unheld):
+    """The entry points' dtype (fast.cpu.best_dtype, ""): bf16 for training and for decoding exactly where the CPU
+    has native bf16 matmuls, fp32 elsewhere; a named dtype is always taken as asked."""
+    want = "torch.bfloat16" if unheld["native"] else "torch.float32"
+    assert unheld["best_train"] == unheld["best_infer"] == want
+    assert unheld["asked"] == "torch.float32"
+
+
+def test_auto_compile_only_where_a_run_repays_it(monkeypatch):
+    """train.py's --compile left unset: on for long LoRA runs on CPU with a C++ compiler; off for short runs, --full,
+    GPUs, and without a compiler (said in one line)."""
+    import torch
+    from fast import training
+    from train import TrainConfig
+    cpu, said = torch.device("cpu"), []
+    n = training.COMPILE_MIN_STEPS
+    monkeypatch.setenv("CXX", sys.executable)  # a file that exists: the check looks for the compiler only
+    assert training.auto_compile(TrainConfig(), cpu, n, said.append) is True and "compile: on" in said[-1]
+    assert training.auto_compile(TrainConfig(), cpu, n - 1, said.append) is False
+    assert training.auto_compile(TrainConfig(full=True), cpu, 10 * n, said.append) is False
+    assert training.auto_compile(TrainConfig(), torch.device("cuda"), 10 * n, said.append) is False
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    assert training.auto_compile(TrainConfig(), cpu, n, said.append) is False and "no C++ compiler" in said[-1]

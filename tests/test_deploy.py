@@ -199,7 +199,9 @@ def test_serve_command_line(command, tiny, server, tmp_path):
     """The command line, as a process: `python -m extras serve` and the old `python model.py serve` (handed over
     to the former) serve the model's greedy text on the port they print."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(cli.REPO), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.Popen([sys.executable, *command, "--model", str(tiny), "--port", "0", "--name", "tiny"],
+    proc = subprocess.Popen([sys.executable, *command, "--model", str(tiny), "--port", "0", "--name", "tiny",
+                             "--dtype", "float32", "--no-compile"],  # the in-process server's path (the CLI's
+                            # defaults: bf16 where native, and a compiled decode step on CPU)
                             cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
     lines = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr] + [lines.put("")], daemon=True).start()
@@ -261,3 +263,27 @@ def test_export_hf_and_gguf(tiny, tmp_path):
     with pytest.raises(SystemExit) as e:
         extras_main(["export", "--out", str(tmp_path / "x.bin"), "--format", "gguf"])
     assert e.value.code == 2
+
+
+def test_serve_compiles_by_default_on_cpu_and_falls_back_to_eager(tiny, monkeypatch, capsys):
+    """--compile unset: a CPU server with a C++ compiler compiles its decode step before serving (any batch size:
+    the warm-up runs two prompts of different lengths); a failed compile the policy chose serves eager, with one
+    line, while an explicit --compile that fails stops the server. GPUs and compiler-less CPUs stay eager."""
+    monkeypatch.setenv("CXX", sys.executable)                      # a file that exists: the check looks for it only
+    assert serve.auto_compile("cpu") is True and serve.auto_compile("cuda:0") is False
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    assert serve.auto_compile("cpu") is False and "no C++ compiler" in capsys.readouterr().err
+    model, tok = M.load_model(tiny)
+    calls = []
+
+    class Broken(fast.decode.Generator):
+        def __call__(self, model, tok, prompts, **kw):
+            calls.append([len(p) for p in prompts])
+            raise RuntimeError("inductor: C++ compile failed\nmany lines")
+    gen = Broken(compiled=fast.decode.CompiledDecode.__new__(fast.decode.CompiledDecode))
+    gen.compiled.model, gen.compiled.fn = model, object()
+    serve.warm_up(gen, model, tok, fall_back=True)
+    assert gen.compiled.fn is None and calls[0][0] != calls[0][1]   # eager from now on; two lengths warmed up
+    assert "compile: failed (inductor: C++ compile failed many lines); serving eager" in capsys.readouterr().err
+    with pytest.raises(RuntimeError):
+        serve.warm_up(Broken(compiled=gen.compiled), model, tok, fall_back=False)

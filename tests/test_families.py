@@ -189,12 +189,13 @@ def test_greedy_text_matches_transformers_generate(tiny):
 
 
 def test_model_py_prints_transformers_greedy_text(tiny):
-    """`python model.py --model DIR` (the default, fast path) prints transformers' greedy continuation."""
+    """`python model.py --model DIR` (the fast path, in fp32: the default dtype is bf16 where the CPU has it natively)
+    prints transformers' greedy continuation."""
     family, d = tiny
     _, tok = M.load_model(str(d), "cpu", torch.float32)
     want = hf_greedy(hf_model(d), tok, PROMPTS[0], 12)
     r = subprocess.run([sys.executable, "model.py", "--model", str(d), "--prompt", PROMPTS[0], "--max-new-tokens",
-                        "12", "--device", "cpu"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+                        "12", "--device", "cpu", "--dtype", "float32"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout == want + "\n"
 

@@ -1080,18 +1080,22 @@ def test_ask_prints_the_steps_then_the_answer(monkeypatch, capsys):
 
 
 def test_eval_plain_and_fast_give_the_same_trajectories(tmp_path):
-    """--plain (model.generate, fp32, none of fast/) and the default fast path: the same greedy episodes (on a
-    random model whose argmaxes are decisive: near-ties would be decided by float rounding)."""
+    """--plain (model.generate, fp32, none of fast/) and the fast path in fp32: the same greedy episodes (on a
+    random model whose argmaxes are decisive: near-ties would be decided by float rounding). The default dtype is
+    the CPU's policy (bf16 where native) and is recorded as resolved."""
     from conftest import make_tiny_llama
+    from fast.cpu import native_bf16
     tiny_llama = make_tiny_llama(tmp_path / "tiny", std=0.5)
     outs = {}
-    for label, flags in (("fast", []), ("plain", ["--plain"])):
+    for label, flags in (("fast", ["--dtype", "float32"]), ("plain", ["--plain"]), ("default", [])):
         out = tmp_path / f"{label}.json"
         fireact.main(["eval", "--task", "toy", "--split", "test", "--n", "3", "--model", str(tiny_llama), "--device",
                       "cpu", "--zero-shot", "--max-steps", "2", "--max-new-tokens", "12", "--out", str(out), *flags])
         outs[label] = {k: (v["steps"], v["pred"]) for k, v in json.loads(out.read_text()).items()}
     assert outs["plain"] == outs["fast"] and len(outs["fast"]) == 3
     assert json.loads((tmp_path / "plain.summary.json").read_text())["config"]["plain"]
+    dtypes = {k: json.loads((tmp_path / f"{k}.summary.json").read_text())["dtype"] for k in outs}
+    assert dtypes == {"fast": "float32", "plain": "float32", "default": "bfloat16" if native_bf16() else "float32"}
 
 
 # ------------------------------------------------------------------------------ FireAct's prompts, failed rows

@@ -454,7 +454,7 @@ def test_host_ipv6_works_and_a_bad_host_fails_before_the_model_loads(tiny, tmp_p
         v6 = True
     except OSError:
         v6 = False
-    proc = run_extras("serve", "--model", tiny, "--host", "::", "--port", 0, "--name", "tiny")
+    proc = run_extras("serve", "--model", tiny, "--host", "::", "--port", 0, "--name", "tiny", "--no-compile")
     try:
         lines, port, t = [], None, time.time()
         while time.time() - t < 90 and port is None:

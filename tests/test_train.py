@@ -331,11 +331,11 @@ def test_bf16_base_on_cpu_trains_fp32_lora_and_follows_fp32(tiny, tmp_path, caps
     assert min(cos) > 0.9, cos
     monkeypatch.setattr(FC, "native_bf16", lambda info=None: True)      # training on a CPU with native bf16:
     assert FC.best_dtype("", "cpu", train=True) == torch.bfloat16        # a bf16 base (dev chose it, docs)
-    assert FC.best_dtype("", "cpu") == torch.float32                     # inference stays exact fp32
+    assert FC.best_dtype("", "cpu") == torch.bfloat16                    # and eval/ask/serve decode in bf16 (gate, docs)
     assert M.pick_dtype("", "cpu") == torch.float32                      # and so does --plain (model.pick_dtype)
     assert FC.best_dtype("float32", "cpu", train=True) == torch.float32  # a named dtype wins
     monkeypatch.setattr(FC, "native_bf16", lambda info=None: False)     # emulated bf16: fp32 trains
-    assert FC.best_dtype("", "cpu", train=True) == torch.float32
+    assert FC.best_dtype("", "cpu", train=True) == FC.best_dtype("", "cpu") == torch.float32
     assert M.pick_dtype("", "cuda") == torch.bfloat16 and M.pick_dtype("float32", "cuda") == torch.float32
     with pytest.raises(ValueError, match="--dtype 'half'"):
         M.pick_dtype("half", "cpu")
