@@ -278,12 +278,29 @@ def test_serve_compiles_by_default_on_cpu_and_falls_back_to_eager(tiny, monkeypa
 
     class Broken(fast.decode.Generator):
         def __call__(self, model, tok, prompts, **kw):
-            calls.append([len(p) for p in prompts])
+            calls.append(len(prompts))
             raise RuntimeError("inductor: C++ compile failed\nmany lines")
     gen = Broken(compiled=fast.decode.CompiledDecode.__new__(fast.decode.CompiledDecode))
     gen.compiled.model, gen.compiled.fn = model, object()
     serve.warm_up(gen, model, tok, fall_back=True)
-    assert gen.compiled.fn is None and calls[0][0] != calls[0][1]   # eager from now on; two lengths warmed up
+    assert gen.compiled.fn is None and calls == [2]   # eager from now on (the first call failed: no second)
     assert "compile: failed (inductor: C++ compile failed many lines); serving eager" in capsys.readouterr().err
     with pytest.raises(RuntimeError):
         serve.warm_up(Broken(compiled=gen.compiled), model, tok, fall_back=False)
+
+
+def test_serve_warm_up_compiles_once_for_every_batch_size(tiny, monkeypatch):
+    """The warm-up runs two batch sizes (2, then 3 prompts), after which dynamo has the graph that serves any size;
+    a real compile of the tiny model: later batches of 5 and 8 compile nothing more."""
+    from torch._dynamo.utils import counters
+    model, tok = M.load_model(tiny)
+    gen = fast.for_inference(model, compile=True, prefix_cache_mb=0)
+    seen = []
+    real = gen.__class__.__call__
+    monkeypatch.setattr(gen.__class__, "__call__", lambda self, m, t, p, **kw: seen.append(len(p)) or real(self, m, t, p, **kw))
+    serve.warm_up(gen, model, tok, fall_back=False)
+    assert seen == [2, 3]
+    graphs = counters["stats"]["unique_graphs"]
+    for B in (5, 8):
+        gen(model, tok, [tok.encode("hi " * k) for k in range(1, B + 1)], max_new_tokens=4)
+    assert counters["stats"]["unique_graphs"] == graphs
