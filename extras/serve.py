@@ -712,20 +712,6 @@ BUSY = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n
         b"Content-Length: " + str(len(_busy)).encode() + b"\r\nConnection: close\r\n\r\n" + _busy)
 
 
-def auto_compile(device) -> bool:
-    """--compile left unset: a server compiles its decode step on CPU where a C++ compiler is there. It runs for
-    hours, so the compile (~2 min on 2 cores) is repaid within minutes of traffic (docs/benchmarks.md, the policy
-    table); elsewhere (GPUs, MPS) it stays opt-in."""
-    if str(device) != "cpu":
-        return False
-    try:
-        fast.cpu.require_compiler("cpu")
-    except ValueError:
-        print("compile: off (no C++ compiler found; install g++ for a faster server)", file=sys.stderr)
-        return False
-    return True
-
-
 def warm_up(generate, model, tok, fall_back: bool):
     """Compile before the first request waits for it, for every batch size: dynamo compiles the first batch's shape,
     and a second batch size makes it compile the graph that serves all sizes (measured: after batches of 2 and 3,
@@ -758,7 +744,8 @@ def make_server(cfg: ServeConfig, model=None, tok=None, generate=None):
             model, tok = M.load_model(cfg.model or None, device, fast.cpu.best_dtype(cfg.dtype, device))
             if cfg.adapter:
                 M.load_adapter(model, cfg.adapter, merge=not cfg.quant)  # (int4 weights would round a merged LoRA off)
-            compile = auto_compile(device) if cfg.compile is None else cfg.compile
+            compile = cfg.compile if cfg.compile is not None else fast.cpu.compile_by_default(  # a server runs
+                device, "a server", lambda m: print(m, file=sys.stderr))           # for hours: it repays the compile
             generate = fast.for_inference(model, cfg.quant, compile, cfg.prefix_cache_mb)
             if compile:
                 warm_up(generate, model, tok, fall_back=cfg.compile is None)

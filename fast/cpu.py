@@ -14,13 +14,27 @@ import torch
 
 import model as M
 
+def has_compiler() -> bool:
+    """torch.compile on CPU builds C++ (inductor, with $CXX or g++): is that compiler on PATH?"""
+    return bool(shutil.which(os.environ.get("CXX", "g++")))
+
 def require_compiler(device_type: str):
-    """torch.compile on CPU builds C++ (inductor, with $CXX or g++): a missing compiler is one clear error up front
-    (`--compile` of train.py, eval, ask, serve), not a traceback at the first step."""
-    cxx = os.environ.get("CXX", "g++")
-    if device_type == "cpu" and not shutil.which(cxx):
-        raise ValueError(f"--compile: torch.compile on CPU needs a C++ compiler ({cxx} not found; install g++, or "
-                         "set CXX), or leave --compile off")
+    """--compile asked for: a missing compiler is one clear error up front (`--compile` of train.py, eval, ask,
+    serve), not a traceback at the first step."""
+    if device_type == "cpu" and not has_compiler():
+        raise ValueError(f"--compile: torch.compile on CPU needs a C++ compiler ({os.environ.get('CXX', 'g++')} not "
+                         "found; install g++, or set CXX), or leave --compile off")
+
+def compile_by_default(device, what: str, log=print) -> bool:
+    """The compile half of the policy, for a job long enough to repay it (the caller decides that): on for CPU
+    where a C++ compiler is there (one line says so when it is missing), off on GPUs and MPS (not measured there
+    as a default)."""
+    if torch.device(device).type != "cpu":
+        return False
+    if not has_compiler():
+        log(f"compile: off ({what} would repay it, but no C++ compiler was found; install g++)")
+        return False
+    return True
 
 # Holding the libraries below the CPU (to simulate an AVX2-only CPU on an AVX-512 one, issue 35): each variable
 # -> its values -> the highest ISA level it leaves, 0 below AVX2, 1 AVX2, 2 AVX-512, 3 + VNNI, 4 + BF16, 5 + AMX.

@@ -37,14 +37,9 @@ COMPILE_MIN_STEPS = 100  # CPU runs this long repay the compile (~1 min) with fa
 
 
 def auto_compile(cfg, device, steps: int, log=print) -> bool:
-    """--compile left unset: on for LoRA runs on CPU of >= COMPILE_MIN_STEPS optimizer steps where a C++ compiler
-    is there (inductor builds C++); off for short runs, --full and GPUs (not measured there as defaults)."""
-    if device.type != "cpu" or steps < COMPILE_MIN_STEPS or cfg.full:
-        return False
-    try:
-        cpu.require_compiler(device.type)
-    except ValueError:
-        log(f"compile: off ({steps} steps would repay it, but no C++ compiler was found; install g++)")
+    """--compile left unset: on for LoRA runs on CPU of >= COMPILE_MIN_STEPS optimizer steps (cpu.compile_by_default:
+    a C++ compiler there); off for short runs, --full and GPUs."""
+    if steps < COMPILE_MIN_STEPS or cfg.full or not cpu.compile_by_default(device, f"{steps} steps", log):
         return False
     log(f"compile: on ({steps} steps on CPU repay its ~1 min; --no-compile turns it off)")
     return True

@@ -269,10 +269,11 @@ def test_serve_compiles_by_default_on_cpu_and_falls_back_to_eager(tiny, monkeypa
     """--compile unset: a CPU server with a C++ compiler compiles its decode step before serving (any batch size:
     the warm-up runs two prompts of different lengths); a failed compile the policy chose serves eager, with one
     line, while an explicit --compile that fails stops the server. GPUs and compiler-less CPUs stay eager."""
+    on = lambda device: fast.cpu.compile_by_default(device, "a server", lambda m: print(m, file=sys.stderr))
     monkeypatch.setenv("CXX", sys.executable)                      # a file that exists: the check looks for it only
-    assert serve.auto_compile("cpu") is True and serve.auto_compile("cuda:0") is False
+    assert on("cpu") is True and on("cuda:0") is False
     monkeypatch.setenv("CXX", "no-such-compiler-here")
-    assert serve.auto_compile("cpu") is False and "no C++ compiler" in capsys.readouterr().err
+    assert on("cpu") is False and "no C++ compiler" in capsys.readouterr().err
     model, tok = M.load_model(tiny)
     calls = []
 
